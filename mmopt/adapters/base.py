@@ -1,0 +1,211 @@
+"""The adapter protocol every model family implements, and helpers they share."""
+from __future__ import annotations
+
+import importlib.resources
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from mmopt.errors import ModelSpecError
+from mmopt.model import Model
+
+IMAGE_PARTS = ("visual",)
+TEXT_PARTS = ("text",)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Input shapes for example inputs: batch, image side, token sequence length."""
+
+    batch_size: int = 1
+    image_size: int | None = None
+    seq_len: int = 128
+    seed: int = 0
+
+
+class Adapter(Protocol):
+    source: ClassVar[str]
+
+    def load(self, spec: Any) -> Model:
+        """Load the model a (path-resolved) ModelSpec names, from local files only."""
+
+    def build(self, arch: dict, preprocess: dict, info: dict) -> Model:
+        """A randomly initialised model of architecture ``arch`` (weights are loaded into it afterwards)."""
+
+    def example_inputs(self, model: Model, part: str, shapes: Shapes) -> tuple:
+        """Synthetic inputs for ``part``: random images of ``image_size`` or random token ids of ``seq_len``."""
+
+    def tokenize(self, model: Model, texts: list[str], seq_len: int) -> tuple:
+        """Real inputs for the text part from ``texts``."""
+
+    def run(self, model: Model, part: str, inputs: tuple) -> Any:
+        """Run ``part`` to its output embedding / features, shape (batch, dim)."""
+
+    def drop_part(self, model: Model, part: str) -> None:
+        """Remove ``part``'s modules and weights from the model."""
+
+    def drop_unused_heads(self, model: Model, features: bool) -> list[str]:
+        """Remove output heads the part embeddings do not use; return their names."""
+
+    def save(self, model: Model, out: Path) -> dict[str, str]:
+        """Write weights (and assets) into ``out``; return part -> file name."""
+
+
+# --- paths -----------------------------------------------------------------------------------------------
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def local_path(value: str | Path, what: str) -> Path:
+    """Resolve ``pkg://package/sub`` and plain paths to an existing local path, or raise one clear line."""
+    text = str(value)
+    if text.startswith("pkg://"):
+        package, _, sub = text[len("pkg://"):].partition("/")
+        try:
+            root = importlib.resources.files(package)
+        except ModuleNotFoundError:
+            raise ModelSpecError(f"{what}: package {package!r} is not installed (from {text})",
+                                 hint=f"pip install {package.replace('_', '-')}") from None
+        path = Path(str(root)) / sub
+        if not path.exists():
+            raise ModelSpecError(f"{what}: package {package!r} has no {sub!r} (from {text})")
+        return path
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    if _HUB_ID.match(text) and not text.startswith((".", "/")):
+        raise ModelSpecError(f"{what}: {text!r} looks like a hub id, and nothing is downloaded; it is not "
+                             "available offline", hint="download it elsewhere and pass a local path")
+    raise ModelSpecError(f"{what}: path does not exist: {path}")
+
+
+# --- weights ---------------------------------------------------------------------------------------------
+
+def read_state_dict(path: Path) -> dict:
+    """Tensors from a safetensors file or a torch checkpoint read with ``weights_only=True``; never unpickle."""
+    import torch
+
+    path = local_path(path, "weights")
+    if path.is_dir():
+        raise ModelSpecError(f"weights must be a file, got a folder: {path}")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path, head):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise ModelSpecError(f"weights {path.name}: not a readable safetensors file ({_short(exc)})") from None
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated, pickled-object or text files
+        raise ModelSpecError(f"weights {path.name}: not a safetensors or weights-only torch checkpoint "
+                             f"({_short(exc)})") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelSpecError(f"weights {path.name}: holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _looks_like_safetensors(path: Path, head: bytes) -> bool:
+    if len(head) < 8:
+        return False
+    header_len = int.from_bytes(head, "little")
+    return 0 < header_len < path.stat().st_size and header_len < 100_000_000 and path.suffix not in (".pt", ".pth", ".bin")
+
+
+def load_weights_into(module: Any, state: dict, where: str) -> None:
+    """Strictly load ``state`` into ``module``: a missing or unexpected key or a wrong shape is an error."""
+    result_error = None
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        result_error = _short(exc)
+        result = None
+    if result_error:
+        raise ModelSpecError(f"{where}: weights do not fit this architecture: {result_error}")
+    if result.missing_keys or result.unexpected_keys:
+        detail = []
+        if result.missing_keys:
+            detail.append(f"{len(result.missing_keys)} missing (e.g. {result.missing_keys[0]})")
+        if result.unexpected_keys:
+            detail.append(f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[0]})")
+        raise ModelSpecError(f"{where}: weights do not fit this architecture: {', '.join(detail)}")
+
+
+def _short(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    if "size mismatch" in str(exc):
+        text = next(line for line in lines if "size mismatch" in line)
+    return text[:300]
+
+
+# --- inputs ----------------------------------------------------------------------------------------------
+
+def random_images(batch: int, size: int, dtype: Any = None, seed: int = 0):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, size, size, generator=gen, dtype=dtype or torch.float32)
+
+
+def random_tokens(batch: int, seq_len: int, vocab: int, low: int = 0, seed: int = 0):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(low, vocab, (batch, seq_len), generator=gen)
+
+
+def part_dtype(model: Model, part: str):
+    """The floating dtype a part computes in (that of its first floating parameter)."""
+    import torch
+
+    for _, tensor in model.named_tensors(part, buffers=False):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def part_device(model: Model, part: str):
+    import torch
+
+    for _, tensor in model.named_tensors(part):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def save_parts(model: Model, out: Path) -> dict[str, str]:
+    """One ``<part>.safetensors`` per part, keys as in the root module's state dict; keys of no part -> shared."""
+    from safetensors.torch import save_file
+
+    groups: dict[str, dict] = {}
+    for key, tensor in unique_state_dict(model.module).items():
+        part = model.part_of(key) or "shared"
+        groups.setdefault(part, {})[key] = tensor
+    files = {}
+    for part, tensors in sorted(groups.items()):
+        name = f"{part}.safetensors"
+        save_file(tensors, str(out / name), metadata={"format": "pt", "part": part})
+        files[part] = name
+    return files
+
+
+def unique_state_dict(module: Any) -> dict:
+    """The state dict with contiguous CPU tensors, each storage once (safetensors refuses shared tensors)."""
+    seen: dict[tuple, str] = {}
+    out = {}
+    for key, tensor in module.state_dict().items():
+        if tensor is None:
+            continue
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype) \
+            if tensor.device.type != "meta" else (key,)
+        if ident in seen and tensor.numel() > 0:
+            continue
+        seen[ident] = key
+        out[key] = tensor.detach().to("cpu").contiguous()
+    return out

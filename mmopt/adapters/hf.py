@@ -1,0 +1,246 @@
+"""Hugging Face models from a local folder: BERT-family encoders, CLIPModel, anything AutoModel loads.
+
+Sentence-transformers folders keep their pooling: the text part's output is what ``SentenceTransformer``
+would return (pooled, normalised when the folder says so).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, ClassVar
+
+from mmopt.adapters.base import Shapes, local_path, part_dtype, part_device, random_images, random_tokens, save_parts
+from mmopt.errors import ModelSpecError, UnsupportedError
+from mmopt.model import Model
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                "pytorch_model.bin.index.json")
+# Files of the source folder that must not be copied: weights and config are rewritten by mmopt.
+NOT_COPIED = set(WEIGHT_FILES) | {"config.json", "mmopt.json", "report.json", "report.md", ".gitattributes"}
+ASSET_DIRS_SKIPPED = {"onnx", "openvino", ".git"}
+DUAL_TOWER = {"clip": ("vision_model", "visual_projection", "text_model", "text_projection")}
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+class Adapter:
+    source: ClassVar[str] = "hf"
+
+    # --- loading -----------------------------------------------------------------------------------------
+
+    def load(self, spec: Any) -> Model:
+        folder = local_path(spec.path, "model path")
+        if not folder.is_dir():
+            raise ModelSpecError(f"model path must be a Hugging Face folder, got a file: {folder}")
+        if not (folder / "config.json").is_file():
+            raise ModelSpecError(f"model folder has no config.json: {folder}")
+        _quiet_transformers()
+        from transformers import AutoConfig, AutoModel
+
+        try:
+            config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
+            raise ModelSpecError(f"model folder {folder}: unreadable config.json ({_first(exc)})") from None
+        has_weights = any((folder / name).exists() for name in WEIGHT_FILES)
+        try:
+            if has_weights:
+                module = AutoModel.from_pretrained(str(folder), local_files_only=True)
+            else:
+                module = AutoModel.from_config(config)
+        except (ValueError, KeyError, OSError, RuntimeError) as exc:
+            raise ModelSpecError(f"model folder {folder}: transformers cannot load it ({_first(exc)})") from None
+        return self._wrap(module, folder, random_weights=not has_weights)
+
+    def build(self, arch: dict, preprocess: dict, info: dict) -> Model:
+        _quiet_transformers()
+        from transformers import AutoConfig, AutoModel
+
+        config = AutoConfig.for_model(**arch["config"])
+        module = AutoModel.from_config(config)
+        model = Model(module=module.eval(), source=self.source, arch=arch, parts=list(info["part_prefixes"]),
+                      preprocess=dict(preprocess), info=dict(info))
+        return model
+
+    def _wrap(self, module: Any, folder: Path, random_weights: bool) -> Model:
+        config = module.config
+        model_type = getattr(config, "model_type", "")
+        if model_type in DUAL_TOWER:
+            vision, vproj, text, tproj = DUAL_TOWER[model_type]
+            prefixes = {"visual": [f"{vision}.", f"{vproj}."], "text": [f"{text}.", f"{tproj}."]}
+            preprocess = {"image_size": config.vision_config.image_size, **_image_norm(folder),
+                          "max_length": config.text_config.max_position_embeddings}
+        elif hasattr(config, "vocab_size"):
+            prefixes = {"text": [""]}
+            preprocess = {"max_length": getattr(config, "max_position_embeddings", 512)}
+        else:
+            prefixes = {"visual": [""]}
+            preprocess = {"image_size": getattr(config, "image_size", 224), **_image_norm(folder)}
+        pooling, normalize = _sentence_transformers_pooling(folder)
+        info = {"part_prefixes": prefixes, "model_type": model_type, "pooling": pooling, "normalize": normalize,
+                "tokenizer": _has_tokenizer(folder), "sentence_transformers": (folder / "modules.json").is_file()}
+        arch = {"config": config.to_dict()}
+        return Model(module=module.eval(), source=self.source, arch=arch, parts=list(prefixes),
+                     preprocess=preprocess, random_weights=random_weights, assets=folder, info=info)
+
+    # --- inputs and running ------------------------------------------------------------------------------
+
+    def example_inputs(self, model: Model, part: str, shapes: Shapes) -> tuple:
+        model.check_part(part)
+        device = part_device(model, part)
+        if part == "visual":
+            size = shapes.image_size or model.preprocess["image_size"]
+            return (random_images(shapes.batch_size, size, part_dtype(model, part), shapes.seed).to(device),)
+        config = self._text_config(model)
+        seq = min(shapes.seq_len, model.preprocess.get("max_length", shapes.seq_len))
+        ids = random_tokens(shapes.batch_size, seq, config.vocab_size, seed=shapes.seed).to(device)
+        import torch
+
+        return ids, torch.ones_like(ids)
+
+    def tokenize(self, model: Model, texts: list[str], seq_len: int) -> tuple:
+        if not model.info.get("tokenizer") or model.assets is None:
+            raise UnsupportedError("this model folder has no tokenizer; texts cannot be encoded")
+        tokenizer = self._tokenizer(model)
+        seq = min(seq_len, model.preprocess.get("max_length", seq_len))
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=seq, return_tensors="pt")
+        device = part_device(model, "text")
+        return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+    def _tokenizer(self, model: Model):
+        cached = model.info.get("_tokenizer")
+        if cached is None:
+            from transformers import AutoTokenizer
+
+            cached = AutoTokenizer.from_pretrained(str(model.assets), local_files_only=True)
+            model.info["_tokenizer"] = cached
+        return cached
+
+    def run(self, model: Model, part: str, inputs: tuple) -> Any:
+        module = model.module
+        model_type = model.info.get("model_type")
+        if model_type in DUAL_TOWER:
+            vision, vproj, text, tproj = DUAL_TOWER[model_type]
+            if part == "visual":
+                pixels = inputs[0].to(part_dtype(model, part))
+                return getattr(module, vproj)(getattr(module, vision)(pixel_values=pixels).pooler_output)
+            ids, mask = inputs
+            return getattr(module, tproj)(getattr(module, text)(input_ids=ids, attention_mask=mask).pooler_output)
+        if part == "visual":
+            out = module(pixel_values=inputs[0].to(part_dtype(model, part)))
+            pooled = getattr(out, "pooler_output", None)
+            return pooled if pooled is not None else out.last_hidden_state.mean(dim=1)
+        ids, mask = inputs
+        hidden = module(input_ids=ids, attention_mask=mask).last_hidden_state
+        return _pool(hidden, mask, model.info.get("pooling", "mean"), model.info.get("normalize", False))
+
+    def _text_config(self, model: Model) -> Any:
+        config = model.module.config
+        return getattr(config, "text_config", config)
+
+    # --- structure ---------------------------------------------------------------------------------------
+
+    def drop_part(self, model: Model, part: str) -> None:
+        model.check_part(part)
+        model_type = model.info.get("model_type")
+        if model_type not in DUAL_TOWER:
+            raise UnsupportedError(f"cannot drop {part!r}: it is this model's only part")
+        for prefix in model.part_prefixes(part):
+            setattr(model.module, prefix.rstrip("."), None)
+        model.parts.remove(part)
+
+    def drop_unused_heads(self, model: Model, features: bool) -> list[str]:
+        # BERT's pooler feeds only pooler_output, which mean/cls/max pooling of the hidden states never reads.
+        if "text" in model.parts and getattr(model.module, "pooler", None) is not None \
+                and model.info.get("pooling") in ("mean", "cls", "max"):
+            model.module.pooler = None
+            return ["pooler"]
+        return []
+
+    # --- saving ------------------------------------------------------------------------------------------
+
+    def is_stock_folder(self, model: Model) -> bool:
+        """A single-part model is also written as a plain Hugging Face folder."""
+        return model.info.get("model_type") not in DUAL_TOWER
+
+    def save(self, model: Model, out: Path) -> dict[str, str]:
+        if model.assets is not None:
+            copy_assets(model.assets, out)
+        if not self.is_stock_folder(model):
+            return save_parts(model, out)
+        from mmopt.adapters.base import unique_state_dict
+        from safetensors.torch import save_file
+
+        # transformers loads with dtype="auto" from this field: it must name the dtype actually stored.
+        model.module.config.dtype = part_dtype(model, model.parts[0])
+        model.module.config.to_json_file(str(out / "config.json"))
+        tensors = unique_state_dict(model.module)
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return {model.parts[0]: "model.safetensors"}
+
+
+def copy_assets(source: Path, out: Path) -> None:
+    """Tokenizer, sentence-transformers modules and other small files travel with the checkpoint."""
+    for item in sorted(source.iterdir()):
+        if item.name in NOT_COPIED or item.name.startswith("."):
+            continue
+        if item.is_dir():
+            if item.name not in ASSET_DIRS_SKIPPED:
+                shutil.copytree(item, out / item.name)
+        elif not item.name.endswith((".safetensors", ".bin", ".onnx", ".h5", ".msgpack", ".ot")):
+            shutil.copy2(item, out / item.name)
+
+
+def _pool(hidden: Any, mask: Any, pooling: str, normalize: bool) -> Any:
+    import torch
+
+    mask_f = mask.unsqueeze(-1).to(hidden.dtype)
+    if pooling == "cls":
+        pooled = hidden[:, 0]
+    elif pooling == "max":
+        pooled = hidden.masked_fill(mask_f == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
+    else:
+        pooled = (hidden * mask_f).sum(dim=1) / mask_f.sum(dim=1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1) if normalize else pooled
+
+
+def _sentence_transformers_pooling(folder: Path) -> tuple[str, bool]:
+    """Pooling mode and normalisation from a sentence-transformers folder; mean pooling otherwise."""
+    modules_file = folder / "modules.json"
+    if not modules_file.is_file():
+        return "mean", False
+    modules = json.loads(modules_file.read_text())
+    pooling, normalize = "mean", False
+    for entry in modules:
+        kind = entry.get("type", "")
+        if kind.endswith("Pooling"):
+            cfg_file = folder / entry.get("path", "") / "config.json"
+            cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+            if cfg.get("pooling_mode_cls_token"):
+                pooling = "cls"
+            elif cfg.get("pooling_mode_max_tokens"):
+                pooling = "max"
+        elif kind.endswith("Normalize"):
+            normalize = True
+    return pooling, normalize
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"))
+
+
+def _image_norm(folder: Path) -> dict:
+    cfg_file = folder / "preprocessor_config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    return {"mean": list(cfg.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
+            "std": list(cfg.get("image_std", (0.26862954, 0.26130258, 0.27577711)))}
+
+
+def _first(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

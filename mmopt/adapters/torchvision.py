@@ -1,0 +1,70 @@
+"""torchvision classification models (resnet*, mobilenet_v2/v3, efficientnet, ...) with optional weights."""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, ClassVar
+
+from mmopt.adapters.base import (Shapes, load_weights_into, part_device, part_dtype, random_images, read_state_dict,
+                                 save_parts)
+from mmopt.errors import ModelSpecError, UnsupportedError
+from mmopt.model import Model
+
+IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+HEADS = ("fc", "classifier", "heads", "head")   # classifier attribute names across torchvision families
+
+
+class Adapter:
+    source: ClassVar[str] = "torchvision"
+
+    def load(self, spec: Any) -> Model:
+        model = self.build({"name": spec.name, "kwargs": {}}, {}, {})
+        if spec.weights:
+            load_weights_into(model.module, read_state_dict(Path(spec.weights)), f"weights {Path(spec.weights).name}")
+        model.random_weights = not spec.weights
+        return model
+
+    def build(self, arch: dict, preprocess: dict, info: dict) -> Model:
+        import torchvision
+
+        name = arch["name"]
+        known = torchvision.models.list_models(module=torchvision.models)
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            raise ModelSpecError(f"unknown torchvision classification model {name!r}",
+                                 hint=f"did you mean {', '.join(close)}?" if close else "see torchvision.models.list_models()")
+        module = torchvision.models.get_model(name, weights=None, **arch.get("kwargs", {}))
+        return Model(module=module.eval(), source=self.source, arch=dict(arch), parts=["visual"],
+                     preprocess={"image_size": 224, **IMAGENET, **preprocess},
+                     info={"part_prefixes": {"visual": [""]}, **{k: v for k, v in info.items() if k != "part_prefixes"}})
+
+    def example_inputs(self, model: Model, part: str, shapes: Shapes) -> tuple:
+        model.check_part(part)
+        size = shapes.image_size or model.preprocess["image_size"]
+        return (random_images(shapes.batch_size, size, part_dtype(model, part), shapes.seed).to(part_device(model, part)),)
+
+    def tokenize(self, model: Model, texts: list[str], seq_len: int) -> tuple:
+        raise UnsupportedError("torchvision models have no text part")
+
+    def run(self, model: Model, part: str, inputs: tuple) -> Any:
+        return model.module(inputs[0].to(part_dtype(model, part)))
+
+    def drop_part(self, model: Model, part: str) -> None:
+        model.check_part(part)
+        raise UnsupportedError(f"cannot drop {part!r}: it is this model's only part")
+
+    def drop_unused_heads(self, model: Model, features: bool) -> list[str]:
+        """With ``features`` the classifier goes and the output is the pooled feature vector."""
+        import torch.nn as nn
+
+        if not features:
+            return []
+        for name in HEADS:
+            head = getattr(model.module, name, None)
+            if isinstance(head, nn.Module) and not isinstance(head, nn.Identity):
+                setattr(model.module, name, nn.Identity())
+                return [name]
+        return []
+
+    def save(self, model: Model, out: Path) -> dict[str, str]:
+        return save_parts(model, out)

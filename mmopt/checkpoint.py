@@ -1,0 +1,173 @@
+"""Checkpoints: safetensors weight files plus the ``mmopt.json`` manifest; atomic writes; hash-checked loads."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from mmopt.errors import IntegrityError, ModelSpecError, UserError
+
+MANIFEST = "mmopt.json"
+FORMAT = "mmopt-checkpoint/1"
+
+
+# --- atomic output ---------------------------------------------------------------------------------------
+
+def check_output(target: Path, force: bool) -> None:
+    """Refuse, before any work, an output that exists (without ``force``) or cannot be a folder."""
+    if target.exists() and not target.is_dir():
+        raise UserError(f"output path is a file, not a folder: {target}")
+    if target.exists() and not force:
+        raise UserError(f"output already exists: {target}", hint="pass --force to replace it")
+    parent = target.parent
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"output's parent is a file, not a folder: {parent}")
+
+
+@contextmanager
+def atomic_folder(target: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``target``, on any failure it vanishes.
+
+    A signal or error at any point leaves either the previous output untouched or no output at all.
+    """
+    check_output(target, force)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.mmopt-tmp-{os.getpid()}"
+    old = target.parent / f".{target.name}.mmopt-old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists():
+            if not target.exists():       # interrupted between the two renames: put the previous output back
+                os.replace(old, target)
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+# --- writing ---------------------------------------------------------------------------------------------
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("mmopt", "torch", "transformers", "open_clip_torch", "torchvision", "bitsandbytes", "safetensors"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def write_checkpoint(model: Any, adapter: Any, folder: Path, source: dict, passes: list[dict]) -> dict:
+    """Write weights and manifest of ``model`` into ``folder``; return the manifest."""
+    files = adapter.save(model, folder)
+    manifest = {
+        "format": FORMAT,
+        "source": source,
+        "parts": list(model.parts),
+        "architecture": model.arch,
+        "preprocessing": model.preprocess,
+        "info": {k: v for k, v in model.info.items() if not k.startswith("_")},
+        "passes": passes,
+        "random_weights": model.random_weights,
+        "files": {part: {"file": name, "sha256": sha256(folder / name), "bytes": (folder / name).stat().st_size}
+                  for part, name in sorted(files.items())},
+        "versions": versions(),
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    return manifest
+
+
+def serialized_bytes(tensors: dict) -> int:
+    """Exact size of ``tensors`` as a safetensors file."""
+    from safetensors.torch import save
+
+    return len(save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+
+
+# --- reading ---------------------------------------------------------------------------------------------
+
+def read_manifest(path: Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ModelSpecError(f"checkpoint not found: {path}")
+    if not path.is_dir():
+        raise ModelSpecError(f"a checkpoint is a folder, got a file: {path}")
+    file = path / MANIFEST
+    if not file.is_file():
+        raise ModelSpecError(f"not an mmopt checkpoint (no {MANIFEST}): {path}")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IntegrityError(f"{file}: malformed manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise IntegrityError(f"{file}: not a {FORMAT} manifest")
+    return manifest
+
+
+def verified_tensors(path: Path, entry: dict) -> dict:
+    """Tensors of one weight file after checking its sha256 against the manifest."""
+    from safetensors.torch import load_file
+
+    file = Path(path) / entry["file"]
+    if not file.is_file():
+        raise IntegrityError(f"checkpoint file missing: {file}")
+    if sha256(file) != entry["sha256"]:
+        raise IntegrityError(f"{file.name} does not match its sha256 in {MANIFEST}: the file was changed or corrupted")
+    return load_file(str(file))
+
+
+def load_model(path: Path, parts: list[str] | None = None, device: str = "cpu") -> Any:
+    """Rebuild the model in checkpoint ``path`` with only ``parts`` (default: all), weights hash-checked."""
+    from mmopt import registry
+    from mmopt.adapters.base import load_weights_into
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    adapter = registry.adapter_for(manifest["source"]["source"])
+    model = adapter.build(manifest["architecture"], manifest["preprocessing"], manifest["info"])
+    wanted = list(parts) if parts else list(manifest["parts"])
+    for part in wanted:
+        if part not in manifest["parts"]:
+            raise UserError(f"checkpoint has no part {part!r}; it has: {', '.join(manifest['parts'])}")
+    for part in [p for p in list(model.parts) if p not in manifest["parts"]]:
+        adapter.drop_part(model, part)
+    applied = []
+    for entry in manifest["passes"]:
+        module = registry.pass_module(entry["name"])
+        cfg = module.Config.model_validate(entry["config"])
+        applied.append((module, cfg, entry.get("record", {})))
+        if hasattr(module, "restore"):
+            module.restore(model, cfg, entry.get("record", {}), adapter)
+    for part in [p for p in list(model.parts) if p not in wanted]:
+        adapter.drop_part(model, part)
+    state: dict = {}
+    for part, entry in manifest["files"].items():
+        if part in wanted or part not in manifest["parts"]:     # "shared" tensors belong to every subset
+            state.update(verified_tensors(path, entry))
+    for module, cfg, record in applied:
+        if hasattr(module, "load_state"):
+            state = module.load_state(model, cfg, record, state)
+    load_weights_into(model.module, state, f"checkpoint {path}")
+    model.random_weights = bool(manifest.get("random_weights"))
+    model.assets = path
+    model.module.to(device).eval()
+    return model

@@ -1,0 +1,140 @@
+"""The ``mmopt`` command: parse, make one API call, render. Heavy imports happen inside the commands."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  help="Shrink CLIP, BERT-family and ResNet-family models; see where their memory goes.")
+_state = {"debug": False}
+
+
+def _consoles():
+    from rich.console import Console
+
+    return Console(), Console(stderr=True)
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")) -> None:
+    _state["debug"] = debug
+
+
+@app.command()
+def optimize(
+    recipe: Path = typer.Argument(..., help="The recipe YAML file."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    json_: bool = typer.Option(False, "--json", help="Print the report as one JSON document on stdout."),
+) -> None:
+    """Apply RECIPE: load the model, run its passes, write the checkpoint and the before/after report."""
+    from mmopt import api, report
+
+    out, err = _consoles()
+    result = api.optimize(recipe, force=force, progress=report.progress_for(err))
+    if json_:
+        _print_json(result)
+    else:
+        report.show(result, out)
+    if not result["passed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def validate(recipe: Path = typer.Argument(..., help="The recipe YAML file.")) -> None:
+    """Check RECIPE (schema, pass options, calibration data) without loading a model."""
+    from mmopt import api
+
+    parsed = api.validate(recipe)
+    names = ", ".join(p.name for p in parsed.passes) or "no passes"
+    typer.echo(f"ok: {recipe} ({parsed.model.source} model; {names}; output {parsed.output_path})")
+
+
+@app.command()
+def profile(
+    model: str = typer.Argument(..., help="open_clip:ARCH, hf:PATH, torchvision:NAME, or a folder."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Local weights for open_clip / torchvision."),
+    part: Optional[str] = typer.Option(None, "--part", help="Only this part (visual, text)."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Batch size."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=1, help="Image side (default: the model's)."),
+    seq_len: int = typer.Option(128, "--seq-len", min=1, help="Token sequence length."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 | bfloat16."),
+    json_: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Show where MODEL's memory goes: per part and module, and the inference peak at these shapes."""
+    from mmopt import api, report
+    from mmopt.errors import UserError
+
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise UserError(f"--dtype: expected float32, float16 or bfloat16, got {dtype!r}")
+    out, _ = _consoles()
+    result = api.profile(model, weights=weights, part=part, batch_size=batch, image_size=image_size,
+                         seq_len=seq_len, dtype=dtype)
+    if json_:
+        _print_json(result)
+    else:
+        report.show_profile(result, out)
+
+
+def _print_json(data: dict) -> None:
+    import json
+
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    """Entry point: runs the app and turns every error into one line and a fixed exit code."""
+    import click
+
+    from mmopt.errors import EXIT_INTERNAL, EXIT_USER_ERROR, MmoptError, describe_foreign
+
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM unwinds like Ctrl-C: temporary output is removed
+    debug = "--debug" in sys.argv[1:]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")      # nothing is downloaded, ever
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        code = app(standalone_mode=False)
+    except click.exceptions.Abort:
+        _fail("interrupted; no partial output was left", None)
+        code = 130
+    except KeyboardInterrupt:
+        _fail("interrupted; no partial output was left", None)
+        code = 130
+    except click.ClickException as exc:
+        exc.show()
+        code = EXIT_USER_ERROR if exc.exit_code == 2 else exc.exit_code
+    except MmoptError as exc:
+        if debug:
+            raise
+        _fail(exc.message, exc.hint)
+        code = exc.exit_code
+    except Exception as exc:  # the one place unexpected errors become a single line
+        if debug:
+            raise
+        mapped = describe_foreign(exc)
+        if mapped is not None:
+            _fail(mapped.message, mapped.hint)
+            code = mapped.exit_code
+        else:
+            _fail(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                  "run with --debug for the traceback")
+            code = EXIT_INTERNAL
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, hint: Optional[str]) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    if hint:
+        sys.stderr.write(f"hint: {hint}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Exception classes and the exit codes they map to.
+
+Library code raises these; only ``cli.main`` turns them into one line on stderr and an exit code.
+"""
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_GATE_FAILED = 1
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL = 3
+
+
+class MmoptError(Exception):
+    """Base class: ``message`` is one line; ``hint`` an optional second line telling what to do."""
+
+    exit_code = EXIT_INTERNAL
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UserError(MmoptError):
+    """Bad input from the user: a recipe, a path, weights, data or an unsupported combination."""
+
+    exit_code = EXIT_USER_ERROR
+
+
+class RecipeError(UserError):
+    """The recipe is malformed or fails validation."""
+
+
+class ModelSpecError(UserError):
+    """The model cannot be found or loaded from what the user gave."""
+
+
+class DataError(UserError):
+    """Calibration data is missing, empty, unreadable or mismatched."""
+
+
+class UnsupportedError(UserError):
+    """A valid request this model or pass cannot carry out."""
+
+
+class IntegrityError(UserError):
+    """A checkpoint's files do not match its manifest."""
+
+
+class GateFailed(MmoptError):
+    """At least one gate failed; the output was still written."""
+
+    exit_code = EXIT_GATE_FAILED
+
+
+def describe_foreign(exc: BaseException) -> UserError | None:
+    """Map a third-party exception that means bad input to a one-line UserError, or None if it is a bug."""
+    import json
+
+    name = type(exc).__name__
+    if isinstance(exc, FileNotFoundError):
+        return UserError(f"file not found: {exc.filename or exc}")
+    if isinstance(exc, IsADirectoryError):
+        return UserError(f"expected a file, got a folder: {exc.filename or exc}")
+    if isinstance(exc, NotADirectoryError):
+        return UserError(f"expected a folder, got a file: {exc.filename or exc}")
+    if isinstance(exc, PermissionError):
+        return UserError(f"permission denied: {exc.filename or exc}")
+    if isinstance(exc, json.JSONDecodeError):
+        return UserError(f"malformed JSON: {exc.msg} at line {exc.lineno}")
+    if name == "SafetensorError" or type(exc).__module__.startswith("safetensors"):
+        return UserError(f"not a readable safetensors file: {_first_line(exc)}")
+    if name == "OutOfMemoryError":
+        return UserError(f"CUDA ran out of memory: {_first_line(exc)}", hint="use a smaller batch_size")
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,49 @@
+"""Gates: thresholds a recipe sets on the optimized model; each gives a row with value, threshold and verdict."""
+from __future__ import annotations
+
+from typing import Any
+
+# gate name -> (report lookup, comparison)
+_PART_GATES = {
+    "min_cosine": (lambda p: p.get("fidelity", {}).get("mean_cosine"), ">="),
+    "min_neighbor_agreement": (lambda p: p.get("fidelity", {}).get("neighbor_agreement"), ">="),
+    "max_weight_bytes": (lambda p: p["after"].get("weight_bytes"), "<="),
+    "max_peak_bytes": (lambda p: _peak_total(p["after"]), "<="),
+}
+
+
+def _peak_total(measures: dict) -> int | None:
+    if measures.get("peak_activation_bytes") is None:
+        return None
+    return measures["weight_bytes"] + measures["peak_activation_bytes"]
+
+
+def evaluate(gates: Any, report: dict) -> list[dict]:
+    """One row per gate and part it applies to; a missing value fails the gate (never passes silently)."""
+    rows = []
+    for part, data in report["parts"].items():
+        if data["after"].get("removed"):
+            continue
+        overrides = gates.parts.get(part)
+        for name, (lookup, op) in _PART_GATES.items():
+            threshold = getattr(overrides, name, None) if overrides is not None else None
+            if threshold is None:
+                threshold = getattr(gates, name)
+            if threshold is None:
+                continue
+            rows.append(_row(name, part, lookup(data), threshold, op))
+    for part in gates.parts:
+        if part not in report["parts"]:
+            rows.append({"gate": "parts", "part": part, "value": None, "threshold": "present", "op": "==",
+                         "passed": False, "note": "the gate names a part the output does not have"})
+    if gates.max_size_ratio is not None:
+        before = report["totals"]["before"]["checkpoint_bytes"]
+        after = report["totals"]["after"]["checkpoint_bytes"]
+        rows.append(_row("max_size_ratio", "all", round(after / before, 6) if before else None,
+                         gates.max_size_ratio, "<="))
+    return rows
+
+
+def _row(gate: str, part: str, value: Any, threshold: Any, op: str) -> dict:
+    passed = value is not None and (value >= threshold if op == ">=" else value <= threshold)
+    return {"gate": gate, "part": part, "value": value, "threshold": threshold, "op": op, "passed": passed}

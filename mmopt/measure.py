@@ -1,0 +1,60 @@
+"""Measurements of one part shared by ``optimize`` and ``profile``: sizes, peak activation, latency, fidelity."""
+from __future__ import annotations
+
+from typing import Any
+
+from mmopt import memory
+from mmopt.adapters.base import Shapes
+
+
+def part_sizes(model: Any, part: str) -> dict:
+    return {"params": memory.part_params(model, part), "weight_bytes": memory.part_weight_bytes(model, part)}
+
+
+def part_runtime(model: Any, adapter: Any, part: str, shapes: Shapes, latency: bool = True) -> dict:
+    """Peak activation memory (measured on CUDA or estimated) and latency of one forward at ``shapes``."""
+    inputs = adapter.example_inputs(model, part, shapes)
+
+    def forward(*args: Any) -> Any:
+        return adapter.run(model, part, args)
+
+    peak = memory.peak_activation(forward, inputs, model.module)
+    out = {"peak_activation_bytes": peak.peak_bytes, "memory_method": peak.method, "memory_how": peak.how,
+           "input_bytes": sum(memory.tensor_bytes(t) for t in inputs if hasattr(t, "numel"))}
+    if latency:
+        out["latency_ms"] = round(memory.latency_ms(forward, inputs), 3)
+    return out
+
+
+def embeddings(model: Any, adapter: Any, part: str, batches: Any) -> Any:
+    """Concatenated float32 outputs of ``part`` over ``batches``."""
+    import torch
+
+    outs = []
+    with torch.inference_mode():
+        for inputs in batches:
+            outs.append(adapter.run(model, part, inputs).float().cpu())
+    return torch.cat(outs)
+
+
+def fidelity(reference: Any, candidate: Any) -> dict:
+    """Mean and min cosine of paired rows, and the share of rows whose nearest neighbour is unchanged."""
+    import torch
+
+    if reference.shape != candidate.shape:
+        raise ValueError(f"outputs differ in shape: {tuple(reference.shape)} vs {tuple(candidate.shape)}")
+    cos = torch.nn.functional.cosine_similarity(reference, candidate, dim=-1)
+    out = {"mean_cosine": round(float(cos.mean()), 6), "min_cosine": round(float(cos.min()), 6),
+           "samples": int(reference.shape[0])}
+    if reference.shape[0] >= 3:
+        out["neighbor_agreement"] = round(float((_neighbours(reference) == _neighbours(candidate)).float().mean()), 6)
+    return out
+
+
+def _neighbours(emb: Any) -> Any:
+    import torch
+
+    unit = torch.nn.functional.normalize(emb, dim=-1)
+    sim = unit @ unit.T
+    sim.fill_diagonal_(-float("inf"))
+    return sim.argmax(dim=-1)

@@ -1,0 +1,1 @@
+"""Passes: one file each, a ``Config`` (pydantic) plus ``apply`` and, when the structure changes, ``restore``."""

@@ -1,0 +1,171 @@
+"""``optimize``: recipe -> load -> measure -> passes -> checkpoint -> reload -> measure -> report -> gates."""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+from mmopt import checkpoint, gates, measure, registry
+from mmopt.adapters.base import Shapes
+from mmopt.calibration import Calibration, describe_inputs, inputs_for
+from mmopt.errors import UserError
+from mmopt.passes.base import Context
+from mmopt.progress import NO_PROGRESS, Progress
+from mmopt.recipe import Recipe
+
+REPORT_VERSION = 1
+
+
+def pick_device(choice: str) -> str:
+    import torch
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: cuda was asked for, but CUDA is not available here", hint="use device: auto or cpu")
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+def resolved_spec(recipe: Recipe) -> Any:
+    """The model spec with paths made absolute against the recipe's folder."""
+    spec = recipe.model
+    update = {}
+    if spec.path and not spec.path.startswith("pkg://"):    # package paths are resolved by the adapter
+        update["path"] = str(recipe.resolve(spec.path))
+    if spec.weights:
+        update["weights"] = str(recipe.resolve(spec.weights))
+    return spec.model_copy(update=update)
+
+
+def source_record(recipe: Recipe) -> dict:
+    return resolved_spec(recipe).model_dump(exclude_none=True)
+
+
+def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, recipe_path: str | None = None) -> dict:
+    """Carry out ``recipe``; return the report (also written as report.json / report.md in the output)."""
+    import torch
+
+    started = time.perf_counter()
+    checkpoint.check_output(recipe.output_path, force)
+    calib = Calibration.from_recipe(recipe)
+    device = pick_device(recipe.device)
+    torch.manual_seed(recipe.seed)
+    adapter = registry.adapter_for(recipe.model.source)
+    with progress.task("loading model", total=None):
+        model = adapter.load(resolved_spec(recipe))
+    for part in recipe.parts or []:
+        model.check_part(part)
+    for part in [p for p in list(model.parts) if recipe.parts and p not in recipe.parts]:
+        adapter.drop_part(model, part)
+    model.module.to(device)
+    teacher = copy.deepcopy(model)
+    shapes = Shapes(batch_size=recipe.profile.batch_size, image_size=recipe.profile.image_size,
+                    seq_len=recipe.profile.seq_len)
+    before = _measure(teacher, adapter, shapes, progress, "measuring original")
+
+    ctx = Context(adapter=adapter, teacher=teacher, calibration=calib, device=device, seed=recipe.seed,
+                  progress=progress)
+    applied, pass_rows = [], []
+    for spec in recipe.passes:
+        module = registry.pass_module(spec.name)
+        with progress.task(f"pass {spec.name}", total=None):
+            result = module.apply(model, spec.config, ctx)
+        ctx.history.append((spec.name, spec.config))
+        applied.append({"name": spec.name, "config": spec.config.model_dump(mode="json"), "record": result.record})
+        pass_rows.append({"name": spec.name, "config": spec.config.model_dump(mode="json"), **result.to_json(),
+                          "weight_bytes_after": {p: measure.part_sizes(model, p)["weight_bytes"] for p in model.parts}})
+
+    with checkpoint.atomic_folder(recipe.output_path, force) as tmp:
+        with progress.task("writing checkpoint", total=None):
+            manifest = checkpoint.write_checkpoint(model, adapter, tmp, source_record(recipe), applied)
+        # Everything "after" is measured on the model reloaded from what was written, not on the one in memory.
+        reloaded = checkpoint.load_model(tmp, device=device)
+        after = _measure(reloaded, adapter, shapes, progress, "measuring optimized")
+        report = _report(recipe, recipe_path, model, teacher, reloaded, adapter, calib, shapes, before, after,
+                         manifest, pass_rows, device, progress)
+        report["gates"] = gates.evaluate(recipe.gates, report)
+        report["passed"] = all(row["passed"] for row in report["gates"])
+        report["seconds"] = round(time.perf_counter() - started, 2)
+        from mmopt import report as report_io
+
+        report_io.write(report, tmp)
+    return report
+
+
+def _measure(model: Any, adapter: Any, shapes: Shapes, progress: Progress, what: str) -> dict:
+    out = {}
+    with progress.task(what, total=len(model.parts)) as task:
+        for part in model.parts:
+            out[part] = {**measure.part_sizes(model, part), **measure.part_runtime(model, adapter, part, shapes)}
+            task.advance()
+    return out
+
+
+def _report(recipe, recipe_path, model, teacher, reloaded, adapter, calib, shapes, before, after, manifest,
+            pass_rows, device, progress) -> dict:
+    parts = {}
+    files = manifest["files"]
+    with progress.task("fidelity", total=len(teacher.parts)) as task:
+        for part in teacher.parts:
+            if part not in reloaded.parts:
+                before_ckpt = checkpoint.serialized_bytes(_state(teacher, part))
+                parts[part] = {"before": {**_public(before[part]), "checkpoint_bytes": before_ckpt},
+                               "after": {"params": 0, "weight_bytes": 0, "checkpoint_bytes": 0, "removed": True},
+                               "fidelity": None}
+                task.advance()
+                continue
+            description, synthetic = describe_inputs(teacher, adapter, part, calib)
+            ref = measure.embeddings(teacher, adapter, part,
+                                     inputs_for(teacher, adapter, part, calib, shapes.seq_len, recipe.seed))
+            image_size = reloaded.preprocess.get("image_size") if part != "text" else None
+            new = measure.embeddings(reloaded, adapter, part,
+                                     inputs_for(reloaded, adapter, part, calib, shapes.seq_len, recipe.seed, image_size))
+            before_ckpt = checkpoint.serialized_bytes(_state(teacher, part))
+            parts[part] = {
+                "before": {**_public(before[part]), "checkpoint_bytes": before_ckpt},
+                "after": {**_public(after[part]), "checkpoint_bytes": files[part]["bytes"] if part in files else None},
+                "fidelity": {**measure.fidelity(ref, new), "inputs": description, "synthetic": synthetic},
+            }
+            for row in pass_rows:
+                for key, value in row["metrics"].get(part, {}).items():
+                    parts[part][key] = value
+            task.advance()
+    shared_before = shared_bytes(teacher)
+    methods = {m["memory_method"] for m in list(before.values()) + list(after.values())}
+    return {
+        "report_version": REPORT_VERSION,
+        "recipe": recipe_path,
+        "output": str(recipe.output_path),
+        "model": manifest["source"],
+        "random_weights": bool(model.random_weights),
+        "memory_method": "measured-cuda" if methods == {"measured-cuda"} else "estimated",
+        "device": device,
+        "shapes": {"batch_size": shapes.batch_size, "image_size": shapes.image_size, "seq_len": shapes.seq_len},
+        "parts": parts,
+        "totals": {
+            "before": {"weight_bytes": sum(p["before"]["weight_bytes"] for p in parts.values()),
+                       "checkpoint_bytes": sum(p["before"]["checkpoint_bytes"] for p in parts.values())
+                       + shared_before},
+            "after": {"weight_bytes": sum(p["after"]["weight_bytes"] for p in parts.values()),
+                      "checkpoint_bytes": sum(f["bytes"] for f in files.values())},
+        },
+        "passes": pass_rows,
+    }
+
+
+def shared_bytes(model: Any) -> int:
+    """Bytes of tensors that belong to no part (CLIP's logit scale), saved in shared.safetensors."""
+    tensors = {k: v for k, v in model.module.state_dict().items() if v is not None and model.part_of(k) is None}
+    return checkpoint.serialized_bytes(tensors) if tensors else 0
+
+
+def _public(measures: dict) -> dict:
+    keep = ("params", "weight_bytes", "peak_activation_bytes", "latency_ms", "memory_method", "input_bytes")
+    return {k: measures[k] for k in keep if k in measures}
+
+
+def _state(model: Any, part: str) -> dict:
+    from mmopt.memory import part_state
+
+    return part_state(model, part)

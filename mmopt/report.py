@@ -1,0 +1,221 @@
+"""Everything people read: the before/after table, report.json / report.md, progress bars, profile tables.
+
+With cli.py the only code that prints; all output goes to the console it is given (stderr for progress).
+"""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from mmopt.units import format_bytes
+
+METHOD_WORDS = {"estimated": "estimated for CUDA (fake-tensor trace, no GPU here)",
+                "measured-cuda": "measured on CUDA"}
+
+
+def write(report: dict, folder: Path) -> None:
+    (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=False, default=str) + "\n")
+    (folder / "report.md").write_text(markdown(report))
+
+
+# --- rows shared by the terminal table and markdown -------------------------------------------------------
+
+def _ratio(before: Any, after: Any) -> str:
+    if not before or after is None:
+        return ""
+    return f"{after / before:.2f}x"
+
+
+def _cell(value: Any, kind: str) -> str:
+    if value is None:
+        return "-"
+    if kind == "bytes":
+        return format_bytes(value)
+    if kind == "params":
+        return f"{value / 1e6:.2f} M" if value >= 1e5 else f"{value:,}"
+    if kind == "ms":
+        return f"{value:.1f} ms"
+    return str(value)
+
+
+ROWS = [("params", "params"), ("weight_bytes", "bytes"), ("checkpoint_bytes", "bytes"),
+        ("peak_activation_bytes", "bytes"), ("latency_ms", "ms")]
+LABELS = {"params": "params", "weight_bytes": "weights in memory", "checkpoint_bytes": "checkpoint on disk",
+          "peak_activation_bytes": "peak activation", "latency_ms": "latency / batch"}
+
+
+def table_rows(report: dict) -> list[list[str]]:
+    rows = []
+    for part, data in report["parts"].items():
+        b, a = data["before"], data["after"]
+        for key, kind in ROWS:
+            after = "removed" if a.get("removed") and key not in ("params", "weight_bytes", "checkpoint_bytes") \
+                else _cell(a.get(key), kind)
+            rows.append([part, LABELS[key], _cell(b.get(key), kind), after, _ratio(b.get(key), a.get(key))])
+        fid = data.get("fidelity")
+        if fid:
+            rows.append([part, "cosine mean / min", "1", f"{fid['mean_cosine']:.4f} / {fid['min_cosine']:.4f}", ""])
+            if "neighbor_agreement" in fid:
+                rows.append([part, "neighbour agreement", "1", f"{fid['neighbor_agreement']:.3f}", ""])
+        for key in sorted(k for k in data if k not in ("before", "after", "fidelity")):
+            rows.append([part, key, "", str(data[key]), ""])
+    return rows
+
+
+def headline(report: dict) -> str:
+    t = report["totals"]
+    ratio = _ratio(t["before"]["checkpoint_bytes"], t["after"]["checkpoint_bytes"])
+    words = (f"{format_bytes(t['before']['checkpoint_bytes'])} -> {format_bytes(t['after']['checkpoint_bytes'])} "
+             f"on disk ({ratio})")
+    verdict = "all gates passed" if report.get("passed", True) else "GATE FAILED"
+    if not report.get("gates"):
+        verdict = "no gates"
+    return f"{words}; {verdict}"
+
+
+def notes(report: dict) -> list[str]:
+    out = []
+    if report.get("random_weights"):
+        out.append("RANDOM WEIGHTS: the source model had no trained weights; fidelity says nothing about quality.")
+    out.append(f"Peak activation memory: {METHOD_WORDS.get(report['memory_method'], report['memory_method'])}, "
+               f"batch {report['shapes']['batch_size']}; latency measured on {report['device']}.")
+    for part, data in report["parts"].items():
+        fid = data.get("fidelity")
+        if fid:
+            out.append(f"Fidelity of {part}: on {fid['inputs']}.")
+    return out
+
+
+def markdown(report: dict) -> str:
+    lines = [f"## mmopt: {headline(report)}", ""]
+    lines += [f"> {n}" for n in notes(report)] + [""]
+    lines += ["| part | measure | before | after | ratio |", "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
+    if report.get("gates"):
+        lines += ["", "### Gates", "", "| gate | part | value | threshold | result |", "|---|---|---|---|---|"]
+        for g in report["gates"]:
+            lines.append(f"| {g['gate']} | {g['part']} | {_gate_value(g)} | {g['op']} {_gate_threshold(g)} | "
+                         f"{'pass' if g['passed'] else '**FAIL**'} |")
+    lines += ["", "### Passes", ""]
+    for p in report.get("passes", []):
+        lines.append(f"- `{p['name']}` {json.dumps(p['config'])}: {len(p['changed'])} changed, "
+                     f"{len(p['skipped'])} skipped")
+        for s in p["skipped"][:20]:
+            lines.append(f"  - skipped `{s['module']}`: {s['reason']}")
+    return "\n".join(lines) + "\n"
+
+
+def _gate_value(g: dict) -> str:
+    v = g["value"]
+    if v is None:
+        return "n/a"
+    return format_bytes(v) if g["gate"].endswith("_bytes") else f"{v:.4g}"
+
+
+def _gate_threshold(g: dict) -> str:
+    t = g["threshold"]
+    return format_bytes(t) if g["gate"].endswith("_bytes") else str(t)
+
+
+# --- terminal ---------------------------------------------------------------------------------------------
+
+def show(report: dict, console: Any) -> None:
+    from rich.table import Table
+
+    if report.get("random_weights"):
+        console.print("[bold yellow]RANDOM WEIGHTS[/] - the source model had no trained weights")
+    table = Table(title=f"mmopt: {report['model'].get('name') or report['model'].get('path')}", title_justify="left")
+    for col, justify in (("part", "left"), ("measure", "left"), ("before", "right"), ("after", "right"),
+                         ("ratio", "right")):
+        table.add_column(col, justify=justify)
+    last = None
+    for row in table_rows(report):
+        if last is not None and row[0] != last:
+            table.add_section()
+        last = row[0]
+        table.add_row(*row)
+    console.print(table)
+    if report.get("gates"):
+        gt = Table(title="gates", title_justify="left")
+        for col in ("gate", "part", "value", "threshold", "result"):
+            gt.add_column(col)
+        for g in report["gates"]:
+            gt.add_row(g["gate"], g["part"], _gate_value(g), f"{g['op']} {_gate_threshold(g)}",
+                       "[green]pass[/]" if g["passed"] else "[bold red]FAIL[/]")
+        console.print(gt)
+    for n in notes(report):
+        console.print(f"[dim]{n}[/]")
+    console.print(f"wrote {report['output']}  ({headline(report)})")
+
+
+def show_profile(result: dict, console: Any) -> None:
+    from rich.table import Table
+
+    if result.get("random_weights"):
+        console.print("[bold yellow]RANDOM WEIGHTS[/] - figures depend only on the architecture")
+    shapes = result["shapes"]
+    console.print(f"[bold]{result['model']}[/]  dtype {result['dtype']}, batch {shapes['batch_size']}, "
+                  f"image {shapes.get('image_size') or 'default'}, seq {shapes['seq_len']}")
+    table = Table(title_justify="left")
+    for col in ("part / module", "params", "weights", "share"):
+        table.add_column(col, justify="left" if col.startswith("part") else "right")
+    for part, data in result["parts"].items():
+        table.add_row(f"[bold]{part}[/]", _cell(data["params"], "params"), format_bytes(data["weights_bytes"]),
+                      "", end_section=False)
+        for m in data["modules"][:12]:
+            share = m["bytes"] / data["weights_bytes"] if data["weights_bytes"] else 0
+            table.add_row(f"  {m['module']}", _cell(m["params"], "params"), format_bytes(m["bytes"]),
+                          f"{share:.0%}")
+        if len(data["modules"]) > 12:
+            table.add_row(f"  ... {len(data['modules']) - 12} more", "", "", "")
+        table.add_row(f"  [italic]peak activation ({result['method']})[/]", "",
+                      format_bytes(data["peak_activation_bytes"]), "", end_section=True)
+    console.print(table)
+    console.print(f"weights {format_bytes(result['weights_bytes'])}; peak activation "
+                  f"{format_bytes(result['peak_activation_bytes'])} "
+                  f"({METHOD_WORDS.get(result['method'], result['method'])})")
+
+
+def progress_for(console: Any) -> Any:
+    """Live bars on a terminal; silence in logs and pipes, where redrawn bars are noise."""
+    from mmopt.progress import NO_PROGRESS
+
+    return RichProgress(console) if console.is_terminal else NO_PROGRESS
+
+
+class RichProgress:
+    """Progress bars on a (stderr) console; nested tasks share one live display."""
+
+    def __init__(self, console: Any) -> None:
+        self.console = console
+        self._bar = None
+        self._depth = 0
+
+    @contextmanager
+    def task(self, description: str, total: int | None = None) -> Iterator[Any]:
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        if self._bar is None:
+            self._bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                                 console=self.console, transient=True)
+            self._bar.start()
+        bar = self._bar
+        self._depth += 1
+        task_id = bar.add_task(description, total=total, info="")
+
+        class _Task:
+            def advance(self, n: int = 1, **fields: Any) -> None:
+                info = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+                bar.update(task_id, advance=n, info=info)
+
+        try:
+            yield _Task()
+        finally:
+            bar.remove_task(task_id)
+            self._depth -= 1
+            if self._depth == 0:
+                bar.stop()
+                self._bar = None
