@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mmopt import checkpoint, gates, measure, registry
-from mmopt.adapters.base import Shapes
+from mmopt.adapters.base import Shapes, looks_like_hub_id
 from mmopt.calibration import Calibration, describe_inputs, inputs_for
 from mmopt.errors import UserError
 from mmopt.passes.base import Context
@@ -32,7 +32,9 @@ def resolved_spec(recipe: Recipe) -> Any:
     spec = recipe.model
     update = {}
     if spec.path and not spec.path.startswith("pkg://"):    # package paths are resolved by the adapter
-        update["path"] = str(recipe.resolve(spec.path))
+        resolved = recipe.resolve(spec.path)
+        # A missing relative path that reads like a hub id keeps its text, so the error can say what it is.
+        update["path"] = spec.path if not resolved.exists() and looks_like_hub_id(spec.path) else str(resolved)
     if spec.weights:
         update["weights"] = str(recipe.resolve(spec.weights))
     return spec.model_copy(update=update)
@@ -71,6 +73,8 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
         module = registry.pass_module(spec.name)
         with progress.task(f"pass {spec.name}", total=None):
             result = module.apply(model, spec.config, ctx)
+        if hasattr(module, "align_reference"):
+            module.align_reference(teacher, spec.config, result.record, adapter)
         ctx.history.append((spec.name, spec.config))
         applied.append({"name": spec.name, "config": spec.config.model_dump(mode="json"), "record": result.record})
         pass_rows.append({"name": spec.name, "config": spec.config.model_dump(mode="json"), **result.to_json(),

@@ -170,6 +170,12 @@ def _message(err: dict) -> str:
     return msg
 
 
+def _first_error(exc: ValidationError) -> dict:
+    """An unknown key explains a 'missing' one (a typo), so report unknown keys first."""
+    errors = exc.errors()
+    return next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+
+
 def parse_recipe(text: str, where: str = "recipe", base_dir: Path | None = None) -> Recipe:
     """Validate recipe ``text``; raise RecipeError naming the file, line and key path of the first problem."""
     from mmopt import registry
@@ -212,7 +218,7 @@ def parse_recipe(text: str, where: str = "recipe", base_dir: Path | None = None)
         try:
             config = config_cls.model_validate(options)
         except ValidationError as exc:
-            err = exc.errors()[0]
+            err = _first_error(exc)
             raise fail(("passes", i, name) + tuple(err["loc"]), _message(err)) from None
         passes.append(PassSpec(name=name, config=config))
 
@@ -222,7 +228,7 @@ def parse_recipe(text: str, where: str = "recipe", base_dir: Path | None = None)
     try:
         recipe = Recipe.model_validate({**fields, "passes": [], "base_dir": base_dir or Path(".")})
     except ValidationError as exc:
-        err = exc.errors()[0]
+        err = _first_error(exc)
         raise fail(tuple(err["loc"]), _message(err)) from None
     return recipe.model_copy(update={"passes": passes})
 

@@ -57,6 +57,10 @@ class Adapter(Protocol):
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def looks_like_hub_id(text: str) -> bool:
+    return bool(_HUB_ID.match(text)) and not text.startswith((".", "/"))
+
+
 def local_path(value: str | Path, what: str) -> Path:
     """Resolve ``pkg://package/sub`` and plain paths to an existing local path, or raise one clear line."""
     text = str(value)
@@ -74,7 +78,7 @@ def local_path(value: str | Path, what: str) -> Path:
     path = Path(text).expanduser()
     if path.exists():
         return path
-    if _HUB_ID.match(text) and not text.startswith((".", "/")):
+    if looks_like_hub_id(text):
         raise ModelSpecError(f"{what}: {text!r} looks like a hub id, and nothing is downloaded; it is not "
                              "available offline", hint="download it elsewhere and pass a local path")
     raise ModelSpecError(f"{what}: path does not exist: {path}")

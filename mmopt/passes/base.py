@@ -4,7 +4,9 @@ A pass module defines ``Config`` (a PassConfig), ``apply(model, cfg, ctx) -> Pas
 changes the module structure, ``restore(model, cfg, record, adapter)``: ``mmopt.load`` rebuilds the architecture,
 calls every pass's ``restore`` in order with the ``record`` its ``apply`` returned, then loads the weights. A
 pass whose weights need custom loading also defines ``load_state(model, cfg, record, state) -> state``, which
-loads what it owns and returns the rest.
+loads what it owns and returns the rest. A pass that changes what a part outputs (a classifier dropped for features) defines
+``align_reference(teacher, cfg, record, adapter)``, which makes the original comparable for fidelity and
+distillation in later passes.
 """
 from __future__ import annotations
 

