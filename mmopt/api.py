@@ -28,6 +28,13 @@ def optimize(recipe: str | Path, force: bool = False, progress: Progress = NO_PR
     return pipeline.run(parsed, force=force, progress=progress, recipe_path=str(recipe))
 
 
+def check(recipe: str | Path) -> dict:
+    """Re-evaluate a recipe's gates on its existing output (weight hashes verified); nothing is recomputed."""
+    from mmopt import pipeline
+
+    return pipeline.check(validate(recipe))
+
+
 def profile(model: str, **options: Any) -> dict:
     """Memory of ``model`` (``open_clip:ARCH``, ``hf:PATH``, ``torchvision:NAME`` or a folder) at given shapes.
 

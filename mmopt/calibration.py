@@ -36,8 +36,8 @@ class Calibration:
         """Fail early, before any model loads, on missing or empty data."""
         if self.texts_file is not None:
             self.texts()
-        if self.images_dir is not None:
-            self.image_files()
+        for path in self.image_files():
+            _check_image(path)
 
     def texts(self) -> list[str]:
         path = self.texts_file
@@ -64,6 +64,17 @@ class Calibration:
         if not files:
             raise DataError(f"calibration images: no image files in {folder}")
         return files[: self.num_samples]
+
+
+def _check_image(path: Path) -> None:
+    """Read the header only: cheap enough for every calibration image, before any model loads."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DataError(f"calibration image unreadable: {path.name} ({exc.__class__.__name__})") from None
 
 
 def bundled_texts() -> list[str]:

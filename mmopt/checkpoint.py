@@ -123,16 +123,21 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-def verified_tensors(path: Path, entry: dict) -> dict:
-    """Tensors of one weight file after checking its sha256 against the manifest."""
-    from safetensors.torch import load_file
-
+def verify_file(path: Path, entry: dict) -> Path:
+    """The weight file of a manifest entry, after checking its sha256."""
     file = Path(path) / entry["file"]
     if not file.is_file():
         raise IntegrityError(f"checkpoint file missing: {file}")
     if sha256(file) != entry["sha256"]:
         raise IntegrityError(f"{file.name} does not match its sha256 in {MANIFEST}: the file was changed or corrupted")
-    return load_file(str(file))
+    return file
+
+
+def verified_tensors(path: Path, entry: dict) -> dict:
+    """Tensors of one weight file after checking its sha256 against the manifest."""
+    from safetensors.torch import load_file
+
+    return load_file(str(verify_file(path, entry)))
 
 
 def load_model(path: Path, parts: list[str] | None = None, device: str = "cpu") -> Any:

@@ -30,14 +30,20 @@ def optimize(
     recipe: Path = typer.Argument(..., help="The recipe YAML file."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     json_: bool = typer.Option(False, "--json", help="Print the report as one JSON document on stdout."),
+    check: bool = typer.Option(False, "--check", help="Only evaluate the gates on the existing output."),
 ) -> None:
     """Apply RECIPE: load the model, run its passes, write the checkpoint and the before/after report."""
     from mmopt import api, report
 
     out, err = _consoles()
-    result = api.optimize(recipe, force=force, progress=report.progress_for(err))
+    if check:
+        result = api.check(recipe)
+    else:
+        result = api.optimize(recipe, force=force, progress=report.progress_for(err))
     if json_:
         _print_json(result)
+    elif check:
+        report.show_gates(result, out)
     else:
         report.show(result, out)
     if not result["passed"]:

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 from typing import Any
 
-# gate name -> (report lookup, comparison)
+# gate name -> (report lookup on one part, comparison). Fidelity gates at the top level apply to every part;
+# size gates at the top level apply to the whole model, and per part under `parts:`.
 _PART_GATES = {
-    "min_cosine": (lambda p: p.get("fidelity", {}).get("mean_cosine"), ">="),
-    "min_neighbor_agreement": (lambda p: p.get("fidelity", {}).get("neighbor_agreement"), ">="),
+    "min_cosine": (lambda p: (p.get("fidelity") or {}).get("mean_cosine"), ">="),
+    "min_neighbor_agreement": (lambda p: (p.get("fidelity") or {}).get("neighbor_agreement"), ">="),
     "max_weight_bytes": (lambda p: p["after"].get("weight_bytes"), "<="),
     "max_peak_bytes": (lambda p: _peak_total(p["after"]), "<="),
 }
+_TOTAL_GATES = ("max_weight_bytes", "max_peak_bytes")
 
 
 def _peak_total(measures: dict) -> int | None:
@@ -21,17 +23,24 @@ def _peak_total(measures: dict) -> int | None:
 def evaluate(gates: Any, report: dict) -> list[dict]:
     """One row per gate and part it applies to; a missing value fails the gate (never passes silently)."""
     rows = []
-    for part, data in report["parts"].items():
-        if data["after"].get("removed"):
-            continue
+    kept = {part: data for part, data in report["parts"].items() if not data["after"].get("removed")}
+    for part, data in kept.items():
         overrides = gates.parts.get(part)
         for name, (lookup, op) in _PART_GATES.items():
             threshold = getattr(overrides, name, None) if overrides is not None else None
-            if threshold is None:
+            if threshold is None and name not in _TOTAL_GATES:
                 threshold = getattr(gates, name)
             if threshold is None:
                 continue
             rows.append(_row(name, part, lookup(data), threshold, op))
+    if gates.max_weight_bytes is not None:
+        total = sum(d["after"]["weight_bytes"] for d in kept.values())
+        rows.append(_row("max_weight_bytes", "all", total, gates.max_weight_bytes, "<="))
+    if gates.max_peak_bytes is not None:
+        # Parts run one at a time: all weights resident plus the largest part's activation peak.
+        peaks = [d["after"].get("peak_activation_bytes") for d in kept.values()]
+        total = None if None in peaks else sum(d["after"]["weight_bytes"] for d in kept.values()) + max(peaks, default=0)
+        rows.append(_row("max_peak_bytes", "all", total, gates.max_peak_bytes, "<="))
     for part in gates.parts:
         if part not in report["parts"]:
             rows.append({"gate": "parts", "part": part, "value": None, "threshold": "present", "op": "==",

@@ -12,7 +12,33 @@ def part_sizes(model: Any, part: str) -> dict:
 
 
 def part_runtime(model: Any, adapter: Any, part: str, shapes: Shapes, latency: bool = True) -> dict:
-    """Peak activation memory (measured on CUDA or estimated) and latency of one forward at ``shapes``."""
+    """Peak activation memory (measured on CUDA or estimated) and latency of one forward at ``shapes``.
+
+    When CUDA runs out of memory the batch is halved until it fits, and the result says at which batch.
+    """
+    import dataclasses
+
+    import torch
+
+    asked = shapes.batch_size
+    while True:
+        try:
+            out = _runtime_at(model, adapter, part, shapes, latency)
+            break
+        except torch.cuda.OutOfMemoryError:
+            if shapes.batch_size == 1:
+                from mmopt.errors import UserError
+
+                raise UserError(f"CUDA ran out of memory running {part} even at batch 1") from None
+            torch.cuda.empty_cache()
+            shapes = dataclasses.replace(shapes, batch_size=shapes.batch_size // 2)
+    out["batch_size"] = shapes.batch_size
+    if shapes.batch_size != asked:
+        out["note"] = f"CUDA ran out of memory at batch {asked}; {part} measured at batch {shapes.batch_size}"
+    return out
+
+
+def _runtime_at(model: Any, adapter: Any, part: str, shapes: Shapes, latency: bool) -> dict:
     inputs = adapter.example_inputs(model, part, shapes)
 
     def forward(*args: Any) -> Any:

@@ -97,6 +97,28 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
     return report
 
 
+def check(recipe: Recipe) -> dict:
+    """Evaluate the recipe's gates on its existing output (hashes verified), recomputing nothing."""
+    import json
+
+    out = recipe.output_path
+    manifest = checkpoint.read_manifest(out)
+    for entry in manifest["files"].values():
+        checkpoint.verify_file(out, entry)
+    report_file = out / "report.json"
+    if not report_file.is_file():
+        raise UserError(f"no report.json in {out}: run `mmopt optimize` first")
+    try:
+        report = json.loads(report_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{report_file}: malformed JSON ({exc.msg})") from None
+    if report.get("report_version") != REPORT_VERSION:
+        raise UserError(f"{report_file}: report version {report.get('report_version')!r}, expected {REPORT_VERSION}")
+    report["gates"] = gates.evaluate(recipe.gates, report)
+    report["passed"] = all(row["passed"] for row in report["gates"])
+    return report
+
+
 def _measure(model: Any, adapter: Any, shapes: Shapes, progress: Progress, what: str) -> dict:
     out = {}
     with progress.task(what, total=len(model.parts)) as task:
@@ -165,7 +187,8 @@ def shared_bytes(model: Any) -> int:
 
 
 def _public(measures: dict) -> dict:
-    keep = ("params", "weight_bytes", "peak_activation_bytes", "latency_ms", "memory_method", "input_bytes")
+    keep = ("params", "weight_bytes", "peak_activation_bytes", "latency_ms", "memory_method", "input_bytes",
+            "batch_size", "note")
     return {k: measures[k] for k in keep if k in measures}
 
 

@@ -116,31 +116,25 @@ class Recipe(Strict):
 # --- reading ---------------------------------------------------------------------------------------------
 
 class _Located:
-    """YAML data plus the line of every key path, so errors can point into the file."""
+    """The line of every key path in a composed YAML tree, so errors can point into the file."""
 
-    def __init__(self) -> None:
+    def __init__(self, loader: yaml.SafeLoader) -> None:
+        self.loader = loader
         self.lines: dict[tuple, int] = {}
 
-    def build(self, node: yaml.Node, path: tuple = ()) -> Any:
+    def walk(self, node: yaml.Node, path: tuple = ()) -> None:
         self.lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
-            out: dict = {}
             for key_node, value_node in node.value:
-                key = yaml.safe_load(yaml.serialize(key_node)) if not isinstance(key_node, yaml.ScalarNode) \
-                    else self._scalar(key_node)
-                if not isinstance(key, (str, int, float, bool)) or key is None:
-                    raise RecipeError(f"line {key_node.start_mark.line + 1}: keys must be plain names, got {key!r}")
-                self.lines[path + (key,)] = key_node.start_mark.line + 1
-                out[key] = self.build(value_node, path + (key,))
-            return out
-        if isinstance(node, yaml.SequenceNode):
-            return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
-        return self._scalar(node)
-
-    @staticmethod
-    def _scalar(node: yaml.ScalarNode) -> Any:
-        return yaml.SafeLoader(yaml.serialize(node)).get_single_data() if node.tag != "tag:yaml.org,2002:str" \
-            else node.value
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.loader.construct_object(key_node)
+                if isinstance(key, (str, int, float, bool)):
+                    self.lines[path + (key,)] = key_node.start_mark.line + 1
+                    self.walk(value_node, path + (key,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self.walk(item, path + (i,))
 
     def line(self, path: tuple) -> int | None:
         for end in range(len(path), -1, -1):
@@ -180,17 +174,25 @@ def parse_recipe(text: str, where: str = "recipe", base_dir: Path | None = None)
     """Validate recipe ``text``; raise RecipeError naming the file, line and key path of the first problem."""
     from mmopt import registry
 
-    located = _Located()
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as exc:        # unprintable characters are refused by the reader itself
+        raise RecipeError(f"{where}: malformed YAML: {str(exc).splitlines()[0]}") from None
+    located = _Located(loader)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+        if node is not None:
+            located.walk(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise RecipeError(f"{where}{at}: malformed YAML: {problem}") from None
+    finally:
+        loader.dispose()
     if node is None:
         raise RecipeError(f"{where}: the recipe is empty", hint="a recipe needs at least model: and output:")
-    data = located.build(node)
     if not isinstance(data, dict):
         raise RecipeError(f"{where}:{located.line(())}: the top level must be a mapping of keys, "
                           f"got {type(data).__name__}")
@@ -230,6 +232,8 @@ def parse_recipe(text: str, where: str = "recipe", base_dir: Path | None = None)
     except ValidationError as exc:
         err = _first_error(exc)
         raise fail(tuple(err["loc"]), _message(err)) from None
+    if not passes:
+        raise fail(("passes",), "at least one pass is needed (e.g. `passes: [{cast: {dtype: float16}}]`)")
     return recipe.model_copy(update={"passes": passes})
 
 

@@ -16,6 +16,13 @@ METHOD_WORDS = {"estimated": "estimated for CUDA (fake-tensor trace, no GPU here
 
 
 def write(report: dict, folder: Path) -> None:
+    """report.json, report.md and (with matplotlib) report.png; a skipped picture is noted in the report."""
+    from mmopt.report_plot import write_png
+
+    note = write_png(report, folder)
+    report["artifacts"] = ["report.json", "report.md"] + ([] if note else ["report.png"])
+    if note:
+        report.setdefault("notes", []).append(note)
     (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=False, default=str) + "\n")
     (folder / "report.md").write_text(markdown(report))
 
@@ -85,7 +92,10 @@ def notes(report: dict) -> list[str]:
         fid = data.get("fidelity")
         if fid:
             out.append(f"Fidelity of {part}: on {fid['inputs']}.")
-    return out
+        for side in ("before", "after"):
+            if data[side].get("note"):
+                out.append(f"{side}: {data[side]['note']}.")
+    return out + list(report.get("notes", []))
 
 
 def markdown(report: dict) -> str:
@@ -137,17 +147,28 @@ def show(report: dict, console: Any) -> None:
         last = row[0]
         table.add_row(*row)
     console.print(table)
-    if report.get("gates"):
-        gt = Table(title="gates", title_justify="left")
-        for col in ("gate", "part", "value", "threshold", "result"):
-            gt.add_column(col)
-        for g in report["gates"]:
-            gt.add_row(g["gate"], g["part"], _gate_value(g), f"{g['op']} {_gate_threshold(g)}",
-                       "[green]pass[/]" if g["passed"] else "[bold red]FAIL[/]")
-        console.print(gt)
+    show_gates(report, console, verdict=False)
     for n in notes(report):
         console.print(f"[dim]{n}[/]")
     console.print(f"wrote {report['output']}  ({headline(report)})")
+
+
+def show_gates(report: dict, console: Any, verdict: bool = True) -> None:
+    """The gate table (and, alone, a verdict line): what `optimize --check` prints."""
+    from rich.table import Table
+
+    if report.get("gates"):
+        table = Table(title="gates", title_justify="left")
+        for col in ("gate", "part", "value", "threshold", "result"):
+            table.add_column(col)
+        for g in report["gates"]:
+            table.add_row(g["gate"], g["part"], _gate_value(g), f"{g['op']} {_gate_threshold(g)}",
+                          "[green]pass[/]" if g["passed"] else "[bold red]FAIL[/]")
+        console.print(table)
+    if verdict:
+        failed = sum(not g["passed"] for g in report.get("gates", []))
+        console.print(f"{report['output']}: " + ("no gates" if not report.get("gates") else
+                      ("all gates passed" if not failed else f"{failed} gate(s) FAILED")))
 
 
 def show_profile(result: dict, console: Any) -> None:

@@ -33,11 +33,11 @@ BAD = {
     "misspelled key": ("model: {source: hf, path: x}\noutputt: o\n", "recipe.yaml:2: outputt: unknown field"),
     "unknown pass": ("model: {source: hf, path: x}\npasses: [{squash: {}}]\noutput: o\n",
                      "recipe.yaml:2: passes[0].squash: unknown pass"),
-    "wrong type": ("model: {source: hf, path: x}\nprofile: {batch_size: big}\noutput: o\n",
+    "wrong type": ("model: {source: hf, path: x}\nprofile: {batch_size: big}\npasses: [cast]\noutput: o\n",
                    "recipe.yaml:2: profile.batch_size: "),
-    "malformed yaml": ("model: {source: hf, path: x\noutput: o\n", "malformed YAML"),
-    "missing model path": ("model: {source: hf, path: ./nowhere}\noutput: o\n", "model path: path does not exist"),
-    "hub id": ("model: {source: hf, path: bert-base-uncased/main}\noutput: o\n", "not available offline"),
+    "malformed yaml": ("model: {source: hf, path: x\npasses: [cast]\noutput: o\n", "malformed YAML"),
+    "missing model path": ("model: {source: hf, path: ./nowhere}\npasses: [cast]\noutput: o\n", "model path: path does not exist"),
+    "hub id": ("model: {source: hf, path: bert-base-uncased/main}\npasses: [cast]\noutput: o\n", "not available offline"),
 }
 
 
@@ -66,7 +66,7 @@ def test_existing_output_needs_force(tmp_path, monkeypatch, capsys):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "keep.txt").write_text("mine")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: {source: torchvision, name: resnet18}\noutput: o\n")
+    recipe.write_text("model: {source: torchvision, name: resnet18}\npasses: [strip]\noutput: o\n")
     code, _, err = run_cli(monkeypatch, capsys, "optimize", recipe)
     assert code == 2 and err.startswith(f"error: output already exists: {tmp_path / 'o'}\nhint: pass --force")
     assert (tmp_path / "o" / "keep.txt").read_text() == "mine"
@@ -75,11 +75,12 @@ def test_existing_output_needs_force(tmp_path, monkeypatch, capsys):
 def test_failed_gate_exits_1_and_still_writes(tmp_path, monkeypatch, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {source: torchvision, name: resnet18}\nprofile: {batch_size: 1, image_size: 32}\n"
-                      "calibration: {num_samples: 4, batch_size: 2}\ngates: {max_weight_bytes: 1KiB}\noutput: o\n")
+                      "calibration: {num_samples: 4, batch_size: 2}\npasses: [strip]\ngates: {max_weight_bytes: 1KiB}\n"
+                      "output: o\n")
     code, out, _ = run_cli(monkeypatch, capsys, "optimize", recipe, "--json")
     report = json.loads(out)
     assert code == 1 and report["passed"] is False
-    assert report["gates"][0]["gate"] == "max_weight_bytes" and report["gates"][0]["passed"] is False
+    assert [(g["gate"], g["part"], g["passed"]) for g in report["gates"]] == [("max_weight_bytes", "all", False)]
     assert (tmp_path / "o" / "report.md").is_file() and (tmp_path / "o" / "mmopt.json").is_file()
 
 
