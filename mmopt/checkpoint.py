@@ -5,11 +5,16 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from mmopt.errors import IntegrityError, ModelSpecError, UserError
+
+# Set by the CLI's signal handlers. A KeyboardInterrupt raised inside a finalizer or C callback can be
+# swallowed, so the final rename also checks this flag: an interrupted run never publishes its output.
+INTERRUPTED = threading.Event()
 
 MANIFEST = "mmopt.json"
 FORMAT = "mmopt-checkpoint/1"
@@ -42,6 +47,8 @@ def atomic_folder(target: Path, force: bool) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        if INTERRUPTED.is_set():
+            raise KeyboardInterrupt
         if target.exists():
             os.replace(target, old)
         os.replace(tmp, target)

@@ -93,6 +93,9 @@ def _print_json(data: dict) -> None:
 
 
 def _raise_interrupt(signum, frame) -> None:
+    from mmopt.checkpoint import INTERRUPTED
+
+    INTERRUPTED.set()
     raise KeyboardInterrupt
 
 
@@ -100,20 +103,25 @@ def main() -> None:
     """Entry point: runs the app and turns every error into one line and a fixed exit code."""
     import click
 
-    from mmopt.errors import EXIT_INTERNAL, EXIT_USER_ERROR, MmoptError, describe_foreign
+    from mmopt.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USER_ERROR, MmoptError, describe_foreign
 
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM unwinds like Ctrl-C: temporary output is removed
+    # SIGTERM unwinds like Ctrl-C, so temporary output is removed; SIGINT is re-armed because a shell starts
+    # background jobs with it ignored.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, _raise_interrupt)
     debug = "--debug" in sys.argv[1:]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")      # nothing is downloaded, ever
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         code = app(standalone_mode=False)
+        if code == EXIT_INTERRUPTED:           # typer turns KeyboardInterrupt into Exit(130) by itself
+            _fail("interrupted; no partial output was left", None)
     except click.exceptions.Abort:
         _fail("interrupted; no partial output was left", None)
-        code = 130
+        code = EXIT_INTERRUPTED
     except KeyboardInterrupt:
         _fail("interrupted; no partial output was left", None)
-        code = 130
+        code = EXIT_INTERRUPTED
     except click.ClickException as exc:
         exc.show()
         code = EXIT_USER_ERROR if exc.exit_code == 2 else exc.exit_code

@@ -8,6 +8,7 @@ EXIT_OK = 0
 EXIT_GATE_FAILED = 1
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130     # the shell's convention for SIGINT
 
 
 class MmoptError(Exception):
