@@ -182,7 +182,10 @@ class Adapter:
         tensors = unique_state_dict(model.module)
         quant = model.info.get("quantization")
         if quant:
-            _add_quantization_config(out / "config.json", quant)
+            # A dropped head (the pooler) is rebuilt by transformers with fresh weights; it must stay a float module,
+            # since transformers cannot initialise a bitsandbytes weight it has no data for.
+            dropped = [name for name, child in model.module._modules.items() if child is None]
+            _add_quantization_config(out / "config.json", {**quant, "float_linear": quant["float_linear"] + dropped})
         stock = _stock_tensors(model.module, tensors)
         save_file(stock, str(out / "model.safetensors"), metadata={"format": "pt"})
         if stock is tensors:
