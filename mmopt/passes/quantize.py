@@ -64,7 +64,7 @@ def apply(model, cfg: Config, ctx: Context) -> PassResult:
         _quantize_part(model, part, cfg, layout, record, result, float_linear)
         _note_uncovered(model, part, result)
         result.metrics[part] = {"quantized_fraction": round(_fraction(model, part), 6),
-                                "high_precision": [vars(s) for s in result.skipped if model.owns(part, s.module)]}
+                                "high_precision": _summary([s for s in result.skipped if model.owns(part, s.module)])}
     model.info["quantization"] = {"method": cfg.method, "int8_threshold": cfg.int8_threshold,
                                   "blocksize": cfg.blocksize, "embeddings": cfg.embeddings,
                                   "compute_dtype": record["compute_dtype"][parts[0]] if parts else "float32",
@@ -306,6 +306,16 @@ def _note_uncovered(model, part: str, result: PassResult) -> None:
         if tensor.dim() < 2 or not tensor.is_floating_point() or owner in noted or name in noted:
             continue
         result.skipped.append(Skip(name, f"{describe(tensor)} left as it is: not a Linear or an embedding table"))
+
+
+def _summary(skipped: list[Skip]) -> str:
+    """One line for the report (the full list is in the pass's ``skipped``): norms and biases always stay."""
+    counts: dict[str, int] = {}
+    for skip in skipped:
+        key = skip.reason.split(":")[0].split(" by ")[0]
+        counts[key] = counts.get(key, 0) + 1
+    listed = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+    return f"norms, biases{'; ' + listed if listed else ''}"
 
 
 def _fraction(model, part: str) -> float:
