@@ -81,6 +81,10 @@ def _bnb():
     except ImportError as exc:   # also raised when its native library fails to load
         raise UnsupportedError(f"quantize: bitsandbytes cannot be imported ({str(exc).splitlines()[0][:120]})",
                                hint="pip install bitsandbytes") from None
+    import warnings
+
+    # Said on every int8 forward with float32 inputs: LLM.int8 quantizes activations from float16 by design.
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     return bitsandbytes
 
 
@@ -158,6 +162,7 @@ def restore(model, cfg: Config, record: dict, adapter) -> None:
     import torch
     from mmopt.passes import quant_modules as qm
 
+    _bnb()
     for swap in record["swaps"]:
         if not _present(model, swap["name"]):
             continue
@@ -187,7 +192,7 @@ def load_state(model, cfg: Config, record: dict, state: dict) -> dict:
     """4-bit weights: rebuild each ``Params4bit`` from its packed data and saved quantization state."""
     if cfg.method == "int8":
         return state
-    import bitsandbytes as bnb
+    bnb = _bnb()
 
     for name in record["linear"]:
         key = f"{name}.weight"
@@ -207,6 +212,10 @@ def _quantize_part(model, part: str, cfg: Config, layout: dict, record: dict, re
     from mmopt.passes import quant_modules as qm
 
     dtype = getattr(torch, record["compute_dtype"][part])
+    # attention left fused (excluded, or a variant without a Linear-only form) reads out_proj.weight itself
+    fused = {name: "inside a fused attention that reads this weight directly"
+             for name, module in model.named_modules(part)
+             if isinstance(module, torch.nn.MultiheadAttention) or qm.is_fused_attention(module)}
     for name, module in list(model.named_modules(part)):
         if type(module) not in _LINEAR_TYPES():
             if isinstance(module, torch.nn.Embedding) and cfg.embeddings == "int8":
@@ -218,7 +227,7 @@ def _quantize_part(model, part: str, cfg: Config, layout: dict, record: dict, re
                 record["embeddings"].append(name)
                 result.changed.append(Change(name, describe(module.weight), "int8 rows"))
             continue
-        reason = _keep_reason(name, cfg.exclude, layout["keep"])
+        reason = _keep_reason(name, cfg.exclude, {**layout["keep"], **fused})
         if reason:
             result.skipped.append(Skip(name, reason))
             float_linear.append(name)

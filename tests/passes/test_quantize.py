@@ -240,10 +240,16 @@ def test_missing_kernel_names_the_method_that_works(clip, monkeypatch):
 
 
 def test_exclude_keeps_modules_in_float(clip):
-    model, result = quantized(clip, method="int8", exclude=["visual.proj", "*.mlp.c_fc"])
+    model, result = quantized(clip, method="int8",
+                              exclude=["visual.proj", "*.mlp.c_fc", "visual.transformer.resblocks.0.attn"])
     assert type(model.module.visual.transformer.resblocks[1].mlp.c_fc) is nn.Linear
     assert isinstance(model.module.visual.proj, nn.Parameter)
     assert any(s.module.endswith("mlp.c_fc") and "excluded" in s.reason for s in result.skipped)
+    # an attention kept fused keeps its out_proj float too: MultiheadAttention reads that weight directly
+    attention = model.module.visual.transformer.resblocks[0].attn
+    assert isinstance(attention, nn.MultiheadAttention) and attention.out_proj.weight.dtype == torch.float32
+    inputs = clip_inputs()["visual"]
+    assert cosine(run(model, "visual", inputs), run(clip, "visual", inputs)) > 0.99
 
 
 def test_example_recipes_validate():
@@ -274,3 +280,16 @@ def test_minilm_int8_recipe_loads_in_sentence_transformers(tmp_path):
     ref = original.encode(texts, convert_to_tensor=True)
     new = stock.encode(texts, convert_to_tensor=True)
     assert float(nn.functional.cosine_similarity(ref, new).mean()) >= 0.998
+
+
+def test_gpu_check_refuses_cleanly_without_cuda():
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("this checks the refusal where CUDA is absent")
+    script = Path(__file__).resolve().parents[2] / "scripts" / "gpu_check_quant.py"
+    proc = subprocess.run([sys.executable, str(script), "--models", "vit"], capture_output=True, text=True,
+                          cwd=script.parents[1], env={"PYTHONPATH": str(script.parents[1]), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: CUDA is not available here")
