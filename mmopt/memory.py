@@ -61,6 +61,23 @@ def part_params(model: Any, part: str) -> int:
     return sum(logical_numel(p) for _, p in model.named_tensors(part, buffers=False))
 
 
+def is_low_bit(tensor: Any) -> bool:
+    """Whether a parameter is stored in 8 or 4 bits (int8 rows, bitsandbytes int8 or packed 4-bit)."""
+    import torch
+
+    return tensor.dtype in (torch.int8, torch.uint8)
+
+
+def quantized_fraction(model: Any, part: str) -> float:
+    """Share of ``part``'s logical parameters stored in 8 or 4 bits."""
+    total = quantized = 0
+    for _, tensor in model.named_tensors(part, buffers=False):
+        n = logical_numel(tensor)
+        total += n
+        quantized += n if is_low_bit(tensor) else 0
+    return quantized / total if total else 0.0
+
+
 def part_weight_bytes(model: Any, part: str) -> int:
     """Bytes the part's weights and buffers occupy in memory, as saved (quantization state included)."""
     return unique_bytes(part_state(model, part).values())

@@ -11,6 +11,7 @@ from types import ModuleType
 PASSES: dict[str, str] = {
     "cast": "mmopt.passes.cast",
     "strip": "mmopt.passes.strip",
+    "quantize": "mmopt.passes.quantize",
 }
 
 ADAPTERS: dict[str, str] = {

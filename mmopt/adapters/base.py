@@ -51,6 +51,12 @@ class Adapter(Protocol):
     def save(self, model: Model, out: Path) -> dict[str, str]:
         """Write weights (and assets) into ``out``; return part -> file name."""
 
+    def quantization_layout(self, model: Model) -> dict:
+        """What the quantize pass needs to know about this family (see ``passes/quantize.py``):
+        ``structural`` (may modules be swapped for equivalent Linear-based ones), ``bare_weights``
+        (parameter name -> "projection" for an (in, out) matrix used as ``x @ P``, or "table" for an embedding
+        table read as a tensor) and ``keep`` (module name -> why its Linear weights must stay as they are)."""
+
 
 # --- paths -----------------------------------------------------------------------------------------------
 
@@ -194,7 +200,9 @@ def save_parts(model: Model, out: Path) -> dict[str, str]:
     files = {}
     for part, tensors in sorted(groups.items()):
         name = f"{part}.safetensors"
-        save_file(tensors, str(out / name), metadata={"format": "pt", "part": part})
+        # one metadata key only: safetensors writes its metadata map in hash order, so two keys can swap between
+        # runs and the same weights would give different bytes (the manifest says which part a file holds)
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
         files[part] = name
     return files
 

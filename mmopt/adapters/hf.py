@@ -180,8 +180,64 @@ class Adapter:
         model.module.config.dtype = part_dtype(model, model.parts[0])
         model.module.config.to_json_file(str(out / "config.json"))
         tensors = unique_state_dict(model.module)
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-        return {model.parts[0]: "model.safetensors"}
+        quant = model.info.get("quantization")
+        if quant:
+            # A dropped head (the pooler) is rebuilt by transformers with fresh weights; it must stay a float module,
+            # since transformers cannot initialise a bitsandbytes weight it has no data for.
+            dropped = [name for name, child in model.module._modules.items() if child is None]
+            _add_quantization_config(out / "config.json", {**quant, "float_linear": quant["float_linear"] + dropped})
+        stock = _stock_tensors(model.module, tensors)
+        save_file(stock, str(out / "model.safetensors"), metadata={"format": "pt"})
+        if stock is tensors:
+            return {model.parts[0]: "model.safetensors"}
+        # transformers has no int8 embedding: model.safetensors holds those tables in float16 for it, and mmopt
+        # reads its own all-quantized copy (see docs/quantization.md for the trade-off).
+        name = f"{model.parts[0]}.safetensors"
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
+        return {model.parts[0]: name}
+
+    def quantization_layout(self, model: Model) -> dict:
+        """No structural swaps: the folder must still rebuild in transformers (whose CLIP, e.g., reads
+        ``patch_embedding.weight.dtype``); its Linear and Embedding modules are what gets quantized."""
+        return {"structural": False, "bare_weights": {}, "keep": {}}
+
+
+def bnb_quantization_config(quant: dict) -> dict:
+    """transformers' ``BitsAndBytesConfig`` (as config.json stores it) for mmopt's quantization record."""
+    import re
+
+    skip = [re.escape(name) for name in quant.get("float_linear", [])]
+    if quant["method"] == "int8":
+        return {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False,
+                "llm_int8_threshold": quant["int8_threshold"], "llm_int8_has_fp16_weight": False,
+                "llm_int8_skip_modules": skip}
+    return {"quant_method": "bitsandbytes", "load_in_8bit": False, "load_in_4bit": True,
+            "bnb_4bit_quant_type": quant["method"], "bnb_4bit_compute_dtype": quant["compute_dtype"],
+            "bnb_4bit_use_double_quant": False, "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": skip}
+
+
+def _add_quantization_config(file: Path, quant: dict) -> None:
+    config = json.loads(file.read_text())
+    config["quantization_config"] = bnb_quantization_config(quant)
+    file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _stock_tensors(module: Any, tensors: dict) -> dict:
+    """``tensors`` as transformers reads them: int8-row tables (mmopt modules with ``dequantized``) become float
+    tables under the stock ``weight`` key. Returns ``tensors`` itself when nothing changes.
+
+    The tables are written in the dtype the model computes in, not float16: transformers keeps a tensor's stored
+    dtype, and float16 embeddings would meet float32 layers downstream."""
+    tables = {name: sub for name, sub in module.named_modules() if hasattr(sub, "dequantized")}
+    if not tables:
+        return tensors
+    stock = dict(tensors)
+    for name, sub in tables.items():
+        prefix = f"{name}." if name else ""
+        for key in [k for k in stock if k.startswith(prefix) and "." not in k[len(prefix):]]:
+            del stock[key]
+        stock[f"{prefix}weight"] = sub.dequantized().detach().cpu().contiguous()
+    return stock
 
 
 def copy_assets(source: Path, out: Path) -> None:

