@@ -11,6 +11,7 @@ from types import ModuleType
 PASSES: dict[str, str] = {
     "cast": "mmopt.passes.cast",
     "strip": "mmopt.passes.strip",
+    "prune": "mmopt.passes.prune",
 }
 
 ADAPTERS: dict[str, str] = {
