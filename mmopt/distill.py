@@ -53,7 +53,7 @@ def distill(student_model: Any, teacher_model: Any, adapter: Any, part: str,
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
                 optimizer.step()
-                history.append(round(float(value), 6))
+                history.append(round(float(value.detach()), 6))
                 task.advance(loss=history[-1])
     finally:
         for p in student_model.module.parameters():

@@ -50,6 +50,7 @@ def apply(model, cfg: Config, ctx: Context) -> PassResult:
     result = PassResult()
     heads: dict[str, int] = {}
     for part in parts:
+        kept: dict[str, list[int]] = {}
         if cfg.target == "heads":
             kept = _prune_heads(model, part, layouts[part], cfg, ctx)
             heads.update({name: len(keep) for name, keep in kept.items()})
@@ -63,6 +64,8 @@ def apply(model, cfg: Config, ctx: Context) -> PassResult:
             result.changed.append(Change(name, str(b), str(a)))
         pruned = {"target": cfg.target, "amount": cfg.amount, "importance": cfg.importance,
                   "layers": {name: [b, a] for name, (b, a) in layers.items()}, "stock_config": reason is None}
+        if kept:
+            pruned["kept_heads"] = kept
         if reason is not None:
             pruned["note"] = reason
             result.skipped.append(Skip(part, f"not a stock config: {reason}"))
