@@ -139,6 +139,19 @@ class Adapter:
         hidden = module(input_ids=ids, attention_mask=mask).last_hidden_state
         return _pool(hidden, mask, model.info.get("pooling", "mean"), model.info.get("normalize", False))
 
+    def can_run_hidden(self, model: Model, part: str) -> bool:
+        return part == "text" and part in model.parts
+
+    def run_hidden(self, model: Model, part: str, inputs: tuple) -> tuple:
+        """The text part's last hidden states and their token mask (for token-level distillation)."""
+        if part != "text":
+            raise UnsupportedError(f"token-level outputs of part {part!r} are not supported; only text")
+        ids, mask = inputs
+        module = model.module
+        if model.info.get("model_type") in DUAL_TOWER:
+            module = getattr(module, DUAL_TOWER[model.info["model_type"]][2])
+        return module(input_ids=ids, attention_mask=mask).last_hidden_state, mask
+
     def _text_config(self, model: Model) -> Any:
         config = model.module.config
         return getattr(config, "text_config", config)

