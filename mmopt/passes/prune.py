@@ -48,7 +48,9 @@ class Config(PassConfig):
 def apply(model, cfg: Config, ctx: Context) -> PassResult:
     parts = target_parts(model, cfg.parts)
     layouts = {part: _checked_layout(model, part, cfg, ctx) for part in parts}
-    teacher = ctx.teacher if ctx.teacher is not None else copy.deepcopy(model)
+    teacher = ctx.teacher
+    if teacher is None and cfg.recover is not None:      # called outside the pipeline: the model as it is now
+        teacher = copy.deepcopy(model)
     before = _shapes(model.module)
     result = PassResult()
     heads: dict[str, int] = {}
