@@ -222,6 +222,8 @@ def _strict_load(module, state: dict, otherwise: str) -> str:
 
 
 def _first(exc: BaseException) -> str:
+    if "size mismatch" in str(exc) or "ignore_mismatched_sizes" in str(exc):
+        return "size mismatch"
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     text = next((line for line in lines if "size mismatch" in line), lines[0] if lines else type(exc).__name__)
     return text[:90]
