@@ -12,6 +12,7 @@ PASSES: dict[str, str] = {
     "cast": "mmopt.passes.cast",
     "strip": "mmopt.passes.strip",
     "quantize": "mmopt.passes.quantize",
+    "prune": "mmopt.passes.prune",
 }
 
 ADAPTERS: dict[str, str] = {

@@ -221,3 +221,56 @@ def unique_state_dict(module: Any) -> dict:
         seen[ident] = key
         out[key] = tensor.detach().to("cpu").contiguous()
     return out
+
+
+# --- structure facts for structured pruning -----------------------------------------------------------------
+
+@dataclass
+class PruneLayout:
+    """What the prune pass needs to know about one part; module names are relative to the root module.
+
+    ``ffn``: (expanding linear, contracting linear) of each transformer FFN; ``attention``: the attention modules
+    ``slice_heads`` understands, with their head counts; ``ignore``: modules never pruned (classifiers, output
+    projections, embeddings); ``width_round``: hidden widths must stay a multiple of this (the head count);
+    ``unwrapped``: bare parameters on the hidden width and the dimension that is the width (Torch-Pruning's guess
+    can pick the wrong one).
+    """
+
+    targets: tuple = ()
+    ffn: list = None
+    attention: dict = None
+    ignore: list = None
+    width_round: int = 1
+    unwrapped: dict = None
+
+    def __post_init__(self) -> None:
+        self.ffn = list(self.ffn or [])
+        self.attention = dict(self.attention or {})
+        self.ignore = list(self.ignore or [])
+        self.unwrapped = dict(self.unwrapped or {})
+
+
+def get_module(root: Any, name: str) -> Any:
+    return root.get_submodule(name) if name else root
+
+
+def slice_linear(linear: Any, out_idx: Any = None, in_idx: Any = None) -> None:
+    """Keep rows ``out_idx`` and columns ``in_idx`` of an ``nn.Linear`` in place (features updated)."""
+    import torch
+
+    weight = linear.weight.data
+    bias = linear.bias.data if linear.bias is not None else None
+    if out_idx is not None:
+        weight, bias = weight[out_idx], (bias[out_idx] if bias is not None else None)
+        linear.out_features = len(out_idx)
+    if in_idx is not None:
+        weight = weight[:, in_idx]
+        linear.in_features = len(in_idx)
+    linear.weight = torch.nn.Parameter(weight.clone(), requires_grad=linear.weight.requires_grad)
+    if bias is not None:
+        linear.bias = torch.nn.Parameter(bias.clone(), requires_grad=linear.bias.requires_grad)
+
+
+def head_rows(keep: list[int], head_dim: int) -> list[int]:
+    """Row (or column) indices of heads ``keep`` in a projection laid out head after head."""
+    return [h * head_dim + i for h in keep for i in range(head_dim)]

@@ -139,6 +139,19 @@ class Adapter:
         hidden = module(input_ids=ids, attention_mask=mask).last_hidden_state
         return _pool(hidden, mask, model.info.get("pooling", "mean"), model.info.get("normalize", False))
 
+    def can_run_hidden(self, model: Model, part: str) -> bool:
+        return part == "text" and part in model.parts
+
+    def run_hidden(self, model: Model, part: str, inputs: tuple) -> tuple:
+        """The text part's last hidden states and their token mask (for token-level distillation)."""
+        if part != "text":
+            raise UnsupportedError(f"token-level outputs of part {part!r} are not supported; only text")
+        ids, mask = inputs
+        module = model.module
+        if model.info.get("model_type") in DUAL_TOWER:
+            module = getattr(module, DUAL_TOWER[model.info["model_type"]][2])
+        return module(input_ids=ids, attention_mask=mask).last_hidden_state, mask
+
     def _text_config(self, model: Model) -> Any:
         config = model.module.config
         return getattr(config, "text_config", config)
@@ -161,6 +174,59 @@ class Adapter:
             model.module.pooler = None
             return ["pooler"]
         return []
+
+    # --- structured pruning ------------------------------------------------------------------------------
+
+    def prune_layout(self, model: Model, part: str):
+        """BERT-family encoders: FFN (intermediate.dense -> output.dense) and self-attention per layer."""
+        from mmopt.adapters.base import PruneLayout
+
+        model.check_part(part)
+        ffn, attention = [], {}
+        for name, module in model.named_modules(part):
+            if _is_bert_layer(module):
+                ffn.append((f"{name}.intermediate.dense", f"{name}.output.dense"))
+                attention[f"{name}.attention"] = module.attention.self.num_attention_heads
+        if not ffn:
+            return PruneLayout()
+        return PruneLayout(targets=("mlp", "heads"), ffn=ffn, attention=attention, ignore=["embeddings", "pooler"])
+
+    def attention_weights(self, model: Model, name: str) -> dict:
+        """Per-head projections of one attention layer: q/k/v (weight, bias) with rows head after head, o weight."""
+        att = model.module.get_submodule(name)
+        s = att.self
+        return {"q": (s.query.weight, s.query.bias), "k": (s.key.weight, s.key.bias),
+                "v": (s.value.weight, s.value.bias), "o": att.output.dense.weight,
+                "heads": s.num_attention_heads, "head_dim": s.attention_head_size}
+
+    def slice_heads(self, model: Model, name: str, keep: list[int]) -> None:
+        """Keep heads ``keep`` of a BERT attention layer (transformers 5 has no prune_heads)."""
+        from mmopt.adapters.base import head_rows, slice_linear
+
+        att = model.module.get_submodule(name)
+        s = att.self
+        rows = head_rows(keep, s.attention_head_size)
+        for linear in (s.query, s.key, s.value):
+            slice_linear(linear, out_idx=rows)
+        slice_linear(att.output.dense, in_idx=rows)
+        s.num_attention_heads = len(keep)
+        s.all_head_size = len(keep) * s.attention_head_size
+
+    def write_pruned_config(self, model: Model, part: str, target: str) -> str | None:
+        """Write the pruned sizes into the config; return why the result is not a stock config, or None."""
+        layout = self.prune_layout(model, part)
+        if target == "mlp":
+            sizes = {model.module.get_submodule(fc1).out_features for fc1, _ in layout.ffn}
+            if len(sizes) != 1:
+                return f"FFN widths differ per layer ({sorted(sizes)}): BERT configs hold one intermediate_size"
+            size = sizes.pop()
+            _text_config_of(model.module.config).intermediate_size = size
+            model.arch["config"]["intermediate_size"] = size
+            return None
+        if target == "heads":
+            return ("BERT configs derive the head size from hidden_size / num_attention_heads: fewer heads of the "
+                    "same size are re-applied by mmopt.load, not by AutoModel")
+        return f"{target} is not expressible in this config"
 
     # --- saving ------------------------------------------------------------------------------------------
 
@@ -238,6 +304,15 @@ def _stock_tensors(module: Any, tensors: dict) -> dict:
             del stock[key]
         stock[f"{prefix}weight"] = sub.dequantized().detach().cpu().contiguous()
     return stock
+
+
+def _is_bert_layer(module: Any) -> bool:
+    att, inter, out = (getattr(module, n, None) for n in ("attention", "intermediate", "output"))
+    return all(hasattr(x, "dense") for x in (inter, out)) and hasattr(getattr(att, "self", None), "query")
+
+
+def _text_config_of(config: Any) -> Any:
+    return getattr(config, "text_config", config)
 
 
 def copy_assets(source: Path, out: Path) -> None:

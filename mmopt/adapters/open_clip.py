@@ -104,6 +104,97 @@ class Adapter:
     def drop_unused_heads(self, model: Model, features: bool) -> list[str]:
         return []  # CLIP towers end in their embedding projection: nothing is unused
 
+    # --- structured pruning ------------------------------------------------------------------------------
+
+    def _blocks(self, model: Model, part: str) -> tuple[str, list]:
+        """(resblocks module name, blocks) of a part's transformer, or ("", []) when it has none (ResNet towers)."""
+        model.check_part(part)
+        if part == "visual":
+            name = "visual.transformer.resblocks"
+        else:
+            name = "text.transformer.resblocks" if model.arch.get("custom_text") else "transformer.resblocks"
+        try:
+            return name, list(model.module.get_submodule(name))
+        except AttributeError:
+            return "", []
+
+    def prune_layout(self, model: Model, part: str):
+        """ViT / text transformers: FFN c_fc -> c_proj and attention per block; width rounds to the head count."""
+        import torch.nn as nn
+
+        from mmopt.adapters.base import PruneLayout
+
+        name, blocks = self._blocks(model, part)
+        if not blocks or not all(isinstance(getattr(b, "attn", None), nn.Module) for b in blocks):
+            return PruneLayout()
+        ffn = [(f"{name}.{i}.mlp.c_fc", f"{name}.{i}.mlp.c_proj") for i in range(len(blocks))]
+        attention = {f"{name}.{i}.attn": b.attn.num_heads for i, b in enumerate(blocks)}
+        # Bare parameters on the residual width: (tokens, width) embeddings, (width, embed_dim) projections.
+        if part == "visual":
+            unwrapped = {"visual.class_embedding": 0, "visual.positional_embedding": 1, "visual.proj": 0}
+        else:
+            prefix = "text." if model.arch.get("custom_text") else ""
+            unwrapped = {f"{prefix}positional_embedding": 1, f"{prefix}text_projection": 0}
+        names = {n for n, _ in model.module.named_parameters()}
+        return PruneLayout(targets=("mlp", "heads", "width"), ffn=ffn, attention=attention,
+                           width_round=blocks[0].attn.num_heads,
+                           unwrapped={n: d for n, d in unwrapped.items() if n in names})
+
+    def attention_weights(self, model: Model, name: str) -> dict:
+        attn = model.module.get_submodule(name)
+        w, b = attn.in_proj_weight, attn.in_proj_bias
+        inner = w.shape[0] // 3
+        split = [(w[i * inner:(i + 1) * inner], None if b is None else b[i * inner:(i + 1) * inner]) for i in range(3)]
+        return {"q": split[0], "k": split[1], "v": split[2], "o": attn.out_proj.weight,
+                "heads": attn.num_heads, "head_dim": inner // attn.num_heads}
+
+    def slice_heads(self, model: Model, name: str, keep: list[int]) -> None:
+        """Replace an attention layer by one with heads ``keep`` only (q/k/v rows, out_proj columns)."""
+        import torch
+
+        from mmopt.adapters.attention import HeadSlicedAttention
+        from mmopt.adapters.base import head_rows
+
+        old = model.module.get_submodule(name)
+        weights = self.attention_weights(model, name)
+        rows = head_rows(keep, weights["head_dim"])
+        bias = old.in_proj_bias is not None
+        new = HeadSlicedAttention(old.embed_dim, len(keep), weights["head_dim"],
+                                  batch_first=getattr(old, "batch_first", False), bias=bias)
+        with torch.no_grad():
+            new.in_proj_weight.copy_(torch.cat([weights[k][0][rows] for k in "qkv"]))
+            if bias:
+                new.in_proj_bias.copy_(torch.cat([weights[k][1][rows] for k in "qkv"]))
+                new.out_proj.bias.copy_(old.out_proj.bias)
+            new.out_proj.weight.copy_(old.out_proj.weight[:, rows])
+        new.to(device=old.in_proj_weight.device, dtype=old.in_proj_weight.dtype)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.module.get_submodule(parent), attr, new)
+
+    def write_pruned_config(self, model: Model, part: str, target: str) -> str | None:
+        """Write the pruned sizes into ``arch["config"]`` (create_model kwargs); return why not, or None."""
+        name, blocks = self._blocks(model, part)
+        cfg = model.arch["config"].setdefault("vision_cfg" if part == "visual" else "text_cfg", {})
+        hidden = {b.mlp.c_fc.out_features for b in blocks}
+        widths = {b.mlp.c_fc.in_features for b in blocks}
+        if target == "heads":
+            return ("open_clip configs derive the head count from width / head_width: per-layer head counts are "
+                    "re-applied by mmopt.load")
+        if len(hidden) != 1 or len(widths) != 1:
+            return f"widths differ per layer (FFN {sorted(hidden)}, model {sorted(widths)}): not one open_clip config"
+        width, mlp = widths.pop(), hidden.pop()
+        if target == "width":
+            heads = blocks[0].attn.num_heads
+            if width % heads:
+                return f"width {width} is not a multiple of the {heads} heads"
+            cfg["width"] = width
+            if part == "visual":
+                cfg["head_width"] = width // heads
+        ratio = mlp / width
+        # open_clip builds int(width * mlp_ratio): nudge the ratio so float rounding cannot lose a unit.
+        cfg["mlp_ratio"] = ratio if int(width * ratio) == mlp else (mlp + 0.5) / width
+        return None
+
     def save(self, model: Model, out: Path) -> dict[str, str]:
         return save_parts(model, out)
 

@@ -66,6 +66,18 @@ class Adapter:
                 return [name]
         return []
 
+    def prune_layout(self, model: Model, part: str):
+        """Conv nets: channels of every conv (Torch-Pruning follows residual couplings); the classifier stays."""
+        from mmopt.adapters.base import PruneLayout
+
+        model.check_part(part)
+        heads = [n for n in HEADS if isinstance(getattr(model.module, n, None), __import__("torch").nn.Module)]
+        return PruneLayout(targets=("channels",), ignore=heads)
+
+    def write_pruned_config(self, model: Model, part: str, target: str) -> str | None:
+        return ("torchvision builders take no per-layer widths: the channel counts are recorded in the manifest "
+                "and re-applied by mmopt.load")
+
     def save(self, model: Model, out: Path) -> dict[str, str]:
         return save_parts(model, out)
 

@@ -1,0 +1,354 @@
+"""Structured pruning: remove conv channels, FFN units, attention heads or hidden width, so the model gets smaller.
+
+Channels, FFN units and width go through Torch-Pruning (its dependency graph follows residual couplings);
+attention heads are sliced here through the adapters, because Torch-Pruning keeps head counts and
+transformers 5 removed ``prune_heads``. Uniform results are written as a smaller stock config (the adapter's
+``write_pruned_config``); what a stock config cannot say (per-layer heads, torchvision channel counts) is
+recorded and re-applied by ``restore`` on the rebuilt model. Nothing is ever pickled.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import warnings
+from typing import Any, Literal
+
+from pydantic import Field
+
+from mmopt.errors import DataError, UnsupportedError
+from mmopt.passes.base import Change, Context, PassConfig, PassResult, Skip, target_parts
+
+EVAL_SEQ_LEN = 128
+# Module attributes that follow a module's tensor shapes; recorded for every module that pruning changed.
+SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
+               "normalized_shape", "embed_dim", "kdim", "vdim", "head_dim", "num_heads", "embedding_dim")
+
+
+class Recover(PassConfig):
+    steps: int = Field(300, gt=0, description="optimizer steps of distillation from the original")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
+    batch_size: int = Field(16, gt=0, description="calibration samples per step")
+    loss: Literal["cosine", "mse"] = Field("cosine", description="cosine or MSE between student and original")
+    match: Literal["auto", "output", "tokens"] = Field(
+        "auto", description="output: the part's output embedding | tokens: every token's last hidden state "
+                            "(text parts of Hugging Face encoders) | auto: tokens where supported, else output")
+
+
+class Config(PassConfig):
+    target: Literal["channels", "mlp", "heads", "width"] = Field(
+        description="channels (conv nets) | mlp (transformer FFN hidden units) | heads | width (hidden size)")
+    amount: float = Field(gt=0, lt=1, description="fraction removed, the same in every layer")
+    parts: list[str] | None = Field(None, description="parts to prune (default: all)")
+    importance: Literal["magnitude", "activation"] = Field(
+        "magnitude", description="magnitude: L2 of weights | activation: activation norms on calibration data")
+    exclude: list[str] = Field([], description="module-name globs left untouched")
+    recover: Recover | None = Field(None, description="distill the pruned part from the original afterwards")
+
+
+def apply(model, cfg: Config, ctx: Context) -> PassResult:
+    parts = target_parts(model, cfg.parts)
+    layouts = {part: _checked_layout(model, part, cfg, ctx) for part in parts}
+    teacher = ctx.teacher
+    if teacher is None and cfg.recover is not None:      # called outside the pipeline: the model as it is now
+        teacher = copy.deepcopy(model)
+    before = _shapes(model.module)
+    result = PassResult()
+    heads: dict[str, int] = {}
+    for part in parts:
+        kept: dict[str, list[int]] = {}
+        if cfg.target == "heads":
+            kept = _prune_heads(model, part, layouts[part], cfg, ctx)
+            heads.update({name: len(keep) for name, keep in kept.items()})
+        else:
+            _prune_with_torch_pruning(model, part, layouts[part], cfg, ctx)
+        reason = ctx.adapter.write_pruned_config(model, part, cfg.target)
+        layers = _changed_layers(before, _shapes(model.module), model, part)
+        if not layers:
+            result.skipped.append(Skip(part, f"nothing to prune: every {cfg.target} group is excluded or too small"))
+        for name, (b, a) in layers.items():
+            result.changed.append(Change(name, str(b), str(a)))
+        pruned = {"target": cfg.target, "amount": cfg.amount, "importance": cfg.importance,
+                  "layers": {name: [b, a] for name, (b, a) in layers.items()}, "stock_config": reason is None}
+        if kept:
+            pruned["kept_heads"] = kept
+        if reason is not None:
+            pruned["note"] = reason
+            result.skipped.append(Skip(part, f"not a stock config: {reason}"))
+        result.metrics[part] = {"pruned": pruned}
+        if cfg.recover is not None:
+            result.metrics[part].update(_recover(model, teacher, part, cfg.recover, ctx))
+    after = _shapes(model.module)
+    changed = {name: list(shape) for name, shape in after.items() if before.get(name) != shape}
+    result.record = {"heads": heads, "shapes": changed, "attrs": _attrs(model.module, changed)}
+    return result
+
+
+def restore(model, cfg: Config, record: dict, adapter) -> None:
+    """Re-apply head counts and tensor shapes on a freshly built model (its weights are loaded afterwards)."""
+    import torch
+
+    names = {name for name, _ in model.module.named_modules()}
+    for name, count in record.get("heads", {}).items():
+        if name in names:
+            adapter.slice_heads(model, name, list(range(count)))
+    for name, shape in record.get("shapes", {}).items():
+        owner, _, attr = name.rpartition(".")
+        if owner not in names:
+            continue            # a part that this load leaves out
+        module = model.module.get_submodule(owner)
+        old = getattr(module, attr)
+        if old is None or list(old.shape) == list(shape):
+            continue
+        new = torch.empty(shape, dtype=old.dtype, device=old.device)
+        if isinstance(old, torch.nn.Parameter):
+            setattr(module, attr, torch.nn.Parameter(new, requires_grad=old.requires_grad))
+        else:
+            module.register_buffer(attr, new)
+    for owner, attrs in record.get("attrs", {}).items():
+        if owner in names:
+            module = model.module.get_submodule(owner)
+            for key, value in attrs.items():
+                setattr(module, key, tuple(value) if isinstance(value, list) else value)
+
+
+# --- checks --------------------------------------------------------------------------------------------------
+
+def _checked_layout(model, part: str, cfg: Config, ctx: Context):
+    """The adapter's layout for ``part``, after refusing what cannot be done (before anything changes)."""
+    layout = ctx.adapter.prune_layout(model, part)
+    if cfg.target not in layout.targets:
+        has = ", ".join(layout.targets) or "nothing mmopt can prune"
+        raise UnsupportedError(f"prune: part {part!r} of this model has no {cfg.target} to prune; it supports: {has}")
+    if cfg.target == "heads":
+        for name, count in layout.attention.items():
+            if _excluded(name, cfg.exclude):
+                continue
+            removed = cfg.amount * count
+            if abs(removed - round(removed)) > 1e-6 or round(removed) >= count:
+                raise UnsupportedError(
+                    f"prune: amount {cfg.amount} of {count} heads in {name} is {removed:g} heads, not a whole number "
+                    "below the head count", hint=f"use a multiple of 1/{count}, e.g. {round(count / 4) / count:g}")
+    if cfg.recover is not None and cfg.recover.match == "tokens" and not _tokens_supported(ctx.adapter, model, part):
+        raise UnsupportedError(f"prune: recover.match tokens is not supported for part {part!r} of this model",
+                               hint="use match: output")
+    if cfg.recover is not None or cfg.importance == "activation":
+        why = "recover" if cfg.recover is not None else "importance: activation"
+        _require_data(model, ctx, part, why)
+    return layout
+
+
+def _tokens_supported(adapter, model, part: str) -> bool:
+    return hasattr(adapter, "can_run_hidden") and adapter.can_run_hidden(model, part)
+
+
+def _require_data(model, ctx: Context, part: str, why: str) -> None:
+    """Learning from synthetic inputs would fit noise: real calibration data (or the bundled texts) is required."""
+    from mmopt.calibration import describe_inputs
+
+    description, synthetic = describe_inputs(model, ctx.adapter, part, ctx.calibration)
+    if synthetic:
+        what = "texts: a file, one text per line" if part == "text" else "images: a folder of images"
+        raise DataError(f"prune: {why} on part {part!r} needs calibration data, got {description}",
+                        hint=f"add calibration: {{{what}}} to the recipe")
+
+
+def _excluded(name: str, globs: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(name, g.rstrip(".*")) for g in globs)
+
+
+# --- channels, FFN units, width: Torch-Pruning -----------------------------------------------------------------
+
+def _prune_with_torch_pruning(model, part: str, layout, cfg: Config, ctx: Context) -> None:
+    import torch
+    import torch_pruning as tp
+    from torch import nn
+
+    root = model.module
+    modules = dict(model.named_modules(part))
+    fc1 = {name for name, _ in layout.ffn}
+    ignored = [root.get_submodule(n) for n in layout.ignore if n in modules]
+    ignored += [m for n, m in modules.items() if _excluded(n, cfg.exclude)]
+    if cfg.target == "mlp":      # only the FFN hidden groups may change: every other layer's outputs stay
+        ignored += [m for n, m in modules.items() if n not in fc1 and isinstance(m, (nn.Linear, nn.MultiheadAttention))]
+    elif cfg.target == "width":  # the residual stream only: FFN hidden groups stay
+        ignored += [root.get_submodule(n) for n in fc1]
+    num_heads = {root.get_submodule(n): h for n, h in layout.attention.items()
+                 if isinstance(root.get_submodule(n), nn.MultiheadAttention)}
+    example = _example(model, part, ctx)
+
+    def forward(_module: Any, inputs: tuple) -> Any:
+        return ctx.adapter.run(model, part, inputs)
+
+    params = dict(root.named_parameters())
+    unwrapped = [(params[n], d) for n, d in layout.unwrapped.items()]
+    importance = tp.importance.ActivationImportance() if cfg.importance == "activation" \
+        else tp.importance.MagnitudeImportance(p=2)
+    with warnings.catch_warnings():     # Torch-Pruning warns about every bare parameter outside the part
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(root, example, importance=importance, pruning_ratio=cfg.amount,
+                                      ignored_layers=ignored, forward_fn=forward, num_heads=num_heads,
+                                      unwrapped_parameters=unwrapped,
+                                      round_to=layout.width_round if cfg.target == "width" else None)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if cfg.importance == "activation":
+            with importance.compute_importance(root):
+                forward(root, _one_batch(model, part, ctx))
+        pruner.step()
+
+
+def _example(model, part: str, ctx: Context) -> tuple:
+    from mmopt.adapters.base import Shapes
+
+    return ctx.adapter.example_inputs(model, part, Shapes(batch_size=2, seq_len=16, seed=ctx.seed))
+
+
+def _one_batch(model, part: str, ctx: Context) -> tuple:
+    """All calibration samples as one batch (Torch-Pruning's activation hooks keep the last forward only)."""
+    import dataclasses
+
+    from mmopt.calibration import Calibration, inputs_for
+
+    calib = ctx.calibration or Calibration()
+    calib = dataclasses.replace(calib, batch_size=calib.num_samples)
+    inputs = next(inputs_for(model, ctx.adapter, part, calib, EVAL_SEQ_LEN, ctx.seed))
+    return tuple(t.to(ctx.device) if hasattr(t, "to") else t for t in inputs)
+
+
+# --- heads: sliced here ------------------------------------------------------------------------------------------
+
+def _prune_heads(model, part: str, layout, cfg: Config, ctx: Context) -> dict[str, list[int]]:
+    """Keep the most important heads of every attention layer; return layer -> kept head indices."""
+    scores = _activation_head_scores(model, part, layout, ctx) if cfg.importance == "activation" else {}
+    kept = {}
+    for name, count in layout.attention.items():
+        if _excluded(name, cfg.exclude):
+            continue
+        score = scores.get(name)
+        if score is None:
+            score = _magnitude_head_scores(ctx.adapter.attention_weights(model, name))
+        keep_n = count - round(cfg.amount * count)
+        keep = sorted(score.topk(keep_n).indices.tolist())
+        ctx.adapter.slice_heads(model, name, keep)
+        kept[name] = keep
+    return kept
+
+
+def _magnitude_head_scores(w: dict) -> Any:
+    """Squared L2 norm of each head's q/k/v rows (and biases) and out-projection columns."""
+    import torch
+
+    heads, hd = w["heads"], w["head_dim"]
+    total = torch.zeros(heads)
+    for key in "qkv":
+        weight, bias = w[key]
+        total += weight.detach().float().reshape(heads, hd, -1).pow(2).sum(dim=(1, 2)).cpu()
+        if bias is not None:
+            total += bias.detach().float().reshape(heads, hd).pow(2).sum(dim=1).cpu()
+    total += w["o"].detach().float().reshape(w["o"].shape[0], heads, hd).pow(2).sum(dim=(0, 2)).cpu()
+    return total
+
+
+def _activation_head_scores(model, part: str, layout, ctx: Context) -> dict:
+    """Mean norm of each head's value path through the out-projection, on calibration inputs.
+
+    It leaves out the attention pattern (values are mixed across tokens by weights summing to one), which keeps
+    the estimate one matmul per head and family-agnostic.
+    """
+    import torch
+
+    captured: dict[str, list] = {}
+    hooks = []
+    for name in layout.attention:
+        def grab(_module, args, kwargs, name=name):
+            x = args[0] if args else kwargs.get("hidden_states", kwargs.get("query"))
+            captured.setdefault(name, []).append(x.detach().float().reshape(-1, x.shape[-1]))
+        hooks.append(model.module.get_submodule(name).register_forward_pre_hook(grab, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            ctx.adapter.run(model, part, _one_batch(model, part, ctx))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    scores = {}
+    with torch.no_grad():
+        for name, xs in captured.items():
+            w = ctx.adapter.attention_weights(model, name)
+            x = torch.cat(xs)
+            weight, bias = w["v"]
+            v = x @ weight.float().T + (bias.float() if bias is not None else 0)
+            heads, hd = w["heads"], w["head_dim"]
+            o = w["o"].float().reshape(-1, heads, hd)
+            scores[name] = torch.stack([(v[:, h * hd:(h + 1) * hd] @ o[:, h].T).norm(dim=-1).mean()
+                                        for h in range(heads)]).cpu()
+    return scores
+
+
+# --- recovery --------------------------------------------------------------------------------------------------
+
+def _recover(model, teacher, part: str, recover: Recover, ctx: Context) -> dict:
+    """Distil ``part`` from the teacher; return fidelity before recovery and the loss curve's ends."""
+    import dataclasses
+
+    from mmopt import measure
+    from mmopt.calibration import Calibration, inputs_for
+    from mmopt.distill import distill
+
+    calib = ctx.calibration or Calibration()
+    ref = measure.embeddings(teacher, ctx.adapter, part, inputs_for(teacher, ctx.adapter, part, calib, EVAL_SEQ_LEN,
+                                                                     ctx.seed))
+    new = measure.embeddings(model, ctx.adapter, part, inputs_for(model, ctx.adapter, part, calib, EVAL_SEQ_LEN,
+                                                                  ctx.seed))
+    before = measure.fidelity(ref, new)
+
+    def batches(batch_size: int):
+        return inputs_for(model, ctx.adapter, part, dataclasses.replace(calib, batch_size=batch_size),
+                          EVAL_SEQ_LEN, ctx.seed)
+
+    tokens = recover.match == "tokens" or (recover.match == "auto" and _tokens_supported(ctx.adapter, model, part))
+    history = distill(model, teacher, ctx.adapter, part, batches, steps=recover.steps, lr=recover.lr,
+                      batch_size=recover.batch_size, loss=recover.loss, seed=ctx.seed, progress=ctx.progress,
+                      device=ctx.device, tokens=tokens)
+    return {"fidelity_before_recovery": before,
+            "recovery": {"steps": recover.steps, "loss": recover.loss, "match": "tokens" if tokens else "output",
+                         "first_loss": history["first_loss"], "last_loss": history["last_loss"]}}
+
+
+# --- shapes ------------------------------------------------------------------------------------------------------
+
+def _shapes(module) -> dict[str, tuple]:
+    out = {}
+    for name, tensor in list(module.named_parameters(remove_duplicate=False)) + \
+            list(module.named_buffers(remove_duplicate=False)):
+        if tensor is not None:
+            out[name] = tuple(tensor.shape)
+    return out
+
+
+def _changed_layers(before: dict, after: dict, model, part: str) -> dict[str, tuple[int, int]]:
+    """Modules of ``part`` whose weight lost output rows: name -> (rows before, rows after)."""
+    out = {}
+    for name, shape in after.items():
+        owner, _, attr = name.rpartition(".")
+        if attr not in ("weight", "in_proj_weight") or not model.owns(part, name) or before.get(name) == shape:
+            continue
+        if before[name][0] != shape[0]:
+            out[owner] = (before[name][0], shape[0])
+    return out
+
+
+def _attrs(module, changed: dict) -> dict[str, dict]:
+    """Size attributes of every module owning a changed tensor (JSON-able), for ``restore``."""
+    out = {}
+    for owner in sorted({name.rpartition(".")[0] for name in changed}):
+        sub = module.get_submodule(owner)
+        attrs = {}
+        for key in SHAPE_ATTRS:
+            value = getattr(sub, key, None)
+            if isinstance(value, bool) or value is None:
+                continue
+            if isinstance(value, int) or (isinstance(value, tuple) and all(isinstance(v, int) for v in value)):
+                attrs[key] = list(value) if isinstance(value, tuple) else value
+        if attrs:
+            out[owner] = attrs
+    return out
