@@ -51,6 +51,14 @@ class Adapter(Protocol):
     def save(self, model: Model, out: Path) -> dict[str, str]:
         """Write weights (and assets) into ``out``; return part -> file name."""
 
+    def enable_grad_checkpointing(self, model: Model, part: str) -> str:
+        """Turn on the family's own gradient checkpointing for ``part``; return a few words saying how.
+        Raise UnsupportedError where the family has none."""
+
+    def at_image_size(self, model: Model, size: int) -> Model:
+        """A model that takes ``size``-pixel images: the same one when it accepts any size, else a random-weight
+        rebuild of the architecture at that size (for memory estimates only)."""
+
 
 # --- paths -----------------------------------------------------------------------------------------------
 
@@ -209,3 +217,44 @@ def unique_state_dict(module: Any) -> dict:
         seen[ident] = key
         out[key] = tensor.detach().to("cpu").contiguous()
     return out
+
+
+# --- training and what-if helpers shared by adapters -----------------------------------------------------
+
+def checkpoint_blocks(root: Any) -> int:
+    """Gradient checkpointing for models without their own switch (torchvision, open_clip's ResNets): every
+    item of the outermost ``nn.Sequential`` containers (ResNet stages' blocks, MobileNet's feature blocks)
+    recomputes its activations in backward (torch.utils.checkpoint, non-reentrant). The weights and state-dict
+    keys do not change: only the instances' ``forward`` is wrapped. Returns how many blocks were wrapped."""
+    import functools
+
+    import torch
+    import torch.nn as nn
+    from torch.utils.checkpoint import checkpoint
+
+    def wrap(block: Any) -> None:
+        inner = block.forward
+
+        @functools.wraps(inner)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if block.training and torch.is_grad_enabled():
+                return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+            return inner(*args, **kwargs)
+
+        block.forward = forward
+
+    count = 0
+
+    def visit(module: Any) -> None:
+        nonlocal count
+        for child in module.children():
+            if isinstance(child, nn.Sequential) and len(child) > 1:
+                for block in child:
+                    if next(block.parameters(), None) is not None:
+                        wrap(block)
+                        count += 1
+            else:
+                visit(child)
+
+    visit(root)
+    return count
