@@ -500,6 +500,20 @@ def _breakdown(snapshot: dict) -> dict:
     return out
 
 
+def _peak_tracker(base: type) -> type:
+    """MemTracker keeping only the global peak: its per-module peak snapshots (a deep copy for every module
+    on the stack, at every op) triple the cost and profile does not use them."""
+
+    class PeakOnly(base):
+        def _update_peak_stats(self, peak_state: Any) -> None:
+            for dev, dev_snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < dev_snap["Total"]:
+                    self._peak_mem[dev] = dev_snap["Total"]
+                    self._peak_mem_snap[dev] = dict(dev_snap)   # a flat dict of ints: a shallow copy is enough
+
+    return PeakOnly
+
+
 def trace_train(step: Callable[..., Any], module: Any, inputs: tuple, make_optimizer: Callable[[Any], Any],
                 steps: int = 2) -> TrainPeak:
     """Estimate the peak of training steps ``step(*inputs)`` (forward + backward, returns nothing) followed by
@@ -515,7 +529,7 @@ def trace_train(step: Callable[..., Any], module: Any, inputs: tuple, make_optim
         try:
             fake_inputs = tuple(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs)
             optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad])
-            tracker = MemTracker()
+            tracker = _peak_tracker(MemTracker)()
             tracker.track_external(module, optimizer, *[t for t in fake_inputs if isinstance(t, torch.Tensor)])
             with tracker:
                 for _ in range(steps):

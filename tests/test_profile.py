@@ -116,14 +116,12 @@ def test_training_estimate_is_consistent_on_bert(bert_folder):
     base = est.training(shapes)
     sgd = est.training(shapes, optimizer="sgd")
     bf16 = est.training(shapes, amp="bf16")
-    bigger = est.training(dataclasses.replace(shapes, batch_size=16))
     ckpt = est.training(shapes, grad_ckpt=True)
     weights = memory.part_weight_bytes(model, "text")
     assert base["breakdown"]["weights"] == weights
     assert base["peak_total_bytes"] > weights + train_memory.optimizer_state_bytes(model.module, "adamw")
     assert sgd["peak_total_bytes"] < base["peak_total_bytes"]
     assert bf16["amp"] == "bf16" and bf16["peak_total_bytes"] != base["peak_total_bytes"]
-    assert bigger["peak_total_bytes"] > base["peak_total_bytes"]
     assert ckpt["grad_ckpt"] and ckpt["breakdown"]["activations"] < base["breakdown"]["activations"]
     assert ckpt["peak_total_bytes"] < base["peak_total_bytes"]
     assert not model.module.training and all(p.grad is None for p in model.module.parameters())
@@ -216,7 +214,7 @@ def test_what_if_table(bert_folder):
 
 
 def test_what_if_in_training(bert_folder):
-    out = api.profile(str(bert_folder), batch_size=4, seq_len=32, train=True, what_if=True)
+    out = api.profile(str(bert_folder), batch_size=4, seq_len=8, train=True, what_if=True)
     names = [r["technique"] for r in out["parts"]["text"]["what_if"]]
     for wanted in ("AMP bf16", "AMP fp16", "SGD instead of AdamW", "gradient checkpointing", "batch 2"):
         assert wanted in names
@@ -299,6 +297,24 @@ def test_cli_budget_json(bert_folder, capsys):
 
 
 def test_cli_table_output(bert_folder, capsys):
-    code, out, _ = run_cli(["profile", str(bert_folder), "--seq-len", "16", "--train", "--what-if"], capsys)
+    code, out, _ = run_cli(["profile", str(bert_folder), "--seq-len", "16", "--train", "--offload", "cpu"], capsys)
+    assert code == 2   # offload is modelled for inference only
+    code, out, _ = run_cli(["profile", str(bert_folder), "--seq-len", "16", "--train"], capsys)
     assert code == 0
-    assert "training step peak" in out and "what if (text)" in out and "encoder" in out
+    assert "training step peak" in out and "encoder" in out and "optimizer states" in out
+
+
+def test_validate_estimator_estimate_only_quick(capsys, monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "validate_estimator.py"
+    spec = importlib.util.spec_from_file_location("validate_estimator", path)
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "validate_estimator", script)   # dataclasses look their module up
+    spec.loader.exec_module(script)
+    assert script.main(["--estimate-only", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "3 cases estimated, 0 could not be built here" in out
+    assert "resnet18/visual train b1" in out and "MiB" in out
