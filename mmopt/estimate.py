@@ -39,13 +39,14 @@ class Estimator:
     def inference(self, shapes: Shapes, amp: str | None = None, tree: bool = False,
                   offload: bool = False) -> dict:
         """Peak activation of one forward (fake-tensor trace), with the module tree / offload when asked."""
-        inputs = self.adapter.example_inputs(self.model, self.part, shapes)
+        # Real inputs of one row, grown to the batch on fake tensors (nothing real at large batches).
+        inputs = self.adapter.example_inputs(self.model, self.part, dataclasses.replace(shapes, batch_size=1))
         modules = dict(tree_modules(self.model, self.part)) if tree else None
         blocks = part_blocks(self.model, self.part) if offload else None
         scope = [t for _, t in self.model.named_tensors(self.part)]
         trace = memory.trace_forward(self.forward_fn(amp), inputs, self.model.module, modules=modules, blocks=blocks,
-                                     scope=scope)
-        input_bytes = sum(memory.tensor_bytes(t) for t in inputs if hasattr(t, "numel"))
+                                     scope=scope, batch=shapes.batch_size)
+        input_bytes = shapes.batch_size * sum(memory.tensor_bytes(t) for t in inputs if hasattr(t, "numel"))
         return {"trace": trace, "input_bytes": input_bytes, "peak_activation_bytes": trace.peak_bytes,
                 "peak_total_bytes": self.weights_bytes + input_bytes + trace.peak_bytes}
 
@@ -233,10 +234,15 @@ def _top_modules(model: Any, part: str) -> list[tuple[str, Any]]:
 
 def tree_modules(model: Any, part: str) -> list[tuple[str, Any]]:
     """Modules of the tree: the first level and their children."""
+    import torch.nn as nn
+
     out = []
     for name, mod in _top_modules(model, part):
         out.append((name, mod))
-        out += [(f"{name}.{n}", m) for n, m in mod.named_children()]
+        for n, child in mod.named_children():
+            out.append((f"{name}.{n}", child))
+            if isinstance(child, nn.ModuleList):   # never called itself: its items are
+                out += [(f"{name}.{n}.{i}", item) for i, item in child.named_children()]
     return out
 
 
@@ -247,6 +253,8 @@ def module_tree(model: Any, part: str, trace: Any) -> list[dict]:
 
     def node(name: str, mod: Any, children: bool) -> dict:
         act = trace.module_peaks.get(name, 0)
+        if type(mod).__name__ == "ModuleList":   # the peak of its largest item
+            act = max((trace.module_peaks.get(f"{name}.{i}", 0) for i, _ in mod.named_children()), default=0)
         row = {"module": name, "params": sum(memory.logical_numel(p) for p in mod.parameters()),
                "weights_bytes": memory.module_weight_bytes(mod), "activation_bytes": act,
                "activation_share": round(act / peak, 4)}
@@ -259,8 +267,8 @@ def module_tree(model: Any, part: str, trace: Any) -> list[dict]:
     covered = {id(t) for _, mod in _top_modules(model, part) for t in memory.unique_tensors(mod)}
     loose = [(n, t) for n, t in model.named_tensors(part) if id(t) not in covered]
     if loose:
-        rows.append({"module": "(tensors outside submodules: " + ", ".join(n for n, _ in loose[:4])
-                     + (", ..." if len(loose) > 4 else "") + ")",
+        rows.append({"module": "(tensors: " + ", ".join(n.rsplit(".", 1)[-1] for n, _ in loose[:4])
+                     + (", ..." if len(loose) > 4 else "") + ")", "tensors": [n for n, _ in loose],
                      "params": sum(memory.logical_numel(t) for _, t in loose if t.is_floating_point()),
                      "weights_bytes": memory.unique_bytes(t for _, t in loose), "activation_bytes": 0,
                      "activation_share": 0.0, "children": []})

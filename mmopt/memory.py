@@ -404,8 +404,25 @@ def fake_weights(module: Any, mode: Any, requires_grad: bool = False):
     return restore
 
 
+def _fake_inputs(mode: Any, inputs: tuple, batch: int | None) -> tuple:
+    """Fake copies of ``inputs``; with ``batch``, inputs given at batch 1 are grown to ``batch`` rows on fake
+    tensors, so a budget search at batch 4096 allocates nothing real."""
+    import torch
+
+    out = []
+    for t in inputs:
+        if not isinstance(t, torch.Tensor):
+            out.append(t)
+            continue
+        fake = mode.from_tensor(t)
+        if batch is not None and batch != t.shape[0]:
+            fake = fake[:1].expand(batch, *fake.shape[1:]).contiguous()
+        out.append(fake)
+    return tuple(out)
+
+
 def trace_forward(fn: Callable[..., Any], inputs: tuple, module: Any, modules: dict | None = None,
-                  blocks: list[str] | None = None, scope: list | None = None) -> Trace:
+                  blocks: list[str] | None = None, scope: list | None = None, batch: int | None = None) -> Trace:
     """Trace ``fn(*inputs)`` on fake tensors without grad, attributing peaks to ``modules`` (name -> module)
     and, when ``blocks`` (names under ``module``) are given, the GPU peak if only the running block's weights
     were on the GPU; the weights of ``scope`` (default: all of ``module``) in no block stay resident."""
@@ -453,7 +470,7 @@ def trace_forward(fn: Callable[..., Any], inputs: tuple, module: Any, modules: d
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             restore = fake_weights(module, mode)
             try:
-                fake_inputs = tuple(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs)
+                fake_inputs = _fake_inputs(mode, inputs, batch)
                 tracker.ignore(unique_tensors(module) + _leaves(fake_inputs))
                 with torch.no_grad(), tracker:
                     out = fn(*fake_inputs)
@@ -515,7 +532,7 @@ def _peak_tracker(base: type) -> type:
 
 
 def trace_train(step: Callable[..., Any], module: Any, inputs: tuple, make_optimizer: Callable[[Any], Any],
-                steps: int = 2) -> TrainPeak:
+                steps: int = 2, batch: int | None = None) -> TrainPeak:
     """Estimate the peak of training steps ``step(*inputs)`` (forward + backward, returns nothing) followed by
     ``optimizer.step()`` and ``zero_grad()``, on fake tensors, with torch's MemTracker (which tells weights,
     gradients, optimizer state, activations and temporaries apart). Bytes are as the tensors hold them;
@@ -527,7 +544,7 @@ def trace_train(step: Callable[..., Any], module: Any, inputs: tuple, make_optim
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         restore = fake_weights(module, mode, requires_grad=True)
         try:
-            fake_inputs = tuple(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs)
+            fake_inputs = _fake_inputs(mode, inputs, batch)
             optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad])
             tracker = _peak_tracker(MemTracker)()
             tracker.track_external(module, optimizer, *[t for t in fake_inputs if isinstance(t, torch.Tensor)])

@@ -187,7 +187,8 @@ def show_profile(result: dict, console: Any) -> None:
 def _tree_rows(table: Any, rows: list[dict], depth: int, limit: int = 10) -> None:
     for row in rows[:limit]:
         share = row.get("activation_share")
-        table.add_row("  " * depth + row["module"].split(".")[-1] if depth > 1 else "  " + row["module"],
+        label = row["module"] if depth == 1 or row["module"].startswith("(") else row["module"].split(".")[-1]
+        table.add_row("  " * depth + label,
                       _cell(row["params"], "params"), format_bytes(row["weights_bytes"]),
                       format_bytes(row["activation_bytes"]) if row.get("activation_bytes") is not None else "",
                       f"{share:.0%}" if share else "")

@@ -8,6 +8,7 @@ bytes come from ``memory.trace_train`` (fake tensors, torch's MemTracker) or, wi
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,12 +89,15 @@ def estimate(model: Any, adapter: Any, part: str, shapes: Shapes, opts: TrainOpt
         p.requires_grad_(id(p) in owned and p.is_floating_point())
     root.train()
     try:
-        inputs = adapter.example_inputs(model, part, shapes)
         step = training_step(model, adapter, part, opts.amp)
         if measure:
+            inputs = adapter.example_inputs(model, part, shapes)
             peak = memory.cuda_train_peak(step, root, inputs, make_optimizer(opts.optimizer))
-        else:
-            peak = memory.trace_train(step, root, inputs, make_optimizer(opts.optimizer))
+        else:  # one real row, grown to the batch on fake tensors
+            inputs = adapter.example_inputs(model, part, dataclasses.replace(shapes, batch_size=1))
+            peak = memory.trace_train(step, root, inputs, make_optimizer(opts.optimizer), batch=shapes.batch_size)
+        input_bytes = shapes.batch_size * sum(memory.tensor_bytes(t) for t in inputs if hasattr(t, "numel")) \
+            // max(1, inputs[0].shape[0])
     finally:
         root.train(was_training)
         for p in root.parameters():
@@ -106,4 +110,4 @@ def estimate(model: Any, adapter: Any, part: str, shapes: Shapes, opts: TrainOpt
         peak.breakdown["weights"] -= others
     return {"peak_total_bytes": total, "breakdown": peak.breakdown, "method": peak.method,
             "how": peak.how, "optimizer": opts.optimizer, "amp": opts.amp, "grad_ckpt": how_ckpt,
-            "input_bytes": sum(memory.tensor_bytes(t) for t in inputs if hasattr(t, "numel"))}
+            "input_bytes": input_bytes}
