@@ -74,7 +74,7 @@ def matrix() -> list[Case]:
     for key, (_, parts, any_size) in MODELS.items():
         for part in parts:
             if part == "text" and not key.startswith(("bert", "distil", "hf-")):
-                shapes = [{}]                   # open_clip text: the context length is the shape
+                shapes = [{"seq_len": 77}]      # open_clip text: its context length (77) is the shape
             elif part == "text":
                 shapes = [{"seq_len": 128}, {"seq_len": 512}]
             elif any_size:
