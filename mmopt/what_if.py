@@ -30,6 +30,10 @@ def _half_copy(est: Any, dtype: str) -> Any:
     from mmopt.passes.base import Context
 
     model = copy.deepcopy(est.model)
+    # A deep copy shares function objects: a forward wrapped for checkpointing (adapters.base.checkpoint_blocks)
+    # would still run the original block. Drop such wrappers; the copy's training estimate re-wraps its own.
+    for module in model.module.modules():
+        module.__dict__.pop("forward", None)
     cast.apply(model, cast.Config(dtype=dtype, parts=[est.part]), Context(adapter=est.adapter))
     return Estimator(model, est.adapter, est.part, est.req)
 
@@ -81,8 +85,9 @@ def table(est: Any, shapes: Shapes, described: dict) -> list[dict]:
             rows.append(_row(f"resolution {size}px", "resolution pass", None, base, f"not estimated: {exc}"))
     if shapes.batch_size > 1:
         smaller = shapes.batch_size // 2
+        total, note = _attempt(lambda: _cost(est, dataclasses.replace(shapes, batch_size=smaller)))
         rows.append(_row(f"batch {smaller}", f"--batch {smaller} (runtime.auto_batch_size backs off on OOM)",
-                         _cost(est, dataclasses.replace(shapes, batch_size=smaller)), base))
+                         total, base, note))
     if train:
         if req.amp is None:
             for amp in ("bf16", "fp16"):
@@ -121,6 +126,14 @@ def table(est: Any, shapes: Shapes, described: dict) -> list[dict]:
 
 def _cost(est: Any, shapes: Shapes) -> int:
     return est.total(shapes)
+
+
+def _attempt(fn: Any) -> tuple[int | None, str]:
+    """(value, "") or (None, why): a row the model cannot run at (batch norm at batch 1) says so."""
+    try:
+        return fn(), ""
+    except (RuntimeError, ValueError) as exc:
+        return None, f"not estimated: {str(exc).splitlines()[0][:80]}"
 
 
 def _safe(fn: Any) -> int | None:

@@ -318,3 +318,17 @@ def test_validate_estimator_estimate_only_quick(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "3 cases estimated, 0 could not be built here" in out
     assert "resnet18/visual train b1" in out and "MiB" in out
+
+
+def test_what_if_after_checkpointing_a_torchvision_model():
+    model = tiny_resnet()
+    est = estimator(model, train=True, grad_ckpt=True, what_if=True)
+    out = est.describe(Shapes(batch_size=2, image_size=64), None)
+    rows = {r["technique"]: r for r in out["what_if"]}
+    assert out["train"]["grad_ckpt"].startswith("torch.utils.checkpoint over 4 blocks")
+    assert rows["bfloat16 weights"]["peak_total_bytes"] < rows["as profiled"]["peak_total_bytes"]
+    assert "gradient checkpointing" not in rows     # already on
+
+
+def test_cuda_rounding():
+    assert memory.cuda_rounded(1) == 512 and memory.cuda_rounded(512) == 512 and memory.cuda_rounded(513) == 1024

@@ -223,7 +223,7 @@ def unique_state_dict(module: Any) -> dict:
 
 def checkpoint_blocks(root: Any) -> int:
     """Gradient checkpointing for models without their own switch (torchvision, open_clip's ResNets): every
-    item of the outermost ``nn.Sequential`` containers (ResNet stages' blocks, MobileNet's feature blocks)
+    item of the outermost ``nn.Sequential`` containers of blocks (ResNet stages, MobileNet's features)
     recomputes its activations in backward (torch.utils.checkpoint, non-reentrant). The weights and state-dict
     keys do not change: only the instances' ``forward`` is wrapped. Returns how many blocks were wrapped."""
     import functools
@@ -248,7 +248,8 @@ def checkpoint_blocks(root: Any) -> int:
     def visit(module: Any) -> None:
         nonlocal count
         for child in module.children():
-            if isinstance(child, nn.Sequential) and len(child) > 1:
+            # a Sequential of blocks (items with submodules), not of plain layers like a downsample pair
+            if isinstance(child, nn.Sequential) and any(next(item.children(), None) is not None for item in child):
                 for block in child:
                     if next(block.parameters(), None) is not None:
                         wrap(block)
