@@ -226,9 +226,10 @@ def _profile_extras(part: str, data: dict, console: Any) -> None:
                       f"{fr['windows']} windows of {fr['window']}: {format_bytes(fr['windowed_bytes'])}")
     bud = data.get("budget")
     if bud:
+        mib = lambda n: "-" if n is None else f"{n / 2**20:,.1f} MiB"  # noqa: E731 - close to the budget: MiB
         console.print(f"[bold]{part}[/] budget {format_bytes(bud['budget_bytes'])}: largest batch "
-                      f"{bud['batch_size']} ({format_bytes(bud['peak_total_bytes'])}; batch {bud['batch_size'] + 1} "
-                      f"needs {format_bytes(bud['next_batch_bytes'])})")
+                      f"{bud['batch_size']} ({mib(bud['peak_total_bytes'])}; batch {bud['batch_size'] + 1} "
+                      f"needs {mib(bud['next_batch_bytes'])})")
     rows = data.get("what_if")
     if rows:
         table = Table(title=f"what if ({part})", title_justify="left")
