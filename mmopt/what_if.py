@@ -72,7 +72,8 @@ def table(est: Any, shapes: Shapes, described: dict) -> list[dict]:
     else:
         rows.append(_row("int8 / nf4 weights", "quantize pass", None, base,
                          "weights only; training through quantized weights (adapters) is not modelled"))
-    if est.part in IMAGE_PARTS:
+    side = shapes.image_size or est.model.preprocess.get("image_size") or 224
+    if est.part in IMAGE_PARTS and _lower_size(est, shapes) < side:
         size = _lower_size(est, shapes)
         try:
             small = est.adapter.at_image_size(est.model, size)
