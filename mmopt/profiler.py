@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmopt import memory, measure, registry
+from mmopt import registry
 from mmopt.adapters.base import IMAGE_PARTS, Shapes
 from mmopt.errors import UnsupportedError, UserError
 
