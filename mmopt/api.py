@@ -38,7 +38,8 @@ def check(recipe: str | Path) -> dict:
 def profile(model: str, **options: Any) -> dict:
     """Memory of ``model`` (``open_clip:ARCH``, ``hf:PATH``, ``torchvision:NAME`` or a folder) at given shapes.
 
-    Options: weights, part, batch_size, image_size, seq_len, dtype.
+    Options: weights, part, batch_size, image_size, seq_len, dtype; train, optimizer (adamw | sgd), amp
+    (bf16 | fp16), grad_ckpt; budget ("8GiB"), offload ("cpu"), frames + window, what_if, measure (CUDA).
     """
     from mmopt.profiler import ProfileRequest, profile as run_profile
 

@@ -69,17 +69,26 @@ def profile(
     image_size: Optional[int] = typer.Option(None, "--image-size", min=1, help="Image side (default: the model's)."),
     seq_len: int = typer.Option(128, "--seq-len", min=1, help="Token sequence length."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 | bfloat16."),
+    train: bool = typer.Option(False, "--train", help="Estimate a training step (2 optimizer steps) instead."),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | sgd (with --train)."),
+    amp: Optional[str] = typer.Option(None, "--amp", help="bf16 | fp16: autocast the forward."),
+    grad_ckpt: bool = typer.Option(False, "--grad-ckpt", help="The model's own gradient checkpointing (--train)."),
+    budget: Optional[str] = typer.Option(None, "--budget", help="A memory budget (8GiB): find the largest batch."),
+    offload: Optional[str] = typer.Option(None, "--offload", help="cpu: weights in CPU memory, moved per block."),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Video frames through the image part ..."),
+    window: Optional[int] = typer.Option(None, "--window", help="... encoded this many at a time."),
+    what_if: bool = typer.Option(False, "--what-if", help="Table of techniques and the memory each reaches."),
+    measure: bool = typer.Option(False, "--measure", help="Also measure on CUDA, beside the estimate."),
     json_: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
-    """Show where MODEL's memory goes: per part and module, and the inference peak at these shapes."""
+    """Show where MODEL's memory goes: per part and module, and the inference (or training) peak."""
     from mmopt import api, report
-    from mmopt.errors import UserError
 
-    if dtype not in ("float32", "float16", "bfloat16"):
-        raise UserError(f"--dtype: expected float32, float16 or bfloat16, got {dtype!r}")
     out, _ = _consoles()
     result = api.profile(model, weights=weights, part=part, batch_size=batch, image_size=image_size,
-                         seq_len=seq_len, dtype=dtype)
+                         seq_len=seq_len, dtype=dtype, train=train, optimizer=optimizer, amp=amp,
+                         grad_ckpt=grad_ckpt, budget=budget, offload=offload, frames=frames, window=window,
+                         what_if=what_if, measure=measure)
     if json_:
         _print_json(result)
     else:

@@ -129,6 +129,20 @@ def _make_tracker():
             self.known: set = set()
             self.current = 0
             self.peak = 0
+            self.sections: dict[int, list[int]] = {}   # open section -> [current at entry, max since]
+            self.on_alloc: Callable[[], None] | None = None
+
+        def open(self) -> int:
+            token = len(self.sections) + 1
+            while token in self.sections:
+                token += 1
+            self.sections[token] = [self.current, self.current]
+            return token
+
+        def close(self, token: int) -> int:
+            """Peak live bytes above the entry level while the section was open."""
+            start, high = self.sections.pop(token)
+            return high - start
 
         def ignore(self, tensors) -> None:
             """Storages that existed before the forward (weights, inputs): never counted."""
@@ -153,6 +167,10 @@ def _make_tracker():
                 self.known.add(key)
                 self.current += nbytes
                 self.peak = max(self.peak, self.current)
+                for section in self.sections.values():
+                    section[1] = max(section[1], self.current)
+                if self.on_alloc is not None:
+                    self.on_alloc()
                 weakref.finalize(storage, self._free, key, nbytes)
             return out
 
@@ -243,3 +261,336 @@ def latency_ms(fn: Callable[..., Any], inputs: tuple, repeats: int = 3, slow_ms:
             return first
         times = sorted(timed() for _ in range(repeats))
     return times[len(times) // 2]
+
+
+# --- weight bytes under other storage formats (what-if) --------------------------------------------------
+
+# Bytes per element of each storage format, and the per-block statistics its kernels keep. bitsandbytes int8
+# (LLM.int8) keeps one float32 scale per output row; nf4 keeps one absmax per 64 weights, itself quantized to
+# 8 bits with one float32 per 256 absmax values ("double quantization", bitsandbytes' default).
+QUANT_FORMATS = {
+    "int8": {"element_bytes": 1.0, "row_scale_bytes": 4, "block": None},
+    "nf4": {"element_bytes": 0.5, "row_scale_bytes": 0, "block": 64, "absmax_bytes": 1, "absmax_group": 256},
+}
+
+
+def dtype_bytes(dtype: Any) -> int:
+    """Bytes per element of a torch dtype or its name ("float16")."""
+    import torch
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return dtype.itemsize
+
+
+def cast_weight_bytes(tensors: Any, dtype: Any) -> int:
+    """Bytes of ``tensors`` if every floating one were stored as ``dtype`` (others unchanged)."""
+    size = dtype_bytes(dtype)
+    total = 0
+    for t in tensors:
+        total += t.numel() * size if t.is_floating_point() else tensor_bytes(t)
+    return total
+
+
+def quantized_tensor_bytes(weight: Any, method: str) -> int:
+    """Bytes a Linear ``weight`` (out, in) occupies in bitsandbytes format ``method`` (int8 | nf4)."""
+    fmt = QUANT_FORMATS[method]
+    numel = weight.numel()
+    if fmt["block"] is None:
+        return int(math.ceil(numel * fmt["element_bytes"])) + weight.shape[0] * fmt["row_scale_bytes"]
+    blocks = math.ceil(numel / fmt["block"])
+    return (int(math.ceil(numel * fmt["element_bytes"])) + blocks * fmt["absmax_bytes"]
+            + math.ceil(blocks / fmt["absmax_group"]) * 4)
+
+
+def quantized_weight_bytes(module: Any, method: str, keep_dtype: Any = None) -> int:
+    """Weight bytes of ``module`` if every ``nn.Linear`` weight were quantized to ``method``.
+
+    Everything else (biases, norms, embeddings, convolutions, fused attention projections) stays as it is, or
+    in ``keep_dtype`` (bitsandbytes computes in half precision, so the rest is usually cast too)."""
+    import torch.nn as nn
+
+    quantized = {id(m.weight): m.weight for m in module.modules() if isinstance(m, nn.Linear)}
+    total = sum(quantized_tensor_bytes(w, method) for w in quantized.values())
+    rest = [t for t in unique_tensors(module) if id(t) not in quantized]
+    total += cast_weight_bytes(rest, keep_dtype) if keep_dtype is not None else sum(tensor_bytes(t) for t in rest)
+    return total
+
+
+def part_quantized_bytes(model: Any, part: str, method: str, keep_dtype: Any = None) -> int:
+    """``quantized_weight_bytes`` for one part of a Model (its Linear layers quantized, the rest kept)."""
+    import torch.nn as nn
+
+    quantized = {id(m.weight): m.weight for _, m in model.named_modules(part) if isinstance(m, nn.Linear)}
+    total = sum(quantized_tensor_bytes(w, method) for w in quantized.values())
+    rest = [t for _, t in model.named_tensors(part) if id(t) not in quantized]
+    total += cast_weight_bytes(rest, keep_dtype) if keep_dtype is not None else sum(tensor_bytes(t) for t in rest)
+    return total
+
+
+def unique_tensors(module: Any) -> list:
+    seen: set[int] = set()
+    out = []
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def module_weight_bytes(module: Any, recurse: bool = True) -> int:
+    """Bytes of a module's parameters and buffers (its own only when ``recurse`` is False)."""
+    tensors = list(module.parameters(recurse=recurse)) + list(module.buffers(recurse=recurse))
+    return unique_bytes(tensors)
+
+
+# --- fake-tensor traces with module attribution, offload and training ------------------------------------
+
+CUDA_BLOCK = 512   # the CUDA caching allocator rounds every allocation up to a multiple of 512 bytes
+
+
+def cuda_rounded(nbytes: int) -> int:
+    """``nbytes`` as the CUDA caching allocator counts it (rounded up to 512-byte blocks)."""
+    return -(-nbytes // CUDA_BLOCK) * CUDA_BLOCK
+
+
+@dataclass
+class Trace:
+    """One traced inference forward: its peak, each module's own peak, and the peak with block offload."""
+
+    peak_bytes: int
+    module_peaks: dict            # module name -> peak live bytes above those at its entry
+    offload_peak_bytes: int | None = None    # activations + weights of the blocks running, at the worst moment
+    offload_block: str | None = None         # the largest offloaded block
+    offload_block_bytes: int = 0
+    resident_bytes: int = 0                  # weights that no block holds: they stay on the GPU
+
+
+def _holds_blocks(module: Any) -> bool:
+    """A ModuleList / Sequential of blocks (items with submodules), not of plain layers (a downsample pair)."""
+    import torch.nn as nn
+
+    return isinstance(module, (nn.ModuleList, nn.Sequential)) and any(
+        next(item.children(), None) is not None for item in module)
+
+
+def offload_blocks(module: Any, prefix: str = "") -> list[str]:
+    """The blocks weights move in when offloaded, names prefixed by ``prefix``: each item of a list of blocks
+    (transformer layers, ResNet stages' blocks, MobileNet's feature blocks) and each other submodule with
+    weights; modules holding such lists are opened. Weights of an opened module itself (a class token, a
+    projection matrix) stay resident. ``mmopt.runtime.load_offloaded`` gives accelerate these same blocks."""
+    blocks = []
+    for name, child in module.named_children():
+        if next(child.parameters(), None) is None:
+            continue
+        full = prefix + name
+        if _holds_blocks(child):
+            blocks += [f"{full}.{i}" for i, item in child.named_children()
+                       if next(item.parameters(), None) is not None]
+        elif any(_holds_blocks(m) for m in child.modules()):
+            blocks += offload_blocks(child, full + ".")
+        else:
+            blocks.append(full)
+    return blocks
+
+
+def fake_weights(module: Any, mode: Any, requires_grad: bool = False):
+    """Swap ``module``'s parameters and buffers for fake tensors (tied ones stay tied); return an undo."""
+    import torch.nn as nn
+
+    memo: dict[int, Any] = {}
+    undo = []
+    for sub in module.modules():
+        for store, is_param in ((sub._parameters, True), (sub._buffers, False)):
+            for key, value in list(store.items()):
+                if value is None:
+                    continue
+                if id(value) not in memo:
+                    fake = mode.from_tensor(value.detach())
+                    if is_param:
+                        fake = nn.Parameter(fake, requires_grad=requires_grad and value.requires_grad
+                                            and value.is_floating_point())
+                    memo[id(value)] = fake
+                undo.append((store, key, value))
+                store[key] = memo[id(value)]
+
+    def restore() -> None:
+        for store, key, value in undo:
+            store[key] = value
+
+    return restore
+
+
+def _fake_inputs(mode: Any, inputs: tuple, batch: int | None) -> tuple:
+    """Fake copies of ``inputs``; with ``batch``, inputs given at batch 1 are grown to ``batch`` rows on fake
+    tensors, so a budget search at batch 4096 allocates nothing real."""
+    import torch
+
+    out = []
+    for t in inputs:
+        if not isinstance(t, torch.Tensor):
+            out.append(t)
+            continue
+        fake = mode.from_tensor(t)
+        if batch is not None and batch != t.shape[0]:
+            fake = fake[:1].expand(batch, *fake.shape[1:]).contiguous()
+        out.append(fake)
+    return tuple(out)
+
+
+def trace_forward(fn: Callable[..., Any], inputs: tuple, module: Any, modules: dict | None = None,
+                  blocks: list[str] | None = None, scope: list | None = None, batch: int | None = None) -> Trace:
+    """Trace ``fn(*inputs)`` on fake tensors without grad, attributing peaks to ``modules`` (name -> module)
+    and, when ``blocks`` (names under ``module``) are given, the GPU peak if only the running block's weights
+    were on the GPU; the weights of ``scope`` (default: all of ``module``) in no block stay resident."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    tracker = _make_tracker()
+    modules = modules or {}
+    starts: dict[str, list[int]] = {}
+    module_peaks = {name: 0 for name in modules}
+    block_bytes = {name: module_weight_bytes(module.get_submodule(name)) for name in (blocks or [])}
+    state = {"on_gpu": 0, "offload_peak": 0}
+    handles = []
+
+    def enter(name):
+        def hook(mod, args):
+            starts.setdefault(name, []).append(tracker.open())
+        return hook
+
+    def leave(name):
+        def hook(mod, args, out):
+            module_peaks[name] = max(module_peaks[name], tracker.close(starts[name].pop()))
+        return hook
+
+    def block_in(name):
+        def hook(mod, args):
+            state["on_gpu"] += block_bytes[name]
+            state["offload_peak"] = max(state["offload_peak"], tracker.current + state["on_gpu"])
+        return hook
+
+    def block_out(name):
+        def hook(mod, args, out):
+            state["offload_peak"] = max(state["offload_peak"], tracker.current + state["on_gpu"])
+            state["on_gpu"] -= block_bytes[name]
+        return hook
+
+    for name, mod in modules.items():
+        handles += [mod.register_forward_pre_hook(enter(name)), mod.register_forward_hook(leave(name))]
+    for name in block_bytes:
+        mod = module.get_submodule(name)
+        handles += [mod.register_forward_pre_hook(block_in(name)), mod.register_forward_hook(block_out(name))]
+    tracker.on_alloc = lambda: state.__setitem__(
+        "offload_peak", max(state["offload_peak"], tracker.current + state["on_gpu"]))
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            restore = fake_weights(module, mode)
+            try:
+                fake_inputs = _fake_inputs(mode, inputs, batch)
+                tracker.ignore(unique_tensors(module) + _leaves(fake_inputs))
+                with torch.no_grad(), tracker:
+                    out = fn(*fake_inputs)
+                del out
+            finally:
+                restore()
+    finally:
+        for h in handles:
+            h.remove()
+    trace = Trace(peak_bytes=tracker.peak, module_peaks=module_peaks)
+    if blocks is not None:
+        in_blocks = {id(t) for name in block_bytes for t in unique_tensors(module.get_submodule(name))}
+        resident = unique_bytes(t for t in (scope if scope is not None else unique_tensors(module))
+                                if id(t) not in in_blocks)
+        largest = max(block_bytes, key=block_bytes.get) if block_bytes else None
+        trace.offload_peak_bytes = state["offload_peak"] + resident
+        trace.offload_block = largest
+        trace.offload_block_bytes = block_bytes.get(largest, 0) if largest else 0
+        trace.resident_bytes = resident
+    return trace
+
+
+@dataclass
+class TrainPeak:
+    """The high-water mark of one training step (the second of two, so optimizer state exists) by kind."""
+
+    peak_total_bytes: int
+    breakdown: dict      # weights, gradients, optimizer_states, activations, temporaries, inputs (at the peak)
+    method: str
+    how: str
+
+
+_KINDS = {"Parameter": "weights", "Buffer": "weights", "Gradient": "gradients", "Optstate": "optimizer_states",
+          "Activation": "activations", "Temp": "temporaries", "Other": "inputs"}
+
+
+def _breakdown(snapshot: dict) -> dict:
+    out = {kind: 0 for kind in dict.fromkeys(_KINDS.values())}
+    for device_snap in snapshot.values():
+        for key, value in device_snap.items():
+            name = getattr(key, "value", key)
+            if name in _KINDS:
+                out[_KINDS[name]] += int(value)
+    return out
+
+
+def _peak_tracker(base: type) -> type:
+    """MemTracker keeping only the global peak: its per-module peak snapshots (a deep copy for every module
+    on the stack, at every op) triple the cost and profile does not use them."""
+
+    class PeakOnly(base):
+        def _update_peak_stats(self, peak_state: Any) -> None:
+            for dev, dev_snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < dev_snap["Total"]:
+                    self._peak_mem[dev] = dev_snap["Total"]
+                    self._peak_mem_snap[dev] = dict(dev_snap)   # a flat dict of ints: a shallow copy is enough
+
+    return PeakOnly
+
+
+def trace_train(step: Callable[..., Any], module: Any, inputs: tuple, make_optimizer: Callable[[Any], Any],
+                steps: int = 2, batch: int | None = None) -> TrainPeak:
+    """Estimate the peak of training steps ``step(*inputs)`` (forward + backward, returns nothing) followed by
+    ``optimizer.step()`` and ``zero_grad()``, on fake tensors, with torch's MemTracker (which tells weights,
+    gradients, optimizer state, activations and temporaries apart). Bytes are as the tensors hold them;
+    ``cuda_rounded`` rounding is not applied (under a percent for these models; see docs/estimator.md)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        restore = fake_weights(module, mode, requires_grad=True)
+        try:
+            fake_inputs = _fake_inputs(mode, inputs, batch)
+            optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad])
+            tracker = _peak_tracker(MemTracker)()
+            tracker.track_external(module, optimizer, *[t for t in fake_inputs if isinstance(t, torch.Tensor)])
+            with tracker:
+                for _ in range(steps):
+                    step(*fake_inputs)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    tracker.reset_mod_stats()
+            snapshot = tracker.get_tracker_snapshot("peak")
+        finally:
+            restore()
+    breakdown = _breakdown(snapshot)
+    return TrainPeak(sum(breakdown.values()), breakdown, ESTIMATED, "fake-tensor MemTracker")
+
+
+def cuda_train_peak(step: Callable[..., Any], module: Any, inputs: tuple, make_optimizer: Callable[[Any], Any],
+                    steps: int = 2) -> TrainPeak:
+    """Measured on CUDA: max allocated over ``steps`` training steps, weights and inputs included."""
+    import torch
+
+    optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(steps):
+        step(*inputs)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del optimizer
+    return TrainPeak(peak, {}, MEASURED_CUDA, "torch.cuda.max_memory_allocated")

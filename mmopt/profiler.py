@@ -5,9 +5,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmopt import memory, measure, registry
-from mmopt.adapters.base import Shapes
-from mmopt.errors import UserError
+from mmopt import registry
+from mmopt.adapters.base import IMAGE_PARTS, Shapes
+from mmopt.errors import UnsupportedError, UserError
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,16 @@ class ProfileRequest:
     image_size: int | None = None
     seq_len: int = 128
     dtype: str = "float32"
+    train: bool = False                 # estimate a training step instead of an inference forward
+    optimizer: str = "adamw"            # adamw | sgd (training)
+    amp: str | None = None              # bf16 | fp16: autocast (training and inference)
+    grad_ckpt: bool = False             # the model's own gradient checkpointing (training)
+    budget: int | str | None = None     # "8GiB": find the largest batch that fits
+    offload: str | None = None          # "cpu": weights in CPU memory, each block moved to the GPU to run
+    frames: int | None = None           # video-style input through an image part: N frames ...
+    window: int | None = None           # ... encoded K at a time
+    what_if: bool = False               # the table of techniques and the memory each reaches
+    measure: bool = False               # also run on CUDA and put the measurement beside the estimate
 
 
 def open_model(spec: str, weights: str | None = None) -> tuple[Any, Any]:
@@ -49,9 +59,56 @@ def open_model(spec: str, weights: str | None = None) -> tuple[Any, Any]:
                     hint="nothing is downloaded: hub ids must be local folders")
 
 
-def profile(req: ProfileRequest) -> dict:
+def check_request(req: ProfileRequest) -> int | None:
+    """Reject bad option combinations before any model loads; return the budget in bytes (or None)."""
+    from mmopt import train_memory
+    from mmopt.units import parse_bytes
+
+    if req.dtype not in ("float32", "float16", "bfloat16"):
+        raise UserError(f"--dtype: expected float32, float16 or bfloat16, got {req.dtype!r}")
+    train_memory.check_options(train_memory.TrainOptions(req.optimizer, req.amp, req.grad_ckpt))
+    if req.batch_size < 1:
+        raise UserError(f"--batch: expected a positive batch size, got {req.batch_size}")
+    if req.grad_ckpt and not req.train:
+        raise UserError("--grad-ckpt applies to training: add --train")
+    if req.offload not in (None, "cpu"):
+        raise UserError(f"--offload: expected cpu, got {req.offload!r}")
+    if req.offload and req.train:
+        raise UnsupportedError("--offload is modelled for inference only; drop --train")
+    if (req.frames is None) != (req.window is None):
+        raise UserError("--frames and --window go together: give both (e.g. --frames 64 --window 8)")
+    if req.frames is not None:
+        if req.frames < 1 or req.window < 1:
+            raise UserError(f"--frames/--window: expected positive counts, got {req.frames}/{req.window}")
+        if req.frames < req.window:
+            raise UserError(f"--frames ({req.frames}) is smaller than --window ({req.window}): "
+                            "a window cannot hold more frames than the video has")
+    if req.measure and not _cuda():
+        raise UnsupportedError("--measure needs CUDA, and no CUDA device is available here",
+                               hint="drop --measure for the estimate alone")
+    if req.budget is None:
+        return None
+    try:
+        budget = parse_bytes(req.budget)
+    except ValueError as exc:
+        raise UserError(f"--budget: {exc}") from None
+    if budget <= 0:
+        raise UserError(f"--budget: expected a positive size, got {req.budget!r}")
+    return budget
+
+
+def _cuda() -> bool:
     import torch
 
+    return torch.cuda.is_available()
+
+
+def profile(req: ProfileRequest) -> dict:
+    """Profile ``req.model``: weights per module, inference (or training) peak at the shapes, and whatever of
+    budget / offload / frames / what-if / measure the request asks for. Returns a JSON-able dict."""
+    from mmopt import estimate
+
+    budget = check_request(req)
     adapter, model = open_model(req.model, req.weights)
     if req.dtype != "float32":
         from mmopt.passes import cast
@@ -61,27 +118,33 @@ def profile(req: ProfileRequest) -> dict:
     parts = [req.part] if req.part else list(model.parts)
     for part in parts:
         model.check_part(part)
-    if torch.cuda.is_available():
+    if req.frames is not None:
+        if req.part and req.part not in IMAGE_PARTS:
+            raise UnsupportedError(f"--frames needs an image part; {req.part!r} takes text")
+        if not any(p in IMAGE_PARTS for p in parts):
+            raise UnsupportedError("--frames needs an image part; this model has none")
+    if _cuda():
         model.module.to("cuda")
     shapes = Shapes(batch_size=req.batch_size, image_size=req.image_size, seq_len=req.seq_len)
     out_parts = {}
     for part in parts:
-        sizes = measure.part_sizes(model, part)
-        runtime = measure.part_runtime(model, adapter, part, shapes, latency=False)
-        out_parts[part] = {"params": sizes["params"], "weights_bytes": sizes["weight_bytes"],
-                           "peak_activation_bytes": runtime["peak_activation_bytes"],
-                           "input_bytes": runtime["input_bytes"], "method": runtime["memory_method"],
-                           "modules": memory.module_table(model, part)}
+        est = estimate.Estimator(model, adapter, part, req)
+        out_parts[part] = est.describe(shapes, budget)
     methods = {p["method"] for p in out_parts.values()}
-    return {
+    result = {
         "model": req.model,
         "random_weights": bool(model.random_weights),
         "method": "measured-cuda" if methods == {"measured-cuda"} else "estimated",
+        "mode": "train" if req.train else "inference",
         "dtype": req.dtype,
         "shapes": {"batch_size": req.batch_size, "image_size": req.image_size or model.preprocess.get("image_size"),
                    "seq_len": req.seq_len},
         "weights_bytes": sum(p["weights_bytes"] for p in out_parts.values()),
         # Parts run one at a time (an image or a text embedding), so the peak is the largest part's.
         "peak_activation_bytes": max(p["peak_activation_bytes"] for p in out_parts.values()),
+        "peak_total_bytes": max(p["peak_total_bytes"] for p in out_parts.values()),
         "parts": out_parts,
     }
+    if req.train:
+        result["train"] = {"optimizer": req.optimizer, "amp": req.amp, "grad_ckpt": req.grad_ckpt, "steps": 2}
+    return result

@@ -177,26 +177,90 @@ def show_profile(result: dict, console: Any) -> None:
     if result.get("random_weights"):
         console.print("[bold yellow]RANDOM WEIGHTS[/] - figures depend only on the architecture")
     shapes = result["shapes"]
+    mode = result.get("mode", "inference")
+    train = result.get("train")
+    extra = (f"; training step, {train['optimizer']}, amp {train['amp'] or 'off'}, "
+             f"grad-ckpt {'on' if train['grad_ckpt'] else 'off'}") if train else ""
     console.print(f"[bold]{result['model']}[/]  dtype {result['dtype']}, batch {shapes['batch_size']}, "
-                  f"image {shapes.get('image_size') or 'default'}, seq {shapes['seq_len']}")
+                  f"image {shapes.get('image_size') or 'default'}, seq {shapes['seq_len']}{extra}")
     table = Table(title_justify="left")
-    for col in ("part / module", "params", "weights", "share"):
+    for col in ("part / module", "params", "weights", "activation peak", "act. share"):
         table.add_column(col, justify="left" if col.startswith("part") else "right")
     for part, data in result["parts"].items():
         table.add_row(f"[bold]{part}[/]", _cell(data["params"], "params"), format_bytes(data["weights_bytes"]),
-                      "", end_section=False)
-        for m in data["modules"][:12]:
-            share = m["bytes"] / data["weights_bytes"] if data["weights_bytes"] else 0
-            table.add_row(f"  {m['module']}", _cell(m["params"], "params"), format_bytes(m["bytes"]),
-                          f"{share:.0%}")
-        if len(data["modules"]) > 12:
-            table.add_row(f"  ... {len(data['modules']) - 12} more", "", "", "")
-        table.add_row(f"  [italic]peak activation ({result['method']})[/]", "",
-                      format_bytes(data["peak_activation_bytes"]), "", end_section=True)
+                      format_bytes(data["peak_activation_bytes"]), "100%", end_section=False)
+        tree = data.get("tree")
+        if tree is None:  # a result from before the tree existed
+            tree = [{"module": m["module"], "params": m["params"], "weights_bytes": m["bytes"],
+                     "activation_bytes": None, "activation_share": None, "children": []} for m in data["modules"]]
+        _tree_rows(table, tree, depth=1)
+        table.add_row(f"  [italic]inputs[/]", "", "", format_bytes(data["input_bytes"]), "", end_section=True)
     console.print(table)
+    kind = "training step peak" if mode == "train" else "inference peak"
     console.print(f"weights {format_bytes(result['weights_bytes'])}; peak activation "
                   f"{format_bytes(result['peak_activation_bytes'])} "
-                  f"({METHOD_WORDS.get(result['method'], result['method'])})")
+                  f"({METHOD_WORDS.get(result['method'], result['method'])}); "
+                  f"{kind} {format_bytes(result.get('peak_total_bytes'))} with weights and inputs")
+    for part, data in result["parts"].items():
+        _profile_extras(part, data, console)
+
+
+def _tree_rows(table: Any, rows: list[dict], depth: int, limit: int = 10) -> None:
+    for row in rows[:limit]:
+        share = row.get("activation_share")
+        label = row["module"] if depth == 1 or row["module"].startswith("(") else row["module"].split(".")[-1]
+        table.add_row("  " * depth + label,
+                      _cell(row["params"], "params"), format_bytes(row["weights_bytes"]),
+                      format_bytes(row["activation_bytes"]) if row.get("activation_bytes") is not None else "",
+                      f"{share:.0%}" if share else "")
+        if depth < 2 and row.get("children"):
+            _tree_rows(table, row["children"], depth + 1, limit=4)
+    if len(rows) > limit:
+        table.add_row("  " * depth + f"... {len(rows) - limit} more", "", "", "", "")
+
+
+def _profile_extras(part: str, data: dict, console: Any) -> None:
+    from rich.table import Table
+
+    train = data.get("train")
+    if train:
+        b = train["breakdown"]
+        parts = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in b.items() if v)
+        console.print(f"[bold]{part}[/] training step peak {format_bytes(train['peak_total_bytes'])} "
+                      f"({parts}){'; checkpointing: ' + train['grad_ckpt'] if train.get('grad_ckpt') else ''}")
+    measured = data.get("measured")
+    if measured:
+        key = "peak_total_bytes" if "peak_total_bytes" in measured else "peak_activation_bytes"
+        est = measured[f"estimated_{key}"]
+        console.print(f"[bold]{part}[/] {key.replace('_', ' ')}: estimated {format_bytes(est)}, measured on CUDA "
+                      f"{format_bytes(measured[key])} ({measured['relative_error']:+.1%})")
+    off = data.get("offload")
+    if off:
+        console.print(f"[bold]{part}[/] offload to CPU: GPU peak {format_bytes(off['gpu_peak_bytes'])} instead of "
+                      f"{format_bytes(off['without_offload_bytes'])}; largest block {off['largest_block']} "
+                      f"({format_bytes(off['largest_block_bytes'])}), {off['blocks']} blocks, "
+                      f"{format_bytes(off['resident_bytes'])} resident")
+        console.print(f"  model: {off['model']}")
+    fr = data.get("frames")
+    if fr:
+        console.print(f"[bold]{part}[/] {fr['frames']} frames at once: {format_bytes(fr['all_at_once_bytes'])}; "
+                      f"{fr['windows']} windows of {fr['window']}: {format_bytes(fr['windowed_bytes'])}")
+    bud = data.get("budget")
+    if bud:
+        mib = lambda n: "-" if n is None else f"{n / 2**20:,.1f} MiB"  # noqa: E731 - close to the budget: MiB
+        console.print(f"[bold]{part}[/] budget {format_bytes(bud['budget_bytes'])}: largest batch "
+                      f"{bud['batch_size']} ({mib(bud['peak_total_bytes'])}; batch {bud['batch_size'] + 1} "
+                      f"needs {mib(bud['next_batch_bytes'])})")
+    rows = data.get("what_if")
+    if rows:
+        table = Table(title=f"what if ({part})", title_justify="left")
+        for col in ("technique", "peak", "saving", "how", "note"):
+            table.add_column(col, justify="right" if col in ("peak", "saving") else "left")
+        for r in rows:
+            saving = "" if r["saving_bytes"] in (None, 0) else \
+                f"{format_bytes(r['saving_bytes'])} ({r['saving_share']:.0%})"
+            table.add_row(r["technique"], format_bytes(r["peak_total_bytes"]), saving, r["how"], r["note"])
+        console.print(table)
 
 
 def progress_for(console: Any) -> Any:

@@ -57,6 +57,14 @@ class Adapter(Protocol):
         (parameter name -> "projection" for an (in, out) matrix used as ``x @ P``, or "table" for an embedding
         table read as a tensor) and ``keep`` (module name -> why its Linear weights must stay as they are)."""
 
+    def enable_grad_checkpointing(self, model: Model, part: str) -> str:
+        """Turn on the family's own gradient checkpointing for ``part``; return a few words saying how.
+        Raise UnsupportedError where the family has none."""
+
+    def at_image_size(self, model: Model, size: int) -> Model:
+        """A model that takes ``size``-pixel images: the same one when it accepts any size, else a random-weight
+        rebuild of the architecture at that size (for memory estimates only)."""
+
 
 # --- paths -----------------------------------------------------------------------------------------------
 
@@ -274,3 +282,44 @@ def slice_linear(linear: Any, out_idx: Any = None, in_idx: Any = None) -> None:
 def head_rows(keep: list[int], head_dim: int) -> list[int]:
     """Row (or column) indices of heads ``keep`` in a projection laid out head after head."""
     return [h * head_dim + i for h in keep for i in range(head_dim)]
+
+# --- training and what-if helpers shared by adapters -----------------------------------------------------
+
+def checkpoint_blocks(root: Any) -> int:
+    """Gradient checkpointing for models without their own switch (torchvision, open_clip's ResNets): every
+    item of the outermost ``nn.Sequential`` containers of blocks (ResNet stages, MobileNet's features)
+    recomputes its activations in backward (torch.utils.checkpoint, non-reentrant). The weights and state-dict
+    keys do not change: only the instances' ``forward`` is wrapped. Returns how many blocks were wrapped."""
+    import functools
+
+    import torch
+    import torch.nn as nn
+    from torch.utils.checkpoint import checkpoint
+
+    def wrap(block: Any) -> None:
+        inner = block.forward
+
+        @functools.wraps(inner)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if block.training and torch.is_grad_enabled():
+                return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+            return inner(*args, **kwargs)
+
+        block.forward = forward
+
+    count = 0
+
+    def visit(module: Any) -> None:
+        nonlocal count
+        for child in module.children():
+            # a Sequential of blocks (items with submodules), not of plain layers like a downsample pair
+            if isinstance(child, nn.Sequential) and any(next(item.children(), None) is not None for item in child):
+                for block in child:
+                    if next(block.parameters(), None) is not None:
+                        wrap(block)
+                        count += 1
+            else:
+                visit(child)
+
+    visit(root)
+    return count

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mmopt.adapters.base import (Shapes, load_weights_into, part_device, part_dtype, random_images, random_tokens,
+from mmopt.adapters.base import (Shapes, checkpoint_blocks, load_weights_into, part_device, part_dtype, random_images, random_tokens,
                                  read_state_dict, save_parts)
 from mmopt.errors import ModelSpecError, UnsupportedError
 from mmopt.model import Model
@@ -215,3 +215,23 @@ class Adapter:
         keep = {name: "open_clip's AttentionPool2d reads its q/k/v weights directly"
                 for name, module in model.module.named_modules() if type(module).__name__ == "AttentionPool2d"}
         return {"structural": True, "bare_weights": bare, "keep": keep}
+
+    def enable_grad_checkpointing(self, model: Model, part: str) -> str:
+        model.check_part(part)
+        model.module.set_grad_checkpointing(True)
+        tower = model.module.visual if part == "visual" else getattr(model.module, "text", model.module)
+        # open_clip's ModifiedResNet (RN50, ...) ignores the switch: checkpoint its stages' blocks instead.
+        if part == "visual" and type(tower).__name__ == "ModifiedResNet":
+            return f"torch.utils.checkpoint over {checkpoint_blocks(tower)} ResNet blocks"
+        return "open_clip set_grad_checkpointing"
+
+    def at_image_size(self, model: Model, size: int) -> Model:
+        arch = copy.deepcopy(model.arch)
+        base = _open_clip().get_model_config(arch["name"]) or {}
+        vision = dict(base.get("vision_cfg", {}), **arch["config"].get("vision_cfg", {}))
+        vision["image_size"] = size
+        arch["config"]["vision_cfg"] = vision
+        rebuilt = self._create(arch["name"], arch["config"], custom_text=arch.get("custom_text"))
+        rebuilt.module.to(part_dtype(model, "visual"))
+        rebuilt.random_weights = True
+        return rebuilt

@@ -5,7 +5,7 @@ import difflib
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mmopt.adapters.base import (Shapes, load_weights_into, part_device, part_dtype, random_images, read_state_dict,
+from mmopt.adapters.base import (Shapes, checkpoint_blocks, load_weights_into, part_device, part_dtype, random_images, read_state_dict,
                                  save_parts)
 from mmopt.errors import ModelSpecError, UnsupportedError
 from mmopt.model import Model
@@ -85,3 +85,13 @@ class Adapter:
         """torchvision ViTs use nn.MultiheadAttention and a patch conv; their class/position tokens are 3-D
         parameters, left as they are."""
         return {"structural": True, "bare_weights": {}, "keep": {}}
+
+    def enable_grad_checkpointing(self, model: Model, part: str) -> str:
+        model.check_part(part)
+        count = checkpoint_blocks(model.module)
+        if not count:
+            raise UnsupportedError(f"{model.arch['name']}: no block structure to checkpoint")
+        return f"torch.utils.checkpoint over {count} blocks"
+
+    def at_image_size(self, model: Model, size: int) -> Model:
+        return model  # convolutional with adaptive pooling: any image size runs
