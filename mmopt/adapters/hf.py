@@ -268,6 +268,31 @@ class Adapter:
         return {"structural": False, "bare_weights": {}, "keep": {}}
 
 
+    # --- training and what-if ----------------------------------------------------------------------------
+
+    def enable_grad_checkpointing(self, model: Model, part: str) -> str:
+        model.check_part(part)
+        module = model.module
+        if not getattr(module, "supports_gradient_checkpointing", False):
+            raise UnsupportedError(f"{type(module).__name__} does not support gradient checkpointing")
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return "transformers gradient_checkpointing_enable"
+
+    def at_image_size(self, model: Model, size: int) -> Model:
+        import copy
+
+        arch = copy.deepcopy(model.arch)
+        config = arch["config"]
+        target = config.get("vision_config") if isinstance(config.get("vision_config"), dict) else config
+        if "image_size" not in target:
+            raise UnsupportedError("this model has no image size to change")
+        target["image_size"] = size
+        rebuilt = self.build(arch, dict(model.preprocess, image_size=size), model.info)
+        rebuilt.module.to(part_dtype(model, "visual"))
+        rebuilt.random_weights = True
+        return rebuilt
+
+
 def bnb_quantization_config(quant: dict) -> dict:
     """transformers' ``BitsAndBytesConfig`` (as config.json stores it) for mmopt's quantization record."""
     import re
@@ -313,31 +338,6 @@ def _is_bert_layer(module: Any) -> bool:
 
 def _text_config_of(config: Any) -> Any:
     return getattr(config, "text_config", config)
-
-    # --- training and what-if ----------------------------------------------------------------------------
-
-    def enable_grad_checkpointing(self, model: Model, part: str) -> str:
-        model.check_part(part)
-        module = model.module
-        if not getattr(module, "supports_gradient_checkpointing", False):
-            raise UnsupportedError(f"{type(module).__name__} does not support gradient checkpointing")
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return "transformers gradient_checkpointing_enable"
-
-    def at_image_size(self, model: Model, size: int) -> Model:
-        import copy
-
-        arch = copy.deepcopy(model.arch)
-        config = arch["config"]
-        target = config.get("vision_config") if isinstance(config.get("vision_config"), dict) else config
-        if "image_size" not in target:
-            raise UnsupportedError("this model has no image size to change")
-        target["image_size"] = size
-        rebuilt = self.build(arch, dict(model.preprocess, image_size=size), model.info)
-        rebuilt.module.to(part_dtype(model, "visual"))
-        rebuilt.random_weights = True
-        return rebuilt
-
 
 def copy_assets(source: Path, out: Path) -> None:
     """Tokenizer, sentence-transformers modules and other small files travel with the checkpoint."""
