@@ -11,6 +11,8 @@ from types import ModuleType
 PASSES: dict[str, str] = {
     "cast": "mmopt.passes.cast",
     "strip": "mmopt.passes.strip",
+    "substitute": "mmopt.passes.substitute",
+    "resolution": "mmopt.passes.resolution",
 }
 
 ADAPTERS: dict[str, str] = {
