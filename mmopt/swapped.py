@@ -23,9 +23,16 @@ class SwappedPart(nn.Module):
         self._student_model = student
         self._student_adapter = adapter
         self._student_part = part
+        self._image_size = student.preprocess.get("image_size") if part != "text" else None
 
     def features(self, *inputs: Any) -> torch.Tensor:
-        """The student part's own output, before the projection."""
+        """The student part's own output, before the projection. Images come preprocessed for the original
+        part; a student built for another input size (a ViT's positional grid is fixed) gets them resized."""
+        size = self._image_size
+        if size and inputs[0].dim() == 4 and tuple(inputs[0].shape[-2:]) != (size, size):
+            pixels = torch.nn.functional.interpolate(inputs[0].float(), size=(size, size), mode="bilinear",
+                                                     align_corners=False, antialias=True)
+            inputs = (pixels.to(inputs[0].dtype),) + tuple(inputs[1:])
         return self._student_adapter.run(self._student_model, self._student_part, inputs)
 
     def forward(self, *inputs: Any) -> torch.Tensor:
