@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Iterable, Iterator
 
+EVAL_BATCHES = 8            # batches the before/after check runs on
 STALL_TOLERANCE = 1e-3      # relative improvement of the smoothed loss that still counts as progress
 EMA = 0.9                   # smoothing of the per-step loss for the stall test
 
@@ -48,7 +49,9 @@ def distill(student_model: Any, teacher_model: Any, adapter: Any, part: str, bat
 
     ``batches_fn()`` yields input tuples for ``part``; the teacher's outputs for each batch are computed once
     and reused in later epochs. Stops early when the smoothed loss has not improved by a relative
-    ``STALL_TOLERANCE`` for ``patience`` steps. Returns steps run, first and last loss, and the time taken.
+    ``STALL_TOLERANCE`` for ``patience`` steps. The loss on the first ``EVAL_BATCHES`` batches is measured
+    before and after; should training have made it worse (a too-high learning rate), the part's weights are put
+    back as they were and ``reverted`` says so. Returns steps run, losses, and the time taken.
     """
     import torch
 
@@ -66,6 +69,9 @@ def distill(student_model: Any, teacher_model: Any, adapter: Any, part: str, bat
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
     criterion = loss_fn(loss)
     targets: dict[int, Any] = {}
+    snapshot = [p.detach().clone() for p in params]
+    eval_before = _eval_loss(student_model, teacher_model, adapter, part, batches_fn, batch_size, device, criterion,
+                             targets)
     started = time.perf_counter()
     first = last = None
     best, since_best, smooth, done, stopped_early = float("inf"), 0, None, 0, False
@@ -100,5 +106,29 @@ def distill(student_model: Any, teacher_model: Any, adapter: Any, part: str, bat
         for p, flag in zip(params, was):
             p.requires_grad_(flag)
             p.grad = None
+    eval_after = _eval_loss(student_model, teacher_model, adapter, part, batches_fn, batch_size, device, criterion,
+                            targets)
+    reverted = eval_after > eval_before
+    if reverted:
+        with torch.no_grad():
+            for p, saved in zip(params, snapshot):
+                p.copy_(saved)
     return {"steps": done, "first_loss": first, "final_loss": last, "stopped_early": stopped_early,
+            "eval_loss_before": eval_before, "eval_loss_after": eval_after, "reverted": reverted,
             "seconds": round(time.perf_counter() - started, 2), "loss": loss}
+
+
+def _eval_loss(student_model: Any, teacher_model: Any, adapter: Any, part: str, batches_fn: Callable, size: int,
+               device: Any, criterion: Callable, targets: dict) -> float:
+    """Mean loss over the first ``EVAL_BATCHES`` batches, without training."""
+    import torch
+
+    losses = []
+    with torch.no_grad():
+        for index, inputs in _batches(batches_fn, size, device):
+            if index >= EVAL_BATCHES or (losses and index == 0):
+                break
+            if index not in targets:
+                targets[index] = adapter.run(teacher_model, part, inputs).detach()
+            losses.append(float(criterion(adapter.run(student_model, part, inputs), targets[index])))
+    return sum(losses) / len(losses)

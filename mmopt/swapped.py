@@ -19,6 +19,12 @@ class SwappedPart(nn.Module):
         super().__init__()
         self.student = student.module
         self.proj = nn.Linear(*projection) if projection else None
+        if projection:
+            # Fixed scales put the projection's input and output near unit RMS whatever the two models' output
+            # magnitudes (random towers can reach 1e3), so its least-squares weights have the scale of ordinary
+            # weights and the optimizer's first steps, which move every weight by about ``lr``, do not wipe it out.
+            self.register_buffer("in_scale", torch.ones(()))
+            self.register_buffer("out_scale", torch.ones(()))
         # Plain attributes (not submodules): the student Model shares ``self.student`` as its module.
         self._student_model = student
         self._student_adapter = adapter
@@ -37,7 +43,22 @@ class SwappedPart(nn.Module):
 
     def forward(self, *inputs: Any) -> torch.Tensor:
         out = self.features(*inputs)
-        return self.proj(out.to(self.proj.weight.dtype)) if self.proj is not None else out
+        if self.proj is None:
+            return out
+        return self.proj(out.to(self.proj.weight.dtype) * self.in_scale) * self.out_scale
+
+    def fit_projection(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Set scales and the least-squares projection from calibration ``features`` -> ``targets``; return the
+        fitted outputs."""
+        in_scale = 1 / features.float().pow(2).mean().sqrt().clamp(min=1e-12)
+        out_scale = targets.float().pow(2).mean().sqrt().clamp(min=1e-12)
+        weight, bias = least_squares(features * in_scale, targets / out_scale)
+        with torch.no_grad():
+            self.in_scale.fill_(in_scale)
+            self.out_scale.fill_(out_scale)
+            self.proj.weight.copy_(weight)
+            self.proj.bias.copy_(bias)
+        return ((features * in_scale) @ weight.T + bias) * out_scale
 
 
 def build_student(record: dict) -> tuple[Any, Any]:

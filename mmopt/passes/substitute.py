@@ -170,7 +170,7 @@ def _swap(model: Any, part: str, spec: ModelSpec, ctx: Context, result: PassResu
     import torch
 
     from mmopt import measure
-    from mmopt.swapped import SwappedPart, least_squares, student_record
+    from mmopt.swapped import SwappedPart, student_record
 
     student, student_adapter = _load_student(spec, ctx)
     if part in student.parts:
@@ -197,15 +197,13 @@ def _swap(model: Any, part: str, spec: ModelSpec, ctx: Context, result: PassResu
         raise UnsupportedError(f"substitute.swap: {spec.name or spec.path} cannot take this model's {part} "
                                f"inputs ({str(exc).splitlines()[0][:120]})") from None
     d_in, d_out = feats.shape[1], target.shape[1]
-    weight, bias = least_squares(feats, target)
-    fitted = feats @ weight.T + bias
+    swapped = SwappedPart(student, student_adapter, student_part, (d_in, d_out))
+    fitted = swapped.fit_projection(feats, target)
     fit = measure.fidelity(target, fitted)["mean_cosine"]
     identity = measure.fidelity(target, feats)["mean_cosine"] if d_in == d_out else None
     use_projection = d_in != d_out or identity is None or fit > identity
-    swapped = SwappedPart(student, student_adapter, student_part, (d_in, d_out) if use_projection else None)
-    if use_projection:
-        swapped.proj.weight.data.copy_(weight)
-        swapped.proj.bias.data.copy_(bias)
+    if not use_projection:
+        swapped = SwappedPart(student, student_adapter, student_part, None)
     swapped.to(ctx.device)
     before = sum(t.numel() for _, t in model.named_tensors(part, buffers=False))
     ctx.adapter.swap_part(model, part, swapped)

@@ -127,3 +127,12 @@ def test_optimize_compares_the_new_size_with_the_original_at_its_own(tmp_path):
     assert visual["image_size"] == {"before": 224, "after": 64}
     assert visual["fidelity"]["inputs"] == "calibration images (3)" and visual["fidelity"]["samples"] == 3
     assert api.load(tmp_path / "out").mmopt_model.preprocess["image_size"] == 64
+
+
+def test_example_recipe_validates():
+    from pathlib import Path
+
+    from mmopt import api
+
+    recipe = api.validate(Path(__file__).parents[2] / "configs" / "clip-visual-160px.yaml")
+    assert recipe.passes[0].config.image_size == 160

@@ -244,6 +244,18 @@ def test_distillation_stops_early_when_the_loss_stalls(tiny_bert):
     assert stats["stopped_early"] and stats["steps"] == 4
 
 
+def test_distillation_that_makes_things_worse_is_reverted(tiny_bert):
+    adapter, teacher = load_hf(tiny_bert)
+    student = copy.deepcopy(teacher)
+    adapter.keep_layers(student, "text", [0, 2])
+    before = {k: v.clone() for k, v in student.module.state_dict().items()}
+    batch = adapter.tokenize(teacher, ["one text", "two texts"], 8)
+    stats = distill(student, teacher, adapter, "text", lambda: [batch], steps=3, lr=10.0, batch_size=2,
+                    loss="cosine", seed=0, progress=_Progress(), device="cpu")
+    assert stats["reverted"] and stats["eval_loss_after"] > stats["eval_loss_before"]
+    assert all(torch.equal(v, before[k]) for k, v in student.module.state_dict().items())
+
+
 class _Progress:
     """Records the loss each step reports."""
 
@@ -291,3 +303,8 @@ def test_minilm_six_to_three_layers_loads_in_sentence_transformers(tmp_path):
     with torch.no_grad():
         ours = adapter.run(model, "text", adapter.tokenize(model, texts, 128))
     assert torch.allclose(torch.as_tensor(st.encode(texts)), ours, atol=1e-4)
+
+
+def test_example_recipe_validates():
+    recipe = api.validate(Path(__file__).parents[2] / "configs" / "minilm-layer-drop.yaml")
+    assert recipe.passes[0].config.layer_drop.keep_every == 2
