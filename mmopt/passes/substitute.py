@@ -189,13 +189,17 @@ def _swap(model: Any, part: str, spec: ModelSpec, ctx: Context, result: PassResu
     student.module.to(ctx.device).float().eval()
 
     # Calibration features of both sides fit the projection; the student must accept the original's inputs.
-    batches = list(_calibration_inputs(ctx.teacher, ctx.adapter, part, ctx))
-    target = measure.embeddings(ctx.teacher, ctx.adapter, part, batches)
-    try:
-        feats = measure.embeddings(student, student_adapter, student_part, batches)
-    except (RuntimeError, ValueError, IndexError) as exc:
-        raise UnsupportedError(f"substitute.swap: {spec.name or spec.path} cannot take this model's {part} "
-                               f"inputs ({str(exc).splitlines()[0][:120]})") from None
+    # Inputs stream batch by batch; only the embeddings are kept.
+    targets, features = [], []
+    with torch.inference_mode():
+        for inputs in _calibration_inputs(ctx.teacher, ctx.adapter, part, ctx):
+            targets.append(ctx.adapter.run(ctx.teacher, part, inputs).float().cpu())
+            try:
+                features.append(student_adapter.run(student, student_part, inputs).float().cpu())
+            except (RuntimeError, ValueError, IndexError) as exc:
+                raise UnsupportedError(f"substitute.swap: {spec.name or spec.path} cannot take this model's {part} "
+                                       f"inputs ({str(exc).splitlines()[0][:120]})") from None
+    target, feats = torch.cat(targets), torch.cat(features)
     d_in, d_out = feats.shape[1], target.shape[1]
     swapped = SwappedPart(student, student_adapter, student_part, (d_in, d_out))
     fitted = swapped.fit_projection(feats, target)
