@@ -67,7 +67,7 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
     before = _measure(teacher, adapter, shapes, progress, "measuring original")
 
     ctx = Context(adapter=adapter, teacher=teacher, calibration=calib, device=device, seed=recipe.seed,
-                  progress=progress)
+                  progress=progress, base_dir=recipe.base_dir)
     applied, pass_rows = [], []
     for spec in recipe.passes:
         module = registry.pass_module(spec.name)

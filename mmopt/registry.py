@@ -13,6 +13,8 @@ PASSES: dict[str, str] = {
     "strip": "mmopt.passes.strip",
     "quantize": "mmopt.passes.quantize",
     "prune": "mmopt.passes.prune",
+    "substitute": "mmopt.passes.substitute",
+    "resolution": "mmopt.passes.resolution",
 }
 
 ADAPTERS: dict[str, str] = {

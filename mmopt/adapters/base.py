@@ -323,3 +323,78 @@ def checkpoint_blocks(root: Any) -> int:
 
     visit(root)
     return count
+
+# --- structure helpers shared by the adapters (layer drop, resolution, part swap) ------------------------
+
+def check_patch_multiple(size: int, patch: int) -> None:
+    """A ViT's input side must be a whole number of patches; say which sizes work."""
+    from mmopt.errors import UserError
+
+    if size % patch == 0 and size >= patch:
+        return
+    below = max(patch, size // patch * patch)
+    near = sorted({below, below + patch})
+    raise UserError(f"image_size {size} is not a multiple of the patch size {patch}; sizes that work: "
+                    f"multiples of {patch}, e.g. {', '.join(str(s) for s in near)}")
+
+
+def interpolate_positions(pos: Any, grid: int, new_grid: int) -> Any:
+    """Resize a ViT positional embedding (tokens, dim) from a ``grid``² to a ``new_grid``² patch grid.
+
+    Tokens before the grid (the class token) are kept as they are; the grid is resampled bicubically.
+    """
+    import torch
+
+    prefix = pos.shape[0] - grid * grid
+    if prefix < 0:
+        raise ValueError(f"positional embedding of {pos.shape[0]} tokens has no {grid}x{grid} grid")
+    head, body = pos[:prefix], pos[prefix:]
+    dim = body.shape[-1]
+    body = body.float().reshape(1, grid, grid, dim).permute(0, 3, 1, 2)
+    body = torch.nn.functional.interpolate(body, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    body = body.permute(0, 2, 3, 1).reshape(new_grid * new_grid, dim).to(pos.dtype)
+    return torch.cat([head, body], dim=0)
+
+
+def keep_in_list(layers: Any, keep: list[int]) -> Any:
+    """A new ModuleList of ``layers[i] for i in keep``; per-layer indices (used by caches) renumbered."""
+    import torch.nn as nn
+
+    kept = nn.ModuleList([layers[i] for i in keep])
+    for new_index, layer in enumerate(kept):
+        for sub in layer.modules():
+            if isinstance(getattr(sub, "layer_idx", None), int):
+                sub.layer_idx = new_index
+    return kept
+
+
+def install_swapped(model: Model, part: str, module: Any, attrs: list[str], root_is_part: bool) -> None:
+    """Put ``module`` (which maps the part's inputs to its embedding) in place of ``part``.
+
+    ``attrs``: the root attributes that made up the part (set to None); with ``root_is_part`` the root module
+    itself was the part and is replaced by a container. Either way the new part lives at root attribute
+    ``part`` and ``model.info["swapped"]`` tells the adapter's ``run`` to call it.
+    """
+    import torch.nn as nn
+
+    if root_is_part:
+        container = nn.Module()
+        config = getattr(model.module, "config", None)
+        if config is not None:
+            container.config = config           # tokenizer and example inputs still read the vocabulary
+        setattr(container, part, module)
+        model.module = container
+    else:
+        for attr in attrs:
+            setattr(model.module, attr, None)
+        setattr(model.module, part, module)
+    model.info["part_prefixes"][part] = [f"{part}."]
+    model.info.setdefault("swapped", {})[part] = part
+
+
+def run_swapped(model: Model, part: str, inputs: tuple) -> Any:
+    """The output of a swapped part, or None when ``part`` is not swapped."""
+    attr = model.info.get("swapped", {}).get(part)
+    if attr is None:
+        return None
+    return getattr(model.module, attr)(*inputs)

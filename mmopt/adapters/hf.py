@@ -10,7 +10,9 @@ import shutil
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mmopt.adapters.base import Shapes, local_path, part_dtype, part_device, random_images, random_tokens, save_parts
+from mmopt.adapters.base import (Shapes, check_patch_multiple, install_swapped, interpolate_positions, keep_in_list,
+                                 local_path, part_dtype, part_device, random_images, random_tokens, run_swapped,
+                                 save_parts)
 from mmopt.errors import ModelSpecError, UnsupportedError
 from mmopt.model import Model
 
@@ -122,6 +124,9 @@ class Adapter:
         return cached
 
     def run(self, model: Model, part: str, inputs: tuple) -> Any:
+        swapped = run_swapped(model, part, inputs)
+        if swapped is not None:
+            return swapped
         module = model.module
         model_type = model.info.get("model_type")
         if model_type in DUAL_TOWER:
@@ -231,8 +236,90 @@ class Adapter:
     # --- saving ------------------------------------------------------------------------------------------
 
     def is_stock_folder(self, model: Model) -> bool:
-        """A single-part model is also written as a plain Hugging Face folder."""
-        return model.info.get("model_type") not in DUAL_TOWER
+        """A single-part model is also written as a plain Hugging Face folder (unless a part was swapped)."""
+        return model.info.get("model_type") not in DUAL_TOWER and not model.info.get("swapped")
+
+    # --- layer drop, resolution, swap --------------------------------------------------------------------
+
+    def _tower(self, model: Model, part: str) -> tuple[Any, Any]:
+        """(module, config) of the encoder behind ``part``."""
+        model.check_part(part)
+        if part in model.info.get("swapped", {}):
+            raise UnsupportedError(f"part {part!r} was swapped for another model; change it before the swap")
+        module = model.module
+        model_type = model.info.get("model_type")
+        if model_type in DUAL_TOWER:
+            vision, _, text, _ = DUAL_TOWER[model_type]
+            tower = getattr(module, vision if part == "visual" else text)
+            config = module.config.vision_config if part == "visual" else module.config.text_config
+            return tower, config
+        return module, module.config
+
+    def _layers(self, model: Model, part: str) -> tuple[Any, str, Any, Any]:
+        """(parent, attribute, ModuleList, config) of the part's transformer layers."""
+        import torch.nn as nn
+
+        tower, config = self._tower(model, part)
+        # BERT / RoBERTa / CLIP: encoder.layer(s); DistilBERT: transformer.layer
+        for path in ("encoder.layer", "encoder.layers", "transformer.layer", "layers"):
+            parent = tower
+            *head, attr = path.split(".")
+            for name in head:
+                parent = getattr(parent, name, None)
+            layers = getattr(parent, attr, None) if parent is not None else None
+            if isinstance(layers, nn.ModuleList):
+                return parent, attr, layers, config
+        raise UnsupportedError(f"layer_drop: no list of transformer layers found in this {model.info.get('model_type')} "
+                               f"model's {part} part")
+
+    def layer_count(self, model: Model, part: str) -> int:
+        """Number of transformer layers of ``part``."""
+        return len(self._layers(model, part)[2])
+
+    def keep_layers(self, model: Model, part: str, keep: list[int]) -> None:
+        """Keep only layers ``keep`` of ``part`` and rewrite the config (num_hidden_layers) to match."""
+        parent, attr, layers, config = self._layers(model, part)
+        setattr(parent, attr, keep_in_list(layers, keep))
+        config.num_hidden_layers = len(keep)
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = [config.layer_types[i] for i in keep]
+        model.arch = {"config": model.module.config.to_dict()}
+
+    def set_image_size(self, model: Model, part: str, size: int) -> None:
+        """Run ``part`` at ``size`` px: CLIP vision positional embeddings interpolated, config rewritten."""
+        import torch
+        import torch.nn as nn
+
+        tower, config = self._tower(model, part)
+        if part != "visual":
+            raise UnsupportedError(f"resolution: part {part!r} takes no images")
+        emb = getattr(tower, "embeddings", None)
+        if emb is None or not isinstance(getattr(emb, "position_embedding", None), nn.Embedding):
+            raise UnsupportedError(f"resolution: {model.info.get('model_type')} vision models are not supported "
+                                   "(CLIP vision towers are)")
+        patch = int(config.patch_size)
+        check_patch_multiple(size, patch)
+        grid, new_grid = int(config.image_size) // patch, size // patch
+        old = emb.position_embedding.weight.data
+        new = interpolate_positions(old, grid, new_grid)
+        emb.position_embedding = nn.Embedding(new.shape[0], new.shape[1], device=old.device, dtype=old.dtype)
+        emb.position_embedding.weight.data.copy_(new)
+        emb.image_size, emb.num_patches, emb.num_positions = size, new_grid * new_grid, new.shape[0]
+        emb.register_buffer("position_ids", torch.arange(new.shape[0], device=old.device).expand((1, -1)),
+                            persistent=False)
+        config.image_size = size
+        model.preprocess["image_size"] = size
+        model.arch = {"config": model.module.config.to_dict()}
+
+    def swap_part(self, model: Model, part: str, module: Any) -> None:
+        """Replace ``part`` by ``module`` (inputs -> embedding); see ``base.install_swapped``."""
+        model.check_part(part)
+        model_type = model.info.get("model_type")
+        if model_type in DUAL_TOWER:
+            vision, vproj, text, tproj = DUAL_TOWER[model_type]
+            install_swapped(model, part, module, [vision, vproj] if part == "visual" else [text, tproj], False)
+        else:
+            install_swapped(model, part, module, [], True)
 
     def save(self, model: Model, out: Path) -> dict[str, str]:
         if model.assets is not None:

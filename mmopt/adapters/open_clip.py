@@ -13,6 +13,10 @@ from typing import Any, ClassVar
 
 from mmopt.adapters.base import (Shapes, checkpoint_blocks, load_weights_into, part_device, part_dtype, random_images, random_tokens,
                                  read_state_dict, save_parts)
+
+from mmopt.adapters.base import (Shapes, check_patch_multiple, install_swapped, interpolate_positions, keep_in_list,
+                                 load_weights_into, part_device, part_dtype, random_images, random_tokens,
+                                 read_state_dict, run_swapped, save_parts)
 from mmopt.errors import ModelSpecError, UnsupportedError
 from mmopt.model import Model
 
@@ -91,6 +95,9 @@ class Adapter:
         return (tokenizer(texts).to(part_device(model, "text")),)
 
     def run(self, model: Model, part: str, inputs: tuple) -> Any:
+        swapped = run_swapped(model, part, inputs)
+        if swapped is not None:
+            return swapped
         if part == "visual":
             return model.module.encode_image(inputs[0].to(part_dtype(model, part)))
         return model.module.encode_text(inputs[0])
@@ -235,3 +242,61 @@ class Adapter:
         rebuilt.module.to(part_dtype(model, "visual"))
         rebuilt.random_weights = True
         return rebuilt
+
+    # --- layer drop, resolution, swap --------------------------------------------------------------------
+
+    def _transformer(self, model: Model, part: str) -> tuple[Any, str]:
+        """(open_clip Transformer, config key) of a tower; the text tower hangs off the root unless custom."""
+        model.check_part(part)
+        if part in model.info.get("swapped", {}):
+            raise UnsupportedError(f"part {part!r} was swapped for another model; change it before the swap")
+        module = model.module
+        if part == "visual":
+            tower, key = getattr(module.visual, "transformer", None), "vision_cfg"
+        else:
+            text = getattr(module, "text", None)
+            tower, key = (getattr(text, "transformer", None) if text is not None else module.transformer), "text_cfg"
+        if tower is None or not hasattr(tower, "resblocks"):
+            raise UnsupportedError(f"layer_drop: this open_clip {part} tower has no transformer blocks "
+                                   "(ResNet and Hugging Face towers are not supported)")
+        return tower, key
+
+    def layer_count(self, model: Model, part: str) -> int:
+        return len(self._transformer(model, part)[0].resblocks)
+
+    def keep_layers(self, model: Model, part: str, keep: list[int]) -> None:
+        """Keep only blocks ``keep`` and rewrite ``layers`` in the tower's config so it rebuilds by name."""
+        tower, key = self._transformer(model, part)
+        tower.resblocks = keep_in_list(tower.resblocks, keep)
+        tower.layers = len(keep)
+        model.arch["config"].setdefault(key, {})["layers"] = len(keep)
+
+    def set_image_size(self, model: Model, part: str, size: int) -> None:
+        """Run the ViT image tower at ``size`` px: positional embedding resampled bicubically, class token kept."""
+        import torch.nn as nn
+
+        model.check_part(part)
+        if part != "visual":
+            raise UnsupportedError(f"resolution: part {part!r} takes no images")
+        if part in model.info.get("swapped", {}):
+            raise UnsupportedError("resolution: the image tower was swapped; change its size before the swap")
+        visual = model.module.visual
+        if not isinstance(getattr(visual, "positional_embedding", None), nn.Parameter) \
+                or not hasattr(visual, "grid_size"):
+            raise UnsupportedError("resolution: only open_clip ViT image towers are supported (not ResNet towers)")
+        patch = visual.patch_size[0] if isinstance(visual.patch_size, (tuple, list)) else int(visual.patch_size)
+        check_patch_multiple(size, patch)
+        grid, new_grid = visual.grid_size[0], size // patch
+        visual.positional_embedding = nn.Parameter(interpolate_positions(visual.positional_embedding.data, grid,
+                                                                         new_grid))
+        visual.grid_size = (new_grid, new_grid)
+        visual.image_size = (size, size)
+        model.arch["config"].setdefault("vision_cfg", {})["image_size"] = size
+        model.preprocess["image_size"] = size
+
+    def swap_part(self, model: Model, part: str, module: Any) -> None:
+        model.check_part(part)
+        custom = model.arch.get("custom_text")
+        attrs = ["visual"] if part == "visual" else (["text"] if custom else [p.rstrip(".") for p in CLIP_TEXT])
+        # Prefixes are recomputed from the family's layout, not read back from info, which may already be swapped.
+        install_swapped(model, part, module, attrs, False)

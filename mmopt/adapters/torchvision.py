@@ -8,6 +8,11 @@ from typing import Any, ClassVar
 from mmopt.adapters.base import (Shapes, checkpoint_blocks, load_weights_into, part_device, part_dtype, random_images, read_state_dict,
                                  save_parts)
 from mmopt.errors import ModelSpecError, UnsupportedError
+
+from mmopt.adapters.base import (Shapes, check_patch_multiple, install_swapped, interpolate_positions,
+                                 load_weights_into, part_device, part_dtype, random_images, read_state_dict,
+                                 run_swapped, save_parts)
+from mmopt.errors import ModelSpecError, UnsupportedError, UserError
 from mmopt.model import Model
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -47,6 +52,9 @@ class Adapter:
         raise UnsupportedError("torchvision models have no text part")
 
     def run(self, model: Model, part: str, inputs: tuple) -> Any:
+        swapped = run_swapped(model, part, inputs)
+        if swapped is not None:
+            return swapped
         return model.module(inputs[0].to(part_dtype(model, part)))
 
     def drop_part(self, model: Model, part: str) -> None:
@@ -95,3 +103,35 @@ class Adapter:
 
     def at_image_size(self, model: Model, size: int) -> Model:
         return model  # convolutional with adaptive pooling: any image size runs
+
+    # --- layer drop, resolution, swap --------------------------------------------------------------------
+
+    def layer_count(self, model: Model, part: str) -> int:
+        raise UnsupportedError("layer_drop needs a transformer encoder; torchvision models are not supported")
+
+    def keep_layers(self, model: Model, part: str, keep: list[int]) -> None:
+        self.layer_count(model, part)
+
+    def set_image_size(self, model: Model, part: str, size: int) -> None:
+        """CNNs pool globally, so only the preprocessing changes; torchvision ViTs get interpolated positions."""
+        import torch.nn as nn
+
+        model.check_part(part)
+        if model.info.get("swapped"):
+            raise UnsupportedError("resolution: this model's image part was swapped; change it before the swap")
+        module = model.module
+        encoder = getattr(module, "encoder", None)
+        if isinstance(getattr(encoder, "pos_embedding", None), nn.Parameter):   # torchvision VisionTransformer
+            check_patch_multiple(size, module.patch_size)
+            grid, new_grid = module.image_size // module.patch_size, size // module.patch_size
+            pos = encoder.pos_embedding.data[0]
+            encoder.pos_embedding = nn.Parameter(interpolate_positions(pos, grid, new_grid)[None])
+            module.image_size = size
+            model.arch = {**model.arch, "kwargs": {**model.arch.get("kwargs", {}), "image_size": size}}
+        elif size < 32:
+            raise UserError(f"image_size {size} is too small for a CNN that downsamples 32x; use 32 or more")
+        model.preprocess["image_size"] = size
+
+    def swap_part(self, model: Model, part: str, module) -> None:
+        model.check_part(part)
+        install_swapped(model, part, module, [], True)

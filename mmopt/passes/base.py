@@ -60,6 +60,7 @@ class Context:
     seed: int = 0
     progress: Progress = NO_PROGRESS
     history: list = field(default_factory=list)   # (pass name, config) of the passes applied before this one
+    base_dir: Any = None                # the recipe's folder: relative paths in pass options resolve against it
 
 
 def target_parts(model: Any, parts: list[str] | None) -> list[str]:

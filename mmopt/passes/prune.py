@@ -301,8 +301,8 @@ def _recover(model, teacher, part: str, recover: Recover, ctx: Context) -> dict:
                                                                   ctx.seed))
     before = measure.fidelity(ref, new)
 
-    def batches(batch_size: int):
-        return inputs_for(model, ctx.adapter, part, dataclasses.replace(calib, batch_size=batch_size),
+    def batches():
+        return inputs_for(model, ctx.adapter, part, dataclasses.replace(calib, batch_size=recover.batch_size),
                           EVAL_SEQ_LEN, ctx.seed)
 
     tokens = recover.match == "tokens" or (recover.match == "auto" and _tokens_supported(ctx.adapter, model, part))
@@ -311,7 +311,8 @@ def _recover(model, teacher, part: str, recover: Recover, ctx: Context) -> dict:
                       device=ctx.device, tokens=tokens)
     return {"fidelity_before_recovery": before,
             "recovery": {"steps": recover.steps, "loss": recover.loss, "match": "tokens" if tokens else "output",
-                         "first_loss": history["first_loss"], "last_loss": history["last_loss"]}}
+                         "first_loss": history["first_loss"], "last_loss": history["final_loss"],
+                         "reverted": history["reverted"]}}
 
 
 # --- shapes ------------------------------------------------------------------------------------------------------

