@@ -50,6 +50,12 @@ def _offline(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", guarded)
 
 
+@pytest.fixture(autouse=True)
+def _calibration_cache(tmp_path, monkeypatch):
+    """The preprocessed-image cache lives in the test's own folder, never in ~/.cache."""
+    monkeypatch.setenv("MMOPT_CACHE_DIR", str(tmp_path / "mmopt-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_name(tmp_path_factory) -> str:
     """Registers a tiny open_clip architecture (2 layers, width 32, 32 px images) under TINY_CLIP."""

@@ -15,11 +15,6 @@ TINY_CLIP = {"embed_dim": 32,
              "text_cfg": {"width": 32, "layers": 2, "heads": 2, "vocab_size": 64, "context_length": 16}}
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("MMOPT_CACHE_DIR", str(tmp_path / "cache"))
-
-
 def tiny_open_clip():
     torch.manual_seed(0)
     adapter = registry.adapter_for("open_clip")

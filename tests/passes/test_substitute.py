@@ -26,11 +26,6 @@ TINY_CLIP = {"embed_dim": 32,
              "text_cfg": {"width": 32, "layers": 3, "heads": 2, "vocab_size": 49408, "context_length": 77}}
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("MMOPT_CACHE_DIR", str(tmp_path / "cache"))
-
-
 @pytest.fixture
 def tiny_bert(tmp_path) -> Path:
     """A 4-layer BERT of width 32 with MiniLM's tokenizer (hence its vocabulary size)."""
