@@ -282,12 +282,11 @@ def test_minilm_int8_recipe_loads_in_sentence_transformers(tmp_path):
     assert float(nn.functional.cosine_similarity(ref, new).mean()) >= 0.998
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where CUDA is absent")
 def test_gpu_check_refuses_cleanly_without_cuda():
     import subprocess
     import sys
 
-    if torch.cuda.is_available():
-        pytest.skip("this checks the refusal where CUDA is absent")
     script = Path(__file__).resolve().parents[2] / "scripts" / "gpu_check_quant.py"
     proc = subprocess.run([sys.executable, str(script), "--models", "vit"], capture_output=True, text=True,
                           cwd=script.parents[1], env={"PYTHONPATH": str(script.parents[1]), "PATH": "/usr/bin:/bin"})
