@@ -120,11 +120,11 @@ def minilm(name: str, every: int, args, work: Path, train_file: Path, held_out: 
     recipe = work / f"{name}.yaml"
     recipe.write_text(
         f'model: {{source: hf, path: "{MINILM}"}}\n'
-        f"calibration: {{texts: {train_file}, num_samples: {args.train_texts}, batch_size: 16}}\n"
+        f"calibration: {{texts: {train_file}, num_samples: {args.train_texts}, batch_size: {args.distill_batch}}}\n"
         f"profile: {{batch_size: {args.text_batch}, seq_len: 128}}\n"
         "passes:\n"
         f"  - substitute: {{layer_drop: {{keep_every: {every}}}, distill: {{steps: {args.steps}, lr: {args.lr}, "
-        f"batch_size: 16, patience: {args.patience}}}}}\n"
+        f"batch_size: {args.distill_batch}, patience: {args.patience}}}}}\n"
         f"output: {out}\ndevice: cpu\n")
     report = api.optimize(recipe, force=True)
     seconds = time.perf_counter() - started
@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=128, help="calibration images for the swaps")
     parser.add_argument("--resolution-images", type=int, default=32)
     parser.add_argument("--text-batch", type=int, default=32)
+    parser.add_argument("--distill-batch", type=int, default=16, help="MiniLM sentences per distillation step")
     parser.add_argument("--image-batch", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="a few steps and samples: checks the script runs")
     parser.add_argument("--only", nargs="*", default=None)

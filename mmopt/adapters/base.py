@@ -57,6 +57,24 @@ class Adapter(Protocol):
         (parameter name -> "projection" for an (in, out) matrix used as ``x @ P``, or "table" for an embedding
         table read as a tensor) and ``keep`` (module name -> why its Linear weights must stay as they are)."""
 
+    def prune_layout(self, model: Model, part: str) -> "PruneLayout":
+        """What structured pruning may touch in ``part``: FFN pairs, attention modules, ignored modules."""
+
+    def write_pruned_config(self, model: Model, part: str, target: str) -> str | None:
+        """Write pruned sizes into ``model.arch``; return why the result is not a stock config, or None."""
+
+    def layer_count(self, model: Model, part: str) -> int:
+        """Number of transformer layers of ``part`` (for layer_drop)."""
+
+    def keep_layers(self, model: Model, part: str, keep: list[int]) -> None:
+        """Keep only layers ``keep`` of ``part`` and rewrite the architecture config to match."""
+
+    def set_image_size(self, model: Model, part: str, size: int) -> None:
+        """Run image ``part`` at ``size`` px (positional embeddings interpolated, config and preprocess updated)."""
+
+    def swap_part(self, model: Model, part: str, module: Any) -> None:
+        """Replace ``part`` by ``module`` (inputs -> embedding of the original width)."""
+
     def enable_grad_checkpointing(self, model: Model, part: str) -> str:
         """Turn on the family's own gradient checkpointing for ``part``; return a few words saying how.
         Raise UnsupportedError where the family has none."""
