@@ -51,7 +51,7 @@ class Adapter:
 
     def build(self, arch: dict, preprocess: dict, info: dict) -> Model:
         model = self._create(arch["name"], copy.deepcopy(arch["config"]), custom_text=arch.get("custom_text"))
-        model.preprocess = dict(preprocess)
+        model.preprocess = {**model.preprocess, **preprocess}   # a changed size (resolution pass) wins
         return model
 
     def _create(self, name: str, config: dict, custom_text: bool | None = None) -> Model:

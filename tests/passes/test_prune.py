@@ -29,7 +29,7 @@ def _clip():
 
     torch.manual_seed(0)
     adapter = Adapter()
-    return adapter._create("ViT-B-32", copy.deepcopy(TINY_CLIP)), adapter
+    return adapter.build({"name": "ViT-B-32", "config": copy.deepcopy(TINY_CLIP)}, {}, {}), adapter
 
 
 @pytest.fixture(scope="module")

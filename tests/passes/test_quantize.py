@@ -28,7 +28,7 @@ def tiny_clip_config(width: int = 32) -> dict:
 @pytest.fixture(scope="module")
 def clip():
     torch.manual_seed(0)
-    return registry.adapter_for("open_clip")._create("ViT-B-32", tiny_clip_config())
+    return registry.adapter_for("open_clip").build({"name": "ViT-B-32", "config": tiny_clip_config()}, {}, {})
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,8 @@ def test_bare_projection_and_int8_tables():
 
 def test_quantized_fraction_covers_tiny_clip():
     torch.manual_seed(0)
-    wide = registry.adapter_for("open_clip")._create("ViT-B-32", tiny_clip_config(width=256))
+    wide = registry.adapter_for("open_clip").build({"name": "ViT-B-32", "config": tiny_clip_config(width=256)},
+                                                   {}, {})
     model, result = quantized(wide, method="int8", embeddings="int8")
     for part in ("visual", "text"):
         assert result.metrics[part]["quantized_fraction"] >= 0.99

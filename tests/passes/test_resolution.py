@@ -18,7 +18,8 @@ TINY_CLIP = {"embed_dim": 32,
 def tiny_open_clip():
     torch.manual_seed(0)
     adapter = registry.adapter_for("open_clip")
-    return adapter, adapter._create("ViT-B-32", {k: dict(v) if isinstance(v, dict) else v for k, v in TINY_CLIP.items()})
+    config = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY_CLIP.items()}
+    return adapter, adapter.build({"name": "ViT-B-32", "config": config}, {}, {})
 
 
 def resize(model, adapter, size: int):

@@ -63,7 +63,7 @@ def load_hf(folder: Path):
 def tiny_clip():
     torch.manual_seed(0)
     adapter = registry.adapter_for("open_clip")
-    return adapter, adapter._create("ViT-B-32", copy.deepcopy(TINY_CLIP))
+    return adapter, adapter.build({"name": "ViT-B-32", "config": copy.deepcopy(TINY_CLIP)}, {}, {})
 
 
 def context(model, adapter, calib=None, seed=0) -> Context:
