@@ -14,7 +14,7 @@ import importlib.resources
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,6 +23,11 @@ from mmopt.errors import DataError
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 CACHE_VERSION = 1
 DEFAULT_WORKERS = 2
+# When a pass fits itself to calibration data (distillation, a least-squares projection, a layer choice), every
+# HOLDOUT_EVERY-th sample, up to HOLDOUT_MAX of them, is kept away from it and fidelity is measured on those:
+# a score on the samples a student was trained on says how well it memorised them, not how it will do.
+HOLDOUT_EVERY = 5
+HOLDOUT_MAX = 256
 
 
 @dataclass
@@ -34,6 +39,7 @@ class Calibration:
     captions_file: Path | None = None
     cache: bool = True
     num_workers: int = DEFAULT_WORKERS      # DataLoader workers decoding images ahead of use (0: in-process)
+    split: str = "all"                      # "all", "fit" (what passes learn from) or "holdout" (for fidelity)
 
     @classmethod
     def from_recipe(cls, recipe: Any) -> "Calibration":
@@ -58,6 +64,17 @@ class Calibration:
         for path in self.image_files():
             _check_image(path)
 
+    def only(self, split: str) -> "Calibration":
+        """The same data restricted to the ``fit`` or ``holdout`` samples (see ``HOLDOUT_EVERY``)."""
+        return replace(self, split=split)
+
+    def selected(self, items: Iterator[Any]) -> Iterator[Any]:
+        """The items of this split, by position among all samples."""
+        for index, item in enumerate(items):
+            held = index % HOLDOUT_EVERY == HOLDOUT_EVERY - 1 and index < HOLDOUT_EVERY * HOLDOUT_MAX
+            if self.split == "all" or held == (self.split == "holdout"):
+                yield item
+
     @property
     def has_images(self) -> bool:
         return self.images_dir is not None
@@ -69,7 +86,10 @@ class Calibration:
     # --- texts -------------------------------------------------------------------------------------------
 
     def iter_texts(self) -> Iterator[str]:
-        """Non-empty lines of the texts file (at most ``num_samples``), read lazily."""
+        """Non-empty lines of the texts file (at most ``num_samples``, then this split's), read lazily."""
+        return self.selected(self._read_texts())
+
+    def _read_texts(self) -> Iterator[str]:
         path = self.texts_file
         if path is None:
             return
@@ -108,7 +128,7 @@ class Calibration:
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
             raise DataError(f"calibration images: no image files in {folder}")
-        return files[: self.num_samples]
+        return list(self.selected(iter(files[: self.num_samples])))
 
     def pairs(self) -> list[tuple[Path, str]]:
         """(image file, caption) pairs from the captions file: ``image_file<TAB>caption`` per line."""
@@ -140,7 +160,7 @@ class Calibration:
             raise DataError(f"calibration captions: not UTF-8 text: {path}") from None
         if not out:
             raise DataError(f"calibration captions: no image_file<TAB>caption lines in {path}")
-        return out
+        return list(self.selected(iter(out)))
 
     def captions(self) -> list[str]:
         return [caption for _, caption in self.pairs()]
@@ -319,7 +339,19 @@ def text_source(calib: Calibration) -> Iterator[str]:
         return calib.iter_texts()
     if calib.captions_file is not None:
         return iter(calib.captions())
-    return iter(bundled_texts()[: calib.num_samples])
+    return calib.selected(iter(bundled_texts()[: calib.num_samples]))
+
+
+def fit_and_holdout(calib: Calibration, parts: list[str]) -> tuple[Calibration, Calibration] | None:
+    """(the samples passes may fit to, the held-out samples fidelity is measured on), or None when some part's
+    data is too small to hold any out (fewer than ``HOLDOUT_EVERY`` samples)."""
+    holdout = calib.only("holdout")
+    for part in parts:
+        if part == "text" and next(text_source(holdout), None) is None:
+            return None
+        if part != "text" and calib.images_dir is not None and not holdout.image_files():
+            return None
+    return calib.only("fit"), holdout
 
 
 def inputs_for(model: Any, adapter: Any, part: str, calib: Calibration | None, seq_len: int = 128,
@@ -364,7 +396,7 @@ def describe_inputs(model: Any, adapter: Any, part: str, calib: Calibration | No
         if calib.captions_file is not None and has_tokenizer:
             return f"calibration captions ({len(calib.pairs())})", False
         if has_tokenizer:
-            n = min(len(bundled_texts()), calib.num_samples)
+            n = sum(1 for _ in calib.selected(iter(bundled_texts()[: calib.num_samples])))
             return f"bundled sample texts ({n})", False
         return f"synthetic token ids ({calib.num_samples}; no tokenizer)", True
     files = calib.image_files()

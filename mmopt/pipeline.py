@@ -8,7 +8,7 @@ from typing import Any
 
 from mmopt import checkpoint, gates, measure, registry
 from mmopt.adapters.base import Shapes, looks_like_hub_id
-from mmopt.calibration import Calibration, describe_inputs, inputs_for
+from mmopt.calibration import Calibration, describe_inputs, fit_and_holdout, inputs_for
 from mmopt.errors import UserError
 from mmopt.passes.base import Context
 from mmopt.progress import NO_PROGRESS, Progress
@@ -66,7 +66,8 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
                     seq_len=recipe.profile.seq_len)
     before = _measure(teacher, adapter, shapes, progress, "measuring original")
 
-    ctx = Context(adapter=adapter, teacher=teacher, calibration=calib, device=device, seed=recipe.seed,
+    fit_calib, eval_calib, held_out = _split_calibration(recipe, calib, list(model.parts))
+    ctx = Context(adapter=adapter, teacher=teacher, calibration=fit_calib, device=device, seed=recipe.seed,
                   progress=progress, base_dir=recipe.base_dir)
     applied, pass_rows = [], []
     for spec in recipe.passes:
@@ -86,8 +87,8 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
         # Everything "after" is measured on the model reloaded from what was written, not on the one in memory.
         reloaded = checkpoint.load_model(tmp, device=device)
         after = _measure(reloaded, adapter, shapes, progress, "measuring optimized")
-        report = _report(recipe, recipe_path, model, teacher, reloaded, adapter, calib, shapes, before, after,
-                         manifest, pass_rows, device, progress)
+        report = _report(recipe, recipe_path, model, teacher, reloaded, adapter, eval_calib, held_out, shapes,
+                         before, after, manifest, pass_rows, device, progress)
         report["gates"] = gates.evaluate(recipe.gates, report)
         report["passed"] = all(row["passed"] for row in report["gates"])
         report["seconds"] = round(time.perf_counter() - started, 2)
@@ -128,8 +129,20 @@ def _measure(model: Any, adapter: Any, shapes: Shapes, progress: Progress, what:
     return out
 
 
-def _report(recipe, recipe_path, model, teacher, reloaded, adapter, calib, shapes, before, after, manifest,
-            pass_rows, device, progress) -> dict:
+def _split_calibration(recipe: Recipe, calib: Calibration, parts: list[str]) -> tuple:
+    """(calibration for the passes, calibration for fidelity, held_out) where held_out is True when passes
+    fit to calibration data and fidelity is measured on samples they never saw, False when they fit to it but
+    there were too few samples to hold any out, and None when no pass fits to calibration data."""
+    fitting = [spec for spec in recipe.passes
+               if getattr(registry.pass_module(spec.name), "fits_calibration", lambda cfg: False)(spec.config)]
+    if not fitting:
+        return calib, calib, None
+    split = fit_and_holdout(calib, parts)
+    return (split[0], split[1], True) if split else (calib, calib, False)
+
+
+def _report(recipe, recipe_path, model, teacher, reloaded, adapter, calib, held_out, shapes, before, after,
+            manifest, pass_rows, device, progress) -> dict:
     parts = {}
     files = manifest["files"]
     with progress.task("fidelity", total=len(teacher.parts)) as task:
@@ -142,6 +155,9 @@ def _report(recipe, recipe_path, model, teacher, reloaded, adapter, calib, shape
                 task.advance()
                 continue
             description, synthetic = describe_inputs(teacher, adapter, part, calib)
+            if held_out is not None:
+                description += (", held out from what the passes fitted to" if held_out
+                                else ", the same samples the passes fitted to: too few to hold any out")
             ref = measure.embeddings(teacher, adapter, part,
                                      inputs_for(teacher, adapter, part, calib, shapes.seq_len, recipe.seed))
             image_size = reloaded.preprocess.get("image_size") if part != "text" else None
@@ -151,7 +167,8 @@ def _report(recipe, recipe_path, model, teacher, reloaded, adapter, calib, shape
             parts[part] = {
                 "before": {**_public(before[part]), "checkpoint_bytes": before_ckpt},
                 "after": {**_public(after[part]), "checkpoint_bytes": files[part]["bytes"] if part in files else None},
-                "fidelity": {**measure.fidelity(ref, new), "inputs": description, "synthetic": synthetic},
+                "fidelity": {**measure.fidelity(ref, new), "inputs": description, "synthetic": synthetic,
+                             "held_out": held_out},
             }
             for row in pass_rows:
                 for key, value in row["metrics"].get(part, {}).items():

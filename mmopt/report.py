@@ -53,8 +53,14 @@ LABELS = {"params": "params", "weight_bytes": "weights in memory", "checkpoint_b
           "peak_activation_bytes": "peak activation", "latency_ms": "latency / batch"}
 
 
-def _brief(value: Any, width: int = 90) -> str:
-    """Pass metrics in one cell: compact JSON, cut to ``width`` (report.json has all of it)."""
+def _brief(key: str, value: Any, width: int = 90) -> str:
+    """Pass metrics in one cell: the pass's own ``brief`` words where it has them, else compact JSON, cut to
+    ``width`` (report.json has all of it)."""
+    from mmopt import registry
+
+    module = registry.pass_module(key) if key in registry.PASSES else None
+    if hasattr(module, "brief") and isinstance(value, dict):
+        return module.brief(value)
     text = value if isinstance(value, str) else json.dumps(value, separators=(", ", ": "), default=str)
     return text if len(text) <= width else text[: width - 3] + "..."
 
@@ -73,7 +79,7 @@ def table_rows(report: dict) -> list[list[str]]:
             if "neighbor_agreement" in fid:
                 rows.append([part, "neighbour agreement", "1", f"{fid['neighbor_agreement']:.3f}", ""])
         for key in sorted(k for k in data if k not in ("before", "after", "fidelity")):
-            rows.append([part, key, "", _brief(data[key]), ""])
+            rows.append([part, key, "", _brief(key, data[key]), ""])
     return rows
 
 

@@ -3,9 +3,11 @@
     python scripts/bench_substitute.py [--steps 400] [--quick] [--out DIR] [--only NAME ...]
 
 Cases (in one run):
-  minilm-6to3      all-MiniLM-L6-v2 (real weights), layer_drop keep_every 2 + distillation on a text file;
-                   fidelity on held-out sentences; the output's config.json and a sentence-transformers load
-  minilm-6to2      the same with keep_every 3
+  minilm-6to3      all-MiniLM-L6-v2 (real weights), layer_drop layers: 3 (the subset closest to the original)
+                   + distillation on a text file; fidelity on held-out sentences; the output's config.json and
+                   a sentence-transformers load
+  minilm-6to3-every2  the same with keep_every 2 (layers 0, 2, 4: DistilBERT-style), for comparison
+  minilm-6to2      the same as minilm-6to3 with layers: 2
   bert-base-6      a random-init BERT-base config, layer_drop keep_every 2 (bytes vs DistilBERT's 0.61x)
   vitb32-to-vits32 open_clip ViT-B-32 image tower swapped for ViT-S-32 + projection (random weights both sides)
   r50-to-mnv3l     ResNet-50 features swapped for MobileNetV3-Large features + projection (random weights)
@@ -110,7 +112,7 @@ def row(name: str, before: dict, after: dict, fidelity: str, seconds: float, not
 
 # --- cases -----------------------------------------------------------------------------------------------
 
-def minilm(name: str, every: int, args, work: Path, train_file: Path, held_out: list[str]) -> dict:
+def minilm(name: str, layer_drop: str, args, work: Path, train_file: Path, held_out: list[str]) -> dict:
     from sentence_transformers import SentenceTransformer
 
     from mmopt.adapters.base import local_path
@@ -123,8 +125,8 @@ def minilm(name: str, every: int, args, work: Path, train_file: Path, held_out: 
         f"calibration: {{texts: {train_file}, num_samples: {args.train_texts}, batch_size: {args.distill_batch}}}\n"
         f"profile: {{batch_size: {args.text_batch}, seq_len: 128}}\n"
         "passes:\n"
-        f"  - substitute: {{layer_drop: {{keep_every: {every}}}, distill: {{steps: {args.steps}, lr: {args.lr}, "
-        f"batch_size: {args.distill_batch}, patience: {args.patience}}}}}\n"
+        f"  - substitute: {{layer_drop: {layer_drop}, distill: {{steps: {args.steps}, lr: {args.lr}, "
+        f"batch_size: {args.distill_batch}, patience: {args.patience}, match: {args.match}}}}}\n"
         f"output: {out}\ndevice: cpu\n")
     report = api.optimize(recipe, force=True)
     seconds = time.perf_counter() - started
@@ -136,10 +138,15 @@ def minilm(name: str, every: int, args, work: Path, train_file: Path, held_out: 
     new = torch.as_tensor(student.encode(held_out, batch_size=32))
     fid = measure.fidelity(ref, new)
     distill = text["substitute"]["distill"]
+    kept = text["substitute"]["layers"]
+    chosen = kept.get("choice")
     return row(name, text["before"], text["after"],
                f"held-out cos {fid['mean_cosine']:.3f} (min {fid['min_cosine']:.2f}, nn-agree "
                f"{fid['neighbor_agreement']:.2f}, n={fid['samples']})", seconds,
-               f"config.json: {layers} layers; sentence-transformers loads it; {distill['steps']} steps, "
+               f"kept {kept['kept']}" + (f" (chosen: cos {chosen['cosine']:.3f} before training; every-k-th "
+                                          f"{chosen['every_kth']['kept']}: {chosen['every_kth']['cosine']:.3f})"
+                                          if chosen else " (before training: see report)")
+               + f"; config.json: {layers} layers; sentence-transformers loads it; {distill['steps']} steps, "
                f"loss {distill['first_loss']:.3f} -> {distill['final_loss']:.3f}")
 
 
@@ -241,7 +248,8 @@ def resolution_case(name: str, spec: ModelSpec, old: int, new: int, args, images
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400, help="MiniLM distillation steps")
-    parser.add_argument("--lr", type=float, default=1.0e-4)
+    parser.add_argument("--lr", type=float, default=1.0e-3)
+    parser.add_argument("--match", default="auto", choices=["auto", "output", "tokens"])
     parser.add_argument("--patience", type=int, default=100)
     parser.add_argument("--image-steps", type=int, default=100, help="distillation steps of the image swaps")
     parser.add_argument("--image-lr", type=float, default=1.0e-4)
@@ -272,8 +280,10 @@ def main(argv: list[str] | None = None) -> None:
     test_images = write_images(work / "held-out-images", args.resolution_images, seed=5000)
 
     cases = {
-        "minilm-6to3": lambda: minilm("minilm-6to3", 2, args, work, train_file, held_out),
-        "minilm-6to2": lambda: minilm("minilm-6to2", 3, args, work, train_file, held_out),
+        "minilm-6to3": lambda: minilm("minilm-6to3", "{layers: 3}", args, work, train_file, held_out),
+        "minilm-6to3-every2": lambda: minilm("minilm-6to3-every2", "{keep_every: 2}", args, work, train_file,
+                                             held_out),
+        "minilm-6to2": lambda: minilm("minilm-6to2", "{layers: 2}", args, work, train_file, held_out),
         "bert-base-12to6": lambda: bert_base(args, work),
         "vitb32-to-vits32": lambda: swap_case("vitb32-to-vits32", ModelSpec(source="open_clip", name="ViT-B-32"),
                                               ModelSpec(source="open_clip", name="ViT-S-32"), args, images, test_images, False,

