@@ -128,6 +128,9 @@ def brief(summary: dict) -> str:
     if distill:
         words.append(f"distilled {distill['steps']} steps, loss {distill['first_loss']:.4f} -> "
                      f"{distill['final_loss']:.4f}" + (" (reverted: it made things worse)" if distill["reverted"] else ""))
+    agreement = summary.get("image_text_agreement")
+    if agreement and agreement.get("after") is not None:
+        words.append(f"image-text agreement {agreement['before']:.2f} -> {agreement['after']:.2f}")
     return "; ".join(words)
 
 

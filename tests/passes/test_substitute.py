@@ -263,6 +263,8 @@ def test_swap_in_a_clip_tower_keeps_its_width_and_reports_agreement(images, tmp_
     result = substitute.apply(model, cfg, ctx)
     agreement = result.metrics["visual"]["substitute"]["image_text_agreement"]
     assert agreement["kind"] == "caption top-1 accuracy" and set(agreement) == {"kind", "before", "before_distill", "after"}
+    assert substitute.brief(result.metrics["visual"]["substitute"]).startswith("swapped for resnet18, projection 512->32; "
+                                                                                "distilled 1 steps")
     inputs = adapter.example_inputs(model, "visual", Shapes(batch_size=2))
     assert adapter.run(model, "visual", inputs).shape == (2, 32)
     reloaded = save_and_reload(model, adapter, cfg, result, tmp_path / "out")
