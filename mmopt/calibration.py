@@ -396,7 +396,7 @@ def describe_inputs(model: Any, adapter: Any, part: str, calib: Calibration | No
         if calib.captions_file is not None and has_tokenizer:
             return f"calibration captions ({len(calib.pairs())})", False
         if has_tokenizer:
-            n = sum(1 for _ in calib.selected(iter(bundled_texts()[: calib.num_samples])))
+            n = sum(1 for _ in text_source(calib))
             return f"bundled sample texts ({n})", False
         return f"synthetic token ids ({calib.num_samples}; no tokenizer)", True
     files = calib.image_files()

@@ -125,10 +125,7 @@ def main() -> None:
         code = app(standalone_mode=False)
         if code == EXIT_INTERRUPTED:           # typer turns KeyboardInterrupt into Exit(130) by itself
             _fail("interrupted; no partial output was left", None)
-    except click.exceptions.Abort:
-        _fail("interrupted; no partial output was left", None)
-        code = EXIT_INTERRUPTED
-    except KeyboardInterrupt:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         _fail("interrupted; no partial output was left", None)
         code = EXIT_INTERRUPTED
     except click.ClickException as exc:

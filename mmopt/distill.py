@@ -15,6 +15,16 @@ STALL_TOLERANCE = 1e-3      # relative improvement of the smoothed loss that sti
 EMA = 0.9                   # smoothing of the per-step loss for the stall test
 
 
+def tokens_supported(adapter: Any, model: Any, part: str) -> bool:
+    """Whether every token's hidden state of ``part`` can be matched (Hugging Face text encoders)."""
+    return hasattr(adapter, "can_run_hidden") and adapter.can_run_hidden(model, part)
+
+
+def use_tokens(match: str, adapter: Any, model: Any, part: str) -> bool:
+    """The ``match`` option (auto / output / tokens) as a decision: auto matches tokens where supported."""
+    return match == "tokens" or (match == "auto" and tokens_supported(adapter, model, part))
+
+
 def loss_fn(kind: str, tokens: bool = False) -> Callable[[Any, Any], Any]:
     """Pooled outputs: plain cosine / MSE. Tokens: (hidden, mask) pairs, padding masked out."""
     import torch.nn.functional as F

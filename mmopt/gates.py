@@ -33,13 +33,13 @@ def evaluate(gates: Any, report: dict) -> list[dict]:
             if threshold is None:
                 continue
             rows.append(_row(name, part, lookup(data), threshold, op))
+    weights = sum(d["after"]["weight_bytes"] for d in kept.values())
     if gates.max_weight_bytes is not None:
-        total = sum(d["after"]["weight_bytes"] for d in kept.values())
-        rows.append(_row("max_weight_bytes", "all", total, gates.max_weight_bytes, "<="))
+        rows.append(_row("max_weight_bytes", "all", weights, gates.max_weight_bytes, "<="))
     if gates.max_peak_bytes is not None:
         # Parts run one at a time: all weights resident plus the largest part's activation peak.
         peaks = [d["after"].get("peak_activation_bytes") for d in kept.values()]
-        total = None if None in peaks else sum(d["after"]["weight_bytes"] for d in kept.values()) + max(peaks, default=0)
+        total = None if None in peaks else weights + max(peaks, default=0)
         rows.append(_row("max_peak_bytes", "all", total, gates.max_peak_bytes, "<="))
     for part in gates.parts:
         if part not in report["parts"]:

@@ -18,6 +18,11 @@ MEASURED_CUDA = "measured-cuda"
 ESTIMATED = "estimated"
 
 
+def overall_method(methods: set[str]) -> str:
+    """How a figure built from several parts' figures was obtained: measured only when every part was."""
+    return MEASURED_CUDA if methods == {MEASURED_CUDA} else ESTIMATED
+
+
 def tensor_bytes(tensor: Any) -> int:
     """Bytes of a tensor's elements (a view counts its own elements)."""
     return tensor.numel() * tensor.element_size()
@@ -310,22 +315,25 @@ def quantized_weight_bytes(module: Any, method: str, keep_dtype: Any = None) -> 
     in ``keep_dtype`` (bitsandbytes computes in half precision, so the rest is usually cast too)."""
     import torch.nn as nn
 
-    quantized = {id(m.weight): m.weight for m in module.modules() if isinstance(m, nn.Linear)}
-    total = sum(quantized_tensor_bytes(w, method) for w in quantized.values())
-    rest = [t for t in unique_tensors(module) if id(t) not in quantized]
-    total += cast_weight_bytes(rest, keep_dtype) if keep_dtype is not None else sum(tensor_bytes(t) for t in rest)
-    return total
+    linear = [m.weight for m in module.modules() if isinstance(m, nn.Linear)]
+    return _with_linear_quantized(linear, unique_tensors(module), method, keep_dtype)
 
 
 def part_quantized_bytes(model: Any, part: str, method: str, keep_dtype: Any = None) -> int:
     """``quantized_weight_bytes`` for one part of a Model (its Linear layers quantized, the rest kept)."""
     import torch.nn as nn
 
-    quantized = {id(m.weight): m.weight for _, m in model.named_modules(part) if isinstance(m, nn.Linear)}
+    linear = [m.weight for _, m in model.named_modules(part) if isinstance(m, nn.Linear)]
+    return _with_linear_quantized(linear, [t for _, t in model.named_tensors(part)], method, keep_dtype)
+
+
+def _with_linear_quantized(linear: list, tensors: list, method: str, keep_dtype: Any) -> int:
+    quantized = {id(w): w for w in linear}
     total = sum(quantized_tensor_bytes(w, method) for w in quantized.values())
-    rest = [t for _, t in model.named_tensors(part) if id(t) not in quantized]
-    total += cast_weight_bytes(rest, keep_dtype) if keep_dtype is not None else sum(tensor_bytes(t) for t in rest)
-    return total
+    rest = [t for t in tensors if id(t) not in quantized]
+    if keep_dtype is not None:
+        return total + cast_weight_bytes(rest, keep_dtype)
+    return total + sum(tensor_bytes(t) for t in rest)
 
 
 def unique_tensors(module: Any) -> list:

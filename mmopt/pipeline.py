@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmopt import checkpoint, gates, measure, registry
+from mmopt import checkpoint, gates, measure, memory, registry
 from mmopt.adapters.base import Shapes, looks_like_hub_id
 from mmopt.calibration import Calibration, describe_inputs, fit_and_holdout, inputs_for
 from mmopt.errors import UserError
@@ -89,8 +89,7 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
         after = _measure(reloaded, adapter, shapes, progress, "measuring optimized")
         report = _report(recipe, recipe_path, model, teacher, reloaded, adapter, eval_calib, held_out, shapes,
                          before, after, manifest, pass_rows, device, progress)
-        report["gates"] = gates.evaluate(recipe.gates, report)
-        report["passed"] = all(row["passed"] for row in report["gates"])
+        _judge(recipe, report)
         report["seconds"] = round(time.perf_counter() - started, 2)
         from mmopt import report as report_io
 
@@ -115,9 +114,14 @@ def check(recipe: Recipe) -> dict:
         raise UserError(f"{report_file}: malformed JSON ({exc.msg})") from None
     if report.get("report_version") != REPORT_VERSION:
         raise UserError(f"{report_file}: report version {report.get('report_version')!r}, expected {REPORT_VERSION}")
+    _judge(recipe, report)
+    return report
+
+
+def _judge(recipe: Recipe, report: dict) -> None:
+    """Evaluate the recipe's gates on ``report`` and record the verdict in it."""
     report["gates"] = gates.evaluate(recipe.gates, report)
     report["passed"] = all(row["passed"] for row in report["gates"])
-    return report
 
 
 def _measure(model: Any, adapter: Any, shapes: Shapes, progress: Progress, what: str) -> dict:
@@ -133,9 +137,8 @@ def _split_calibration(recipe: Recipe, calib: Calibration, parts: list[str]) -> 
     """(calibration for the passes, calibration for fidelity, held_out) where held_out is True when passes
     fit to calibration data and fidelity is measured on samples they never saw, False when they fit to it but
     there were too few samples to hold any out, and None when no pass fits to calibration data."""
-    fitting = [spec for spec in recipe.passes
-               if getattr(registry.pass_module(spec.name), "fits_calibration", lambda cfg: False)(spec.config)]
-    if not fitting:
+    if not any(getattr(registry.pass_module(spec.name), "fits_calibration", lambda cfg: False)(spec.config)
+               for spec in recipe.passes):
         return calib, calib, None
     split = fit_and_holdout(calib, parts)
     return (split[0], split[1], True) if split else (calib, calib, False)
@@ -182,7 +185,7 @@ def _report(recipe, recipe_path, model, teacher, reloaded, adapter, calib, held_
         "output": str(recipe.output_path),
         "model": manifest["source"],
         "random_weights": bool(model.random_weights),
-        "memory_method": "measured-cuda" if methods == {"measured-cuda"} else "estimated",
+        "memory_method": memory.overall_method(methods),
         "device": device,
         "shapes": {"batch_size": shapes.batch_size, "image_size": shapes.image_size, "seq_len": shapes.seq_len},
         "parts": parts,
@@ -204,8 +207,8 @@ def shared_bytes(model: Any) -> int:
 
 
 def _public(measures: dict) -> dict:
-    keep = ("params", "weight_bytes", "peak_activation_bytes", "latency_ms", "memory_method", "input_bytes",
-            "batch_size", "note")
+    keep = ("params", "weight_bytes", "peak_activation_bytes", "latency_ms", "memory_method", "memory_how",
+            "input_bytes", "batch_size", "note")
     return {k: measures[k] for k in keep if k in measures}
 
 

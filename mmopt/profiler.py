@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmopt import registry
+from mmopt import memory, registry
 from mmopt.adapters.base import IMAGE_PARTS, Shapes
 from mmopt.errors import UnsupportedError, UserError
 
@@ -134,7 +134,7 @@ def profile(req: ProfileRequest) -> dict:
     result = {
         "model": req.model,
         "random_weights": bool(model.random_weights),
-        "method": "measured-cuda" if methods == {"measured-cuda"} else "estimated",
+        "method": memory.overall_method(methods),
         "mode": "train" if req.train else "inference",
         "dtype": req.dtype,
         "shapes": {"batch_size": req.batch_size, "image_size": req.image_size or model.preprocess.get("image_size"),

@@ -107,6 +107,9 @@ def notes(report: dict) -> list[str]:
         for side in ("before", "after"):
             if data[side].get("note"):
                 out.append(f"{side}: {data[side]['note']}.")
+            if data[side].get("memory_how") == "CPU trace":
+                out.append(f"Peak activation of {part} {side}: traced from a real CPU run (these kernels have no "
+                           "fake-tensor version), so it is the CPU allocator's figure, not a CUDA one.")
     return out + list(report.get("notes", []))
 
 
@@ -201,11 +204,7 @@ def show_profile(result: dict, console: Any) -> None:
     for part, data in result["parts"].items():
         table.add_row(f"[bold]{part}[/]", _cell(data["params"], "params"), format_bytes(data["weights_bytes"]),
                       format_bytes(data["peak_activation_bytes"]), "100%", end_section=False)
-        tree = data.get("tree")
-        if tree is None:  # a result from before the tree existed
-            tree = [{"module": m["module"], "params": m["params"], "weights_bytes": m["bytes"],
-                     "activation_bytes": None, "activation_share": None, "children": []} for m in data["modules"]]
-        _tree_rows(table, tree, depth=1)
+        _tree_rows(table, data["tree"], depth=1)
         table.add_row(f"  [italic]inputs[/]", "", "", format_bytes(data["input_bytes"]), "", end_section=True)
     console.print(table)
     kind = "training step peak" if mode == "train" else "inference peak"

@@ -27,8 +27,9 @@ def write_png(report: dict, folder: Path) -> str | None:
     fig, (bars, fall) = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.2
     for i, (key, label) in enumerate((("weight_bytes", "weights"), ("peak_activation_bytes", "peak activation"))):
-        before = [(report["parts"][p]["before"].get(key) or 0) / MIB for p in parts]
-        after = [(report["parts"][p]["after"].get(key) or 0) / MIB for p in parts]
+        # A figure that was not measured (None) draws no bar rather than a bar of 0 MiB.
+        before = [_mib(report["parts"][p]["before"].get(key)) for p in parts]
+        after = [_mib(report["parts"][p]["after"].get(key)) for p in parts]
         xs = [j + (2 * i - 1.5) * width for j in range(len(parts))]
         bars.bar(xs, before, width, label=f"{label} before", alpha=0.5)
         bars.bar([x + width for x in xs], after, width, label=f"{label} after")
@@ -51,3 +52,7 @@ def write_png(report: dict, folder: Path) -> str | None:
     fig.savefig(folder / "report.png", dpi=100)
     plt.close(fig)
     return None
+
+
+def _mib(value: int | None) -> float:
+    return float("nan") if value is None else value / MIB

@@ -6,6 +6,7 @@ this module only chooses the blocks and wires them to mmopt checkpoints.
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -73,9 +74,7 @@ def encode_frames(module: Any, frames: Any, window: int, part: str = "visual") -
     """Embeddings of video ``frames`` (a (N, 3, H, W) tensor or an iterable of (3, H, W) / (k, 3, H, W)
     tensors) through the image ``part`` of a model from ``mmopt.load``, ``window`` frames at a time, so the
     activation memory is that of a batch of ``window``. Returns a (N, dim) float tensor on the CPU."""
-    import torch
-
-    from mmopt import registry
+    from mmopt import measure, registry
     from mmopt.adapters.base import part_device
 
     if window < 1:
@@ -86,13 +85,12 @@ def encode_frames(module: Any, frames: Any, window: int, part: str = "visual") -
     model.check_part(part)
     adapter = registry.adapter_for(model.source)
     device = part_device(model, part)
-    outputs = []
-    with torch.inference_mode():
-        for chunk in _windows(frames, window):
-            outputs.append(adapter.run(model, part, (chunk.to(device),)).float().cpu())
-    if not outputs:
+    windows = _windows(frames, window)
+    first = next(windows, None)
+    if first is None:
         raise UserError("encode_frames: no frames given")
-    return torch.cat(outputs)
+    batches = ((chunk.to(device),) for chunk in itertools.chain([first], windows))
+    return measure.embeddings(model, adapter, part, batches)
 
 
 def _windows(frames: Any, window: int) -> Iterable[Any]:

@@ -21,8 +21,9 @@ class SwappedPart(nn.Module):
         self.proj = nn.Linear(*projection) if projection else None
         if projection:
             # Fixed scales put the projection's input and output near unit RMS whatever the two models' output
-            # magnitudes (random towers can reach 1e3), so its least-squares weights have the scale of ordinary
-            # weights and the optimizer's first steps, which move every weight by about ``lr``, do not wipe it out.
+            # magnitudes (random-weight towers are far from unit scale), so its least-squares weights have the
+            # scale of ordinary weights and the optimizer's first steps, which move every weight by about ``lr``,
+            # do not wipe it out.
             self.register_buffer("in_scale", torch.ones(()))
             self.register_buffer("out_scale", torch.ones(()))
         # Plain attributes (not submodules): the student Model shares ``self.student`` as its module.

@@ -29,11 +29,10 @@ def _half_copy(est: Any, dtype: str) -> Any:
     from mmopt.passes import cast
     from mmopt.passes.base import Context
 
+    from mmopt.adapters.base import uncheckpoint_blocks
+
     model = copy.deepcopy(est.model)
-    # A deep copy shares function objects: a forward wrapped for checkpointing (adapters.base.checkpoint_blocks)
-    # would still run the original block. Drop such wrappers; the copy's training estimate re-wraps its own.
-    for module in model.module.modules():
-        module.__dict__.pop("forward", None)
+    uncheckpoint_blocks(model.module)      # the copy's training estimate re-wraps its own blocks
     cast.apply(model, cast.Config(dtype=dtype, parts=[est.part]), Context(adapter=est.adapter))
     return Estimator(model, est.adapter, est.part, est.req)
 
@@ -52,7 +51,7 @@ def table(est: Any, shapes: Shapes, described: dict) -> list[dict]:
     
     def half(dtype: str) -> tuple[int, Any]:
         e = _half_copy(est, dtype)
-        return _cost(e, shapes), e
+        return e.total(shapes), e
 
     fp16_total, fp16_est = half("float16")
     bf16_total, _ = half("bfloat16")
@@ -81,12 +80,12 @@ def table(est: Any, shapes: Shapes, described: dict) -> list[dict]:
 
             e = Estimator(small, est.adapter, est.part, req)
             rows.append(_row(f"resolution {size}px", f"resolution pass (to {size}px; fine-tune after)",
-                             _cost(e, dataclasses.replace(shapes, image_size=size)), base))
+                             e.total(dataclasses.replace(shapes, image_size=size)), base))
         except Exception as exc:  # an architecture fixed to its size: say so in the row, do not fail the table
             rows.append(_row(f"resolution {size}px", "resolution pass", None, base, f"not estimated: {exc}"))
     if shapes.batch_size > 1:
         smaller = shapes.batch_size // 2
-        total, note = _attempt(lambda: _cost(est, dataclasses.replace(shapes, batch_size=smaller)))
+        total, note = _attempt(lambda: est.total(dataclasses.replace(shapes, batch_size=smaller)))
         rows.append(_row(f"batch {smaller}", f"--batch {smaller} (runtime.auto_batch_size backs off on OOM)",
                          total, base, note))
     if train:
@@ -123,10 +122,6 @@ def table(est: Any, shapes: Shapes, described: dict) -> list[dict]:
                              f"{frames['windows']} windows of {window} images"))
     rows.sort(key=lambda r: (r["saving_bytes"] is None, -(r["saving_bytes"] or 0), r["technique"]))
     return [_row("as profiled", "-", base, base)] + rows
-
-
-def _cost(est: Any, shapes: Shapes) -> int:
-    return est.total(shapes)
 
 
 def _attempt(fn: Any) -> tuple[int | None, str]:

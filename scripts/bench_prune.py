@@ -145,12 +145,15 @@ def _row(case, method, model, adapter, part, ref, eval_inputs, reload) -> dict:
     try:
         new = measure.embeddings(model, adapter, part, eval_inputs)
         fid = measure.fidelity(ref, new)
-        peak = measure.part_runtime(model, adapter, part, shapes, latency=False)["peak_activation_bytes"]
+        runtime = measure.part_runtime(model, adapter, part, shapes, latency=False)
+        peak, memory_method = runtime["peak_activation_bytes"], f"{runtime['memory_method']} ({runtime['memory_how']})"
         fails = None
     except Exception as exc:  # a baseline whose forward breaks is a result, not a crash of the benchmark
-        fid, peak, fails = {"mean_cosine": None, "min_cosine": None}, None, f"forward fails: {_first(exc)}"
+        fid, peak, memory_method = {"mean_cosine": None, "min_cosine": None}, None, None
+        fails = f"forward fails: {_first(exc)}"
     row = {"case": case["name"], "method": method, "params": sizes["params"], "weight_bytes": sizes["weight_bytes"],
-           "peak_activation_bytes": peak, "mean_cosine": fid["mean_cosine"], "min_cosine": fid["min_cosine"],
+           "peak_activation_bytes": peak, "memory_method": memory_method,
+           "mean_cosine": fid["mean_cosine"], "min_cosine": fid["min_cosine"],
            "reloads_in_stock_library": reload, "heads": _heads(model, adapter, part)}
     if fails:
         row["note"] = fails
@@ -260,7 +263,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="recovery steps for the MiniLM recovery case")
     parser.add_argument("--only", default="", help="run only cases whose name contains this")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1 is fastest on a shared 2-core machine)")
+                        help="torch CPU threads")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -272,6 +275,8 @@ def main() -> None:
                 started = time.perf_counter()
                 rows += run_case(case, Path(tmp))
                 print(f"{case['name']}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    methods = sorted({r["memory_method"] for r in rows if r.get("memory_method")})
+    print(f"peak activation: {'; '.join(methods) or 'not measured'}")
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

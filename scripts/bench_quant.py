@@ -26,6 +26,8 @@ import time
 import warnings
 from pathlib import Path
 
+from mmopt import measure
+
 SENTENCES = [
     "The train to the airport leaves every twenty minutes.",
     "A quick brown fox jumps over the lazy dog.",
@@ -88,7 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.manual_seed(0)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rows: list[dict] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,10 +141,9 @@ def bench_open_clip(tmp: Path, quick: bool) -> list[dict]:
 
     adapter = registry.adapter_for("open_clip")
     if quick:
-        model = adapter._create("ViT-B-32", dict(embed_dim=32, vision_cfg=dict(width=32, layers=2, patch_size=8,
-                                                                                 image_size=32, head_width=16),
-                                                 text_cfg=dict(width=32, layers=2, heads=2, vocab_size=64,
-                                                               context_length=16)))
+        tiny = dict(embed_dim=32, vision_cfg=dict(width=32, layers=2, patch_size=8, image_size=32, head_width=16),
+                    text_cfg=dict(width=32, layers=2, heads=2, vocab_size=64, context_length=16))
+        model = adapter.build({"name": "ViT-B-32", "config": tiny}, {}, {})
         inputs = {"visual": (random_images(8, 32, seed=1),), "text": (torch.randint(0, 64, (8, 16)),)}
     else:
         model = adapter.load(ModelSpec(source="open_clip", name="ViT-B-32"))
@@ -165,7 +165,7 @@ class Bench:
 
         self.name, self.model, self.adapter, self.inputs, self.tmp = name, model, adapter, inputs, tmp
         self.rows: list[dict] = []
-        self.ref = {p: _run(model, adapter, p, inputs[p]) for p in inputs}
+        self.ref = {p: measure.embeddings(model, adapter, p, [inputs[p]]) for p in inputs}
         self.fp32 = {p: {"ckpt": checkpoint.serialized_bytes(memory.part_state(model, p)),
                          "mem": memory.part_weight_bytes(model, p),
                          "latency": _latency(model, adapter, p, inputs[p])} for p in inputs}
@@ -195,11 +195,13 @@ class Bench:
             from mmopt import memory
 
             self._row(label, part, reloaded, manifest["files"][part]["bytes"], memory.part_weight_bytes(reloaded, part),
-                      _run(reloaded, self.adapter, part, self.inputs[part]), **extra)
+                      measure.embeddings(reloaded, self.adapter, part, [self.inputs[part]]), **extra)
 
     def dynamic(self) -> None:
         """torch.ao quantize_dynamic: nn.Linear only; its packed weights are not tensors, so bytes are torch.save's."""
         import torch
+
+        from mmopt import memory
 
         model = copy.copy(self.model)
         model.module = torch.ao.quantization.quantize_dynamic(copy.deepcopy(self.model.module), {torch.nn.Linear},
@@ -208,12 +210,12 @@ class Bench:
         for name in quantized:     # open_clip reads its compute dtype from c_fc.weight unless told (as mmopt does)
             model.module.get_submodule(name).int8_original_dtype = torch.float32
         for part in self.inputs:
-            state = {k: v for k, v in model.module.state_dict().items() if model.owns(part, k)}
+            state = memory.part_state(model, part)
             buf = io.BytesIO()
             torch.save(state, buf)
             fraction = _fraction_by_modules(self.model, part, quantized)
             self._row("quantize_dynamic", part, model, buf.tell(), buf.tell(),
-                      _run(model, self.adapter, part, self.inputs[part]), fraction=fraction)
+                      measure.embeddings(model, self.adapter, part, [self.inputs[part]]), fraction=fraction)
 
     def transformers_bnb(self, path: Path, bits: str) -> None:
         import torch
@@ -231,22 +233,23 @@ class Bench:
         ckpt = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         for part in self.inputs:
             self._row(f"transformers {bits}", part, model, ckpt, memory.part_weight_bytes(model, part),
-                      _run(model, self.adapter, part, self.inputs[part]))
+                      measure.embeddings(model, self.adapter, part, [self.inputs[part]]))
 
     def naive(self, method: str) -> None:
         """Every module that is exactly nn.Linear becomes its bitsandbytes module; nothing else changes."""
         from mmopt import checkpoint, memory
-        from mmopt.passes.quantize import _quantized_linear, _set
+        from mmopt.passes.quantize import quantized_linear
 
         import torch
 
         model = copy.deepcopy(self.model)
         for name, module in list(model.module.named_modules()):
             if type(module) is torch.nn.Linear:
-                _set(model.module, name, _quantized_linear(module, method, 64, 6.0, torch.float32, "cpu"))
+                model.module.set_submodule(name, quantized_linear(module, method, 64, 6.0, torch.float32, "cpu"))
         for part in self.inputs:
             self._row(f"naive Linear {method}", part, model, checkpoint.serialized_bytes(memory.part_state(model, part)),
-                      memory.part_weight_bytes(model, part), _run(model, self.adapter, part, self.inputs[part]))
+                      memory.part_weight_bytes(model, part),
+                      measure.embeddings(model, self.adapter, part, [self.inputs[part]]))
 
     def _row(self, method: str, part: str, model, ckpt: int, mem: int, out, fraction: float | None = None,
              **extra) -> None:
@@ -263,13 +266,6 @@ class Bench:
             "cos_mean": fid["mean_cosine"], "cos_min": fid["min_cosine"], "nn_agree": fid.get("neighbor_agreement"),
             "latency_ms": round(latency, 1), "lat": round(latency / self.fp32[part]["latency"], 2), **extra})
         print(f"  {self.name} {part} {method}: done", file=sys.stderr)
-
-
-def _run(model, adapter, part, inputs):
-    import torch
-
-    with torch.inference_mode():
-        return adapter.run(model, part, inputs).float()
 
 
 def _latency(model, adapter, part, inputs) -> float:

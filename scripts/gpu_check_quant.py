@@ -4,7 +4,8 @@
 
 For each model and method: the model is moved to CUDA, quantized there by mmopt's quantize pass (embeddings int8),
 written as a checkpoint and reloaded with ``mmopt.load(..., device="cuda")`` (so the CUDA reload path is exercised
-too). Reported per part: allocated bytes of the weights (torch.cuda.memory_allocated around the load), the peak
+too). Reported per part: the bytes of the weight tensors (counted from the tensors; the whole model's
+torch.cuda.memory_allocated around the load goes to the JSON as ``allocated_by_load``), the peak
 activation of one forward at ``--batch`` (torch.cuda.max_memory_allocated minus what was allocated before), the
 cosine against fp32 on the same inputs, and latency. Refuses with exit code 2 where CUDA is absent.
 """
@@ -43,9 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             rows += check_model(name, args.methods, args.batch, Path(tmp))
-    print(f"{'model':<9} {'part':<7} {'method':<6} {'weights MiB':>11} {'peak act MiB':>12} {'cosine':>8} {'ms':>8}")
+    print(f"{'model':<9} {'part':<7} {'method':<6} {'weight tensors MiB':>18} {'peak act MiB':>12} {'cosine':>8} "
+          f"{'ms':>8}")
     for r in rows:
-        print(f"{r['model']:<9} {r['part']:<7} {r['method']:<6} {r['weight_bytes'] / 2**20:>11.1f} "
+        print(f"{r['model']:<9} {r['part']:<7} {r['method']:<6} {r['weight_bytes'] / 2**20:>18.1f} "
               f"{r['peak_activation_bytes'] / 2**20:>12.1f} {r['cosine']:>8.4f} {r['latency_ms']:>8.2f}")
     args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "batch": args.batch, "rows": rows},
                                     indent=2) + "\n")

@@ -195,8 +195,9 @@ def _summary(rows: list[dict], measure: bool) -> str:
     if not measure:
         return f"{len(done)} cases estimated, {failed} could not be built here; no CUDA comparison (--estimate-only)"
     lines = []
-    for mode, target in (("inference", f"max(10%, 8 MiB), target {PASS_SHARE:.0%} of cases"),
-                         ("train", "15%")):
+    for mode, target in (("inference", f"max({INFER_REL:.0%}, {INFER_ABS / MIB:.0f} MiB), target {PASS_SHARE:.0%} "
+                                       "of cases"),
+                         ("train", f"{TRAIN_REL:.0%}")):
         sub = [r for r in done if r["mode"] == mode]
         if sub:
             share = sum(r["ok"] for r in sub) / len(sub)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib.resources
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -82,6 +82,22 @@ class Adapter(Protocol):
     def at_image_size(self, model: Model, size: int) -> Model:
         """A model that takes ``size``-pixel images: the same one when it accepts any size, else a random-weight
         rebuild of the architecture at that size (for memory estimates only)."""
+
+    # Optional: families without them leave them out, and the passes that use them say so
+    # (``prune: heads``, token-level distillation).
+
+    def attention_weights(self, model: Model, name: str) -> dict:
+        """Per-head projections of attention module ``name``: q/k/v (weight, bias) with rows head after head,
+        and the output weight (for head importance)."""
+
+    def slice_heads(self, model: Model, name: str, keep: list[int]) -> None:
+        """Keep only heads ``keep`` of attention module ``name``."""
+
+    def can_run_hidden(self, model: Model, part: str) -> bool:
+        """Whether ``run_hidden`` works for ``part`` (``mmopt.distill.tokens_supported`` checks for both)."""
+
+    def run_hidden(self, model: Model, part: str, inputs: tuple) -> tuple:
+        """Every token's last hidden state of ``part`` and the token mask."""
 
 
 # --- paths -----------------------------------------------------------------------------------------------
@@ -263,21 +279,11 @@ class PruneLayout:
     """
 
     targets: tuple = ()
-    ffn: list = None
-    attention: dict = None
-    ignore: list = None
+    ffn: list = field(default_factory=list)
+    attention: dict = field(default_factory=dict)
+    ignore: list = field(default_factory=list)
     width_round: int = 1
-    unwrapped: dict = None
-
-    def __post_init__(self) -> None:
-        self.ffn = list(self.ffn or [])
-        self.attention = dict(self.attention or {})
-        self.ignore = list(self.ignore or [])
-        self.unwrapped = dict(self.unwrapped or {})
-
-
-def get_module(root: Any, name: str) -> Any:
-    return root.get_submodule(name) if name else root
+    unwrapped: dict = field(default_factory=dict)
 
 
 def slice_linear(linear: Any, out_idx: Any = None, in_idx: Any = None) -> None:
@@ -354,6 +360,13 @@ def check_patch_multiple(size: int, patch: int) -> None:
     near = sorted({below, below + patch})
     raise UserError(f"image_size {size} is not a multiple of the patch size {patch}; sizes that work: "
                     f"multiples of {patch}, e.g. {', '.join(str(s) for s in near)}")
+
+
+def uncheckpoint_blocks(root: Any) -> None:
+    """Undo ``checkpoint_blocks`` on ``root``: drop the instance-level ``forward`` wrappers. A deep copy of a
+    wrapped model shares the wrapper functions, which would still run the original's blocks."""
+    for module in root.modules():
+        module.__dict__.pop("forward", None)
 
 
 def interpolate_positions(pos: Any, grid: int, new_grid: int) -> Any:

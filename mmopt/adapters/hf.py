@@ -152,9 +152,7 @@ class Adapter:
         if part != "text":
             raise UnsupportedError(f"token-level outputs of part {part!r} are not supported; only text")
         ids, mask = inputs
-        module = model.module
-        if model.info.get("model_type") in DUAL_TOWER:
-            module = getattr(module, DUAL_TOWER[model.info["model_type"]][2])
+        module = self._tower(model, part)[0]
         return module(input_ids=ids, attention_mask=mask).last_hidden_state, mask
 
     def _text_config(self, model: Model) -> Any:
@@ -343,8 +341,8 @@ class Adapter:
         save_file(stock, str(out / "model.safetensors"), metadata={"format": "pt"})
         if stock is tensors:
             return {model.parts[0]: "model.safetensors"}
-        # transformers has no int8 embedding: model.safetensors holds those tables in float16 for it, and mmopt
-        # reads its own all-quantized copy (see docs/quantization.md for the trade-off).
+        # transformers has no int8 embedding: model.safetensors holds those tables dequantized to the dtype the
+        # model computes in, and mmopt reads its own all-quantized copy (docs/quantization.md: the trade-off).
         name = f"{model.parts[0]}.safetensors"
         save_file(tensors, str(out / name), metadata={"format": "pt"})
         return {model.parts[0]: name}

@@ -11,12 +11,9 @@ import logging
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mmopt.adapters.base import (Shapes, checkpoint_blocks, load_weights_into, part_device, part_dtype, random_images, random_tokens,
-                                 read_state_dict, save_parts)
-
-from mmopt.adapters.base import (Shapes, check_patch_multiple, install_swapped, interpolate_positions, keep_in_list,
-                                 load_weights_into, part_device, part_dtype, random_images, random_tokens,
-                                 read_state_dict, run_swapped, save_parts)
+from mmopt.adapters.base import (Shapes, check_patch_multiple, checkpoint_blocks, install_swapped,
+                                 interpolate_positions, keep_in_list, load_weights_into, part_device, part_dtype,
+                                 random_images, random_tokens, read_state_dict, run_swapped, save_parts)
 from mmopt.errors import ModelSpecError, UnsupportedError
 from mmopt.model import Model
 

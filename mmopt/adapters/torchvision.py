@@ -5,13 +5,9 @@ import difflib
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mmopt.adapters.base import (Shapes, checkpoint_blocks, load_weights_into, part_device, part_dtype, random_images, read_state_dict,
-                                 save_parts)
-from mmopt.errors import ModelSpecError, UnsupportedError
-
-from mmopt.adapters.base import (Shapes, check_patch_multiple, install_swapped, interpolate_positions,
-                                 load_weights_into, part_device, part_dtype, random_images, read_state_dict,
-                                 run_swapped, save_parts)
+from mmopt.adapters.base import (Shapes, check_patch_multiple, checkpoint_blocks, install_swapped,
+                                 interpolate_positions, load_weights_into, part_device, part_dtype, random_images,
+                                 read_state_dict, run_swapped, save_parts)
 from mmopt.errors import ModelSpecError, UnsupportedError, UserError
 from mmopt.model import Model
 
@@ -79,7 +75,9 @@ class Adapter:
         from mmopt.adapters.base import PruneLayout
 
         model.check_part(part)
-        heads = [n for n in HEADS if isinstance(getattr(model.module, n, None), __import__("torch").nn.Module)]
+        import torch.nn as nn
+
+        heads = [n for n in HEADS if isinstance(getattr(model.module, n, None), nn.Module)]
         return PruneLayout(targets=("channels",), ignore=heads)
 
     def write_pruned_config(self, model: Model, part: str, target: str) -> str | None:

@@ -10,6 +10,7 @@ distillation in later passes.
 """
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -61,6 +62,13 @@ class Context:
     progress: Progress = NO_PROGRESS
     history: list = field(default_factory=list)   # (pass name, config) of the passes applied before this one
     base_dir: Any = None                # the recipe's folder: relative paths in pass options resolve against it
+
+
+def excluded(name: str, globs: list[str]) -> str | None:
+    """The first ``exclude:`` glob that matches module or parameter ``name`` (``blocks.*`` also matches
+    ``blocks`` itself), or None."""
+    return next((g for g in globs if fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(name, g.rstrip(".*"))),
+                None)
 
 
 def target_parts(model: Any, parts: list[str] | None) -> list[str]:

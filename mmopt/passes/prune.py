@@ -9,14 +9,14 @@ recorded and re-applied by ``restore`` on the rebuilt model. Nothing is ever pic
 from __future__ import annotations
 
 import copy
-import fnmatch
 import warnings
 from typing import Any, Literal
 
 from pydantic import Field
 
+from mmopt.distill import tokens_supported, use_tokens
 from mmopt.errors import DataError, UnsupportedError
-from mmopt.passes.base import Change, Context, PassConfig, PassResult, Skip, target_parts
+from mmopt.passes.base import Change, Context, PassConfig, PassResult, Skip, excluded, target_parts
 
 EVAL_SEQ_LEN = 128
 # Module attributes that follow a module's tensor shapes; recorded for every module that pruning changed.
@@ -126,24 +126,20 @@ def _checked_layout(model, part: str, cfg: Config, ctx: Context):
         raise UnsupportedError(f"prune: part {part!r} of this model has no {cfg.target} to prune; it supports: {has}")
     if cfg.target == "heads":
         for name, count in layout.attention.items():
-            if _excluded(name, cfg.exclude):
+            if excluded(name, cfg.exclude):
                 continue
             removed = cfg.amount * count
             if abs(removed - round(removed)) > 1e-6 or round(removed) >= count:
                 raise UnsupportedError(
                     f"prune: amount {cfg.amount} of {count} heads in {name} is {removed:g} heads, not a whole number "
                     "below the head count", hint=f"use a multiple of 1/{count}, e.g. {round(count / 4) / count:g}")
-    if cfg.recover is not None and cfg.recover.match == "tokens" and not _tokens_supported(ctx.adapter, model, part):
+    if cfg.recover is not None and cfg.recover.match == "tokens" and not tokens_supported(ctx.adapter, model, part):
         raise UnsupportedError(f"prune: recover.match tokens is not supported for part {part!r} of this model",
                                hint="use match: output")
     if cfg.recover is not None or cfg.importance == "activation":
         why = "recover" if cfg.recover is not None else "importance: activation"
         _require_data(model, ctx, part, why)
     return layout
-
-
-def _tokens_supported(adapter, model, part: str) -> bool:
-    return hasattr(adapter, "can_run_hidden") and adapter.can_run_hidden(model, part)
 
 
 def _require_data(model, ctx: Context, part: str, why: str) -> None:
@@ -157,10 +153,6 @@ def _require_data(model, ctx: Context, part: str, why: str) -> None:
                         hint=f"add calibration: {{{what}}} to the recipe")
 
 
-def _excluded(name: str, globs: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(name, g.rstrip(".*")) for g in globs)
-
-
 # --- channels, FFN units, width: Torch-Pruning -----------------------------------------------------------------
 
 def _prune_with_torch_pruning(model, part: str, layout, cfg: Config, ctx: Context) -> None:
@@ -172,7 +164,7 @@ def _prune_with_torch_pruning(model, part: str, layout, cfg: Config, ctx: Contex
     modules = dict(model.named_modules(part))
     fc1 = {name for name, _ in layout.ffn}
     ignored = [root.get_submodule(n) for n in layout.ignore if n in modules]
-    ignored += [m for n, m in modules.items() if _excluded(n, cfg.exclude)]
+    ignored += [m for n, m in modules.items() if excluded(n, cfg.exclude)]
     if cfg.target == "mlp":      # only the FFN hidden groups may change: every other layer's outputs stay
         ignored += [m for n, m in modules.items() if n not in fc1 and isinstance(m, (nn.Linear, nn.MultiheadAttention))]
     elif cfg.target == "width":  # the residual stream only: FFN hidden groups stay
@@ -227,7 +219,7 @@ def _prune_heads(model, part: str, layout, cfg: Config, ctx: Context) -> dict[st
     scores = _activation_head_scores(model, part, layout, ctx) if cfg.importance == "activation" else {}
     kept = {}
     for name, count in layout.attention.items():
-        if _excluded(name, cfg.exclude):
+        if excluded(name, cfg.exclude):
             continue
         score = scores.get(name)
         if score is None:
@@ -310,7 +302,7 @@ def _recover(model, teacher, part: str, recover: Recover, ctx: Context) -> dict:
         return inputs_for(model, ctx.adapter, part, dataclasses.replace(calib, batch_size=recover.batch_size),
                           EVAL_SEQ_LEN, ctx.seed)
 
-    tokens = recover.match == "tokens" or (recover.match == "auto" and _tokens_supported(ctx.adapter, model, part))
+    tokens = use_tokens(recover.match, ctx.adapter, model, part)
     history = distill(model, teacher, ctx.adapter, part, batches, steps=recover.steps, lr=recover.lr,
                       batch_size=recover.batch_size, loss=recover.loss, seed=ctx.seed, progress=ctx.progress,
                       device=ctx.device, tokens=tokens)

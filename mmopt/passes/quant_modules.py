@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mmopt.adapters.attention import HeadSlicedAttention, additive_mask
+
 
 # --- attention ---------------------------------------------------------------------------------------------
 
@@ -76,27 +78,9 @@ class SplitAttention(nn.Module):
         q = self.q_proj(q_in).reshape(n, length, heads, head_dim).transpose(1, 2)
         k = self.k_proj(k_in).reshape(n, src, heads, head_dim).transpose(1, 2)
         v = self.v_proj(v_in).reshape(n, src, heads, head_dim).transpose(1, 2)
-        mask = _additive_mask(attn_mask, key_padding_mask, n, heads, length, src, q.dtype)
+        mask = additive_mask(attn_mask, key_padding_mask, n, heads, length, src, q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
         return self.out_proj(out.transpose(1, 2).reshape(n, length, self.embed_dim))
-
-
-def _additive_mask(attn_mask, key_padding_mask, n: int, heads: int, length: int, src: int, dtype):
-    """Both torch mask conventions (bool True = masked out, or additive float) as one additive float mask."""
-    def additive(mask):
-        if mask.dtype == torch.bool:
-            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
-        return mask.to(dtype)
-
-    mask = None
-    if attn_mask is not None:
-        mask = additive(attn_mask)
-        if mask.dim() == 3:                          # (N * heads, L, S)
-            mask = mask.reshape(n, heads, length, src)
-    if key_padding_mask is not None:
-        pad = additive(key_padding_mask).reshape(n, 1, 1, src)
-        mask = pad if mask is None else mask + pad
-    return mask
 
 
 def split_attention_from(module: nn.Module) -> tuple[SplitAttention | None, str]:
@@ -138,8 +122,11 @@ def split_attention_from(module: nn.Module) -> tuple[SplitAttention | None, str]
 
 
 def is_fused_attention(module: nn.Module) -> bool:
-    """open_clip's own ``Attention``: a bare fused ``in_proj_weight`` and an ``out_proj``, called as (x, attn_mask)."""
-    return (not isinstance(module, nn.MultiheadAttention) and isinstance(getattr(module, "in_proj_weight", None), torch.Tensor)
+    """open_clip's own ``Attention``: a bare fused ``in_proj_weight`` and an ``out_proj``, called as (x, attn_mask).
+    Head-pruned attention (``HeadSlicedAttention``: heads narrower than width / heads) is not one: splitting it
+    assumes the stock head width, so it stays in float and is reported as not covered."""
+    return (not isinstance(module, (nn.MultiheadAttention, HeadSlicedAttention))
+            and isinstance(getattr(module, "in_proj_weight", None), torch.Tensor)
             and isinstance(getattr(module, "out_proj", None), nn.Linear) and hasattr(module, "num_heads"))
 
 

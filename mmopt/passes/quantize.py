@@ -18,8 +18,10 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from mmopt.adapters.base import part_dtype
 from mmopt.errors import UnsupportedError, UserError
-from mmopt.passes.base import Change, Context, PassConfig, PassResult, Skip, describe, target_parts
+from mmopt.memory import quantized_fraction
+from mmopt.passes.base import Change, Context, PassConfig, PassResult, Skip, describe, excluded, target_parts
 
 # What bitsandbytes' blockwise 4-bit kernels accept (bitsandbytes/_ops.py, the same on CPU and CUDA).
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -58,12 +60,12 @@ def apply(model, cfg: Config, ctx: Context) -> PassResult:
     record: dict = {"parts": parts, "swaps": [], "linear": [], "embeddings": [], "tables": [], "compute_dtype": {}}
     float_linear: list[str] = []
     for part in parts:
-        record["compute_dtype"][part] = str(_float_dtype(model, part)).removeprefix("torch.")
+        record["compute_dtype"][part] = str(part_dtype(model, part)).removeprefix("torch.")
         if layout["structural"]:
             _swap_structures(model, part, cfg, layout, record, result)
         _quantize_part(model, part, cfg, layout, record, result, float_linear)
         _note_uncovered(model, part, result)
-        result.metrics[part] = {"quantized_fraction": round(_fraction(model, part), 6),
+        result.metrics[part] = {"quantized_fraction": round(quantized_fraction(model, part), 6),
                                 "high_precision": _summary([s for s in result.skipped if model.owns(part, s.module)])}
     model.info["quantization"] = {"method": cfg.method, "int8_threshold": cfg.int8_threshold,
                                   "blocksize": cfg.blocksize, "embeddings": cfg.embeddings,
@@ -104,7 +106,7 @@ def _probe(method: str, blocksize: int, device: str) -> str | None:
 
     _bnb()
     try:
-        layer = _quantized_linear(torch.nn.Linear(64, 64), method, blocksize, 0.0, torch.float32, device)
+        layer = quantized_linear(torch.nn.Linear(64, 64), method, blocksize, 0.0, torch.float32, device)
         layer(torch.zeros(2, 64, device=device))
     except Exception as exc:  # bitsandbytes raises RuntimeError/NotImplementedError/ValueError per backend
         return str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
@@ -121,10 +123,6 @@ def _check_globs(model, parts: list[str], globs: list[str]) -> None:
                             hint="module names look like " + ", ".join(names[:3]))
 
 
-def _excluded(name: str, globs: list[str]) -> str | None:
-    return next((g for g in globs if fnmatch.fnmatchcase(name, g)), None)
-
-
 # --- structure ---------------------------------------------------------------------------------------------
 
 def _swap_structures(model, part: str, cfg: Config, layout: dict, record: dict, result: PassResult) -> None:
@@ -133,7 +131,7 @@ def _swap_structures(model, part: str, cfg: Config, layout: dict, record: dict, 
     from mmopt.passes import quant_modules as qm
 
     for name, module in list(model.named_modules(part)):
-        if _under_any(name, layout["keep"]) or _excluded(name, cfg.exclude):
+        if _under_any(name, layout["keep"]) or excluded(name, cfg.exclude):
             continue
         kind = None
         if isinstance(module, torch.nn.MultiheadAttention) or qm.is_fused_attention(module):
@@ -149,7 +147,7 @@ def _swap_structures(model, part: str, cfg: Config, layout: dict, record: dict, 
             record["swaps"].append({"name": name, "kind": kind})
             result.changed.append(Change(name, type(module).__name__, type(new).__name__))
     for name, kind in layout["bare_weights"].items():
-        if kind != "projection" or not model.owns(part, name) or _excluded(name, cfg.exclude):
+        if kind != "projection" or not model.owns(part, name) or excluded(name, cfg.exclude):
             continue
         matrix = _get(model.module, name)
         _set(model.module, name, qm.matmul_linear_from(matrix), replace_param=True)
@@ -178,7 +176,7 @@ def restore(model, cfg: Config, record: dict, adapter) -> None:
         if _present(model, name):
             part = model.part_of(name)
             dtype = getattr(torch, record["compute_dtype"].get(part, "float32"))
-            _set(model.module, name, _quantized_linear(_get(model.module, name), cfg.method, cfg.blocksize,
+            _set(model.module, name, quantized_linear(_get(model.module, name), cfg.method, cfg.blocksize,
                                                        cfg.int8_threshold, dtype, "cpu"))
     for name in record["embeddings"]:
         if _present(model, name):
@@ -219,7 +217,7 @@ def _quantize_part(model, part: str, cfg: Config, layout: dict, record: dict, re
     for name, module in list(model.named_modules(part)):
         if type(module) not in _LINEAR_TYPES():
             if isinstance(module, torch.nn.Embedding) and cfg.embeddings == "int8":
-                glob = _excluded(name, cfg.exclude)
+                glob = excluded(name, cfg.exclude)
                 if glob:
                     result.skipped.append(Skip(name, f"excluded by {glob!r}"))
                     continue
@@ -233,14 +231,14 @@ def _quantize_part(model, part: str, cfg: Config, layout: dict, record: dict, re
             float_linear.append(name)
             continue
         before = describe(module.weight)
-        _set(model.module, name, _quantized_linear(module, cfg.method, cfg.blocksize, cfg.int8_threshold, dtype,
+        _set(model.module, name, quantized_linear(module, cfg.method, cfg.blocksize, cfg.int8_threshold, dtype,
                                                    _device_of(module)))
         record["linear"].append(name)
         result.changed.append(Change(name, before, f"bnb {cfg.method}"))
     if cfg.embeddings == "int8":
         for name, kind in layout["bare_weights"].items():
             if kind == "table" and model.owns(part, name):
-                glob = _excluded(name, cfg.exclude)
+                glob = excluded(name, cfg.exclude)
                 if glob:
                     result.skipped.append(Skip(name, f"excluded by {glob!r}"))
                     continue
@@ -257,20 +255,20 @@ def _LINEAR_TYPES() -> tuple:
 
 
 def _keep_reason(name: str, globs: list[str], keep: dict) -> str | None:
-    glob = _excluded(name, globs)
+    glob = excluded(name, globs)
     if glob:
         return f"excluded by {glob!r}"
     owner = _under_any(name, keep)
     return keep[owner] if owner else None
 
 
-def _quantized_linear(linear: Any, method: str, blocksize: int, threshold: float, dtype: Any, device: str) -> Any:
+def quantized_linear(linear: Any, method: str, blocksize: int, threshold: float, dtype: Any, device: str) -> Any:
     """A bitsandbytes copy of ``linear`` quantized on ``device`` (bitsandbytes quantizes when moved there)."""
     import torch
 
     bnb = _bnb()
     bias = linear.bias is not None
-    weight = linear.weight.detach().to("cpu", torch.float32 if dtype == torch.float32 else dtype)
+    weight = linear.weight.detach().to("cpu", dtype)
     if method == "int8":
         new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
                                   threshold=threshold)
@@ -297,7 +295,7 @@ def _int8_table(model, name: str) -> None:
     # parametrize moves the tensor to <owner>.parametrizations.<attr>.*: keep it in its part's key prefixes
     moved = f"{owner_name + '.' if owner_name else ''}parametrizations.{attr}."
     for part in model.parts:
-        prefixes = model.info["part_prefixes"][part]
+        prefixes = model.part_prefixes(part)
         if name in prefixes and moved not in prefixes:
             prefixes.append(moved)
 
@@ -325,12 +323,6 @@ def _summary(skipped: list[Skip]) -> str:
         counts[key] = counts.get(key, 0) + 1
     listed = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
     return f"norms, biases{'; ' + listed if listed else ''}"
-
-
-def _fraction(model, part: str) -> float:
-    from mmopt.memory import quantized_fraction
-
-    return quantized_fraction(model, part)
 
 
 # --- module tree helpers -------------------------------------------------------------------------------------
@@ -378,10 +370,3 @@ def _device_of(module: Any) -> str:
     return str(next(module.parameters()).device)
 
 
-def _float_dtype(model, part: str) -> Any:
-    import torch
-
-    for _, tensor in model.named_tensors(part, buffers=False):
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.float32

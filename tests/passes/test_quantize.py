@@ -293,3 +293,16 @@ def test_gpu_check_refuses_cleanly_without_cuda():
                           cwd=script.parents[1], env={"PYTHONPATH": str(script.parents[1]), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: CUDA is not available here")
+
+
+def test_the_report_says_when_a_peak_comes_from_a_cpu_trace():
+    from mmopt.report import notes
+
+    part = {"params": 1, "weight_bytes": 1, "peak_activation_bytes": 1, "memory_method": "estimated"}
+    report = {"memory_method": "estimated", "shapes": {"batch_size": 8}, "device": "cpu",
+              "parts": {"text": {"before": {**part, "memory_how": "fake-tensor trace"},
+                                 "after": {**part, "memory_how": "CPU trace"}, "fidelity": None}}}
+    lines = notes(report)
+    assert [line for line in lines if "CPU" in line and "text" in line] == [
+        "Peak activation of text after: traced from a real CPU run (these kernels have no fake-tensor version), "
+        "so it is the CPU allocator's figure, not a CUDA one."]
