@@ -27,12 +27,12 @@ class Estimator:
 
         from mmopt.train_memory import AMP
 
-        def forward(*inputs: Any) -> Any:
+        def forward(model: Any, *inputs: Any) -> Any:
             if amp:
                 device = "cuda" if any(getattr(t, "is_cuda", False) for t in inputs) else "cpu"
                 with torch.autocast(device, dtype=getattr(torch, AMP[amp])):
-                    return self.adapter.run(self.model, self.part, inputs)
-            return self.adapter.run(self.model, self.part, inputs)
+                    return self.adapter.run(model, self.part, inputs)
+            return self.adapter.run(model, self.part, inputs)
 
         return forward
 
@@ -41,10 +41,10 @@ class Estimator:
         """Peak activation of one forward (fake-tensor trace), with the module tree / offload when asked."""
         # Real inputs of one row, grown to the batch on fake tensors (nothing real at large batches).
         inputs = self.adapter.example_inputs(self.model, self.part, dataclasses.replace(shapes, batch_size=1))
-        modules = dict(tree_modules(self.model, self.part)) if tree else None
+        modules = [name for name, _ in tree_modules(self.model, self.part)] if tree else None
         blocks = part_blocks(self.model, self.part) if offload else None
         scope = [t for _, t in self.model.named_tensors(self.part)]
-        trace = memory.trace_forward(self.forward_fn(amp), inputs, self.model.module, modules=modules, blocks=blocks,
+        trace = memory.trace_forward(self.forward_fn(amp), self.model, inputs, modules=modules, blocks=blocks,
                                      scope=scope, batch=shapes.batch_size)
         input_bytes = shapes.batch_size * sum(memory.tensor_bytes(t) for t in inputs if hasattr(t, "numel"))
         return {"trace": trace, "input_bytes": input_bytes, "peak_activation_bytes": trace.peak_bytes,
@@ -165,15 +165,13 @@ class Estimator:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         inputs = self.adapter.example_inputs(self.model, self.part, dataclasses.replace(shapes, batch_size=1))
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            restore = memory.fake_weights(self.model.module, mode)
-            try:
-                fake = tuple(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs)
-                with torch.no_grad():
-                    out = self.adapter.run(self.model, self.part, fake)
-                return memory.tensor_bytes(out)
-            finally:
-                restore()
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        copied = memory.measuring_copy(self.model, mode)
+        with mode:
+            fake = tuple(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs)
+            with torch.no_grad():
+                out = self.adapter.run(copied, self.part, fake)
+            return memory.tensor_bytes(out)
 
 
 def search_batch(cost: Callable[[int], int], budget: int, guess: int = 1) -> tuple[int, int]:

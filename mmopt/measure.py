@@ -41,14 +41,14 @@ def part_runtime(model: Any, adapter: Any, part: str, shapes: Shapes, latency: b
 def _runtime_at(model: Any, adapter: Any, part: str, shapes: Shapes, latency: bool) -> dict:
     inputs = adapter.example_inputs(model, part, shapes)
 
-    def forward(*args: Any) -> Any:
-        return adapter.run(model, part, args)
+    def forward(subject: Any, *args: Any) -> Any:
+        return adapter.run(subject, part, args)
 
-    peak = memory.peak_activation(forward, inputs, model.module)
+    peak = memory.peak_activation(forward, model, inputs)
     out = {"peak_activation_bytes": peak.peak_bytes, "memory_method": peak.method, "memory_how": peak.how,
            "input_bytes": sum(memory.tensor_bytes(t) for t in inputs if hasattr(t, "numel"))}
     if latency:
-        out["latency_ms"] = round(memory.latency_ms(forward, inputs), 3)
+        out["latency_ms"] = round(memory.latency_ms(lambda *args: forward(model, *args), inputs), 3)
     return out
 
 

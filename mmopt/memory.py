@@ -188,31 +188,70 @@ def _leaves(value: Any) -> list:
     return tree_leaves(value)
 
 
-def trace_peak(fn: Callable[..., Any], inputs: tuple, module: Any, fake: bool = True) -> int:
-    """Peak bytes of storages created while ``fn(*inputs)`` runs without grad.
+def measuring_copy(subject: Any, mode: Any = None, requires_grad: bool = False) -> Any:
+    """A copy of ``subject`` (an ``nn.Module`` or a Model) to measure on, sharing nothing mutable with it.
 
-    With ``fake`` the weights and inputs are converted to fake tensors first, so nothing is computed.
-    """
+    With a FakeTensorMode ``mode`` every parameter and buffer becomes a fake tensor (tied ones stay tied), so the
+    copy allocates nothing real; without one the copy is real. Measuring must never change the model: some
+    kernels rewrite their module on first use (bitsandbytes repacks 4-bit weights and their quantization state in
+    place on CPUs with AVX512-BF16, LLM.int8 moves its weights into a state object), and a fake-tensor run of the
+    model itself would leave fake tensors inside the real one."""
+    import copy
+
+    import torch.nn as nn
+
+    from mmopt.model import Model
+
+    root = subject.module if isinstance(subject, Model) else subject
+    memo: dict[int, Any] = {}
+    if mode is not None:
+        for sub in root.modules():
+            for store, is_param in ((sub._parameters, True), (sub._buffers, False)):
+                for value in store.values():
+                    if value is None or id(value) in memo:
+                        continue
+                    if is_param and type(value) is not nn.Parameter:
+                        # quantized weights (bitsandbytes' Params4bit, Int8Params) carry their quantization
+                        # state on the Parameter object: they are copied for real (they are small) and become
+                        # fake as the forward reads them
+                        continue
+                    fake = mode.from_tensor(value.detach())
+                    if is_param:
+                        fake = nn.Parameter(fake, requires_grad=requires_grad and value.requires_grad
+                                            and value.is_floating_point())
+                    memo[id(value)] = fake
+    if isinstance(subject, Model):
+        for key, value in subject.info.items():
+            if key.startswith("_"):          # caches such as a tokenizer: read, never changed by a forward
+                memo[id(value)] = value
+    clone = copy.deepcopy(subject, memo)
+    if mode is not None:
+        for sub in _root_of(clone).modules():
+            if getattr(sub, "support_avx512bf16_for_cpu", False):
+                # The estimate is for CUDA, where bitsandbytes never repacks 4-bit weights; its CPU-only repacking
+                # (on CPUs with AVX512-BF16) would count the weights as activations, through a kernel without a
+                # fake version.
+                sub.support_avx512bf16_for_cpu = False
+    return clone
+
+
+def _root_of(subject: Any) -> Any:
+    from mmopt.model import Model
+
+    return subject.module if isinstance(subject, Model) else subject
+
+
+def trace_real(fn: Callable[..., Any], subject: Any, inputs: tuple) -> int:
+    """Peak bytes of storages created while ``fn(copy, *inputs)`` runs without grad on a real copy of
+    ``subject``: for kernels without a fake-tensor version. The copy's weights and the inputs are not counted."""
     import torch
 
+    clone = measuring_copy(subject)
     tracker = _make_tracker()
-    tensors = list(module.parameters()) + list(module.buffers())
-    if not fake:
-        tracker.ignore(tensors + _leaves(inputs))
-        with torch.no_grad(), tracker:
-            out = fn(*inputs)
-        del out
-        return tracker.peak
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        # The mode memoises real -> fake conversion, so these are the very fakes the forward will use.
-        fakes = [mode.from_tensor(t) for t in tensors]
-        fake_inputs = tuple(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs)
-        tracker.ignore(fakes + _leaves(fake_inputs))
-        with torch.no_grad(), tracker:
-            out = fn(*fake_inputs)
-        del out
+    tracker.ignore(unique_tensors(_root_of(clone)) + _leaves(inputs))
+    with torch.no_grad(), tracker:
+        out = fn(clone, *inputs)
+    del out
     return tracker.peak
 
 
@@ -231,17 +270,18 @@ def cuda_peak(fn: Callable[..., Any], inputs: tuple) -> int:
     return peak
 
 
-def peak_activation(fn: Callable[..., Any], inputs: tuple, module: Any) -> Peak:
-    """Measure on CUDA when the inputs live there; otherwise estimate on fake tensors (CPU trace as fallback)."""
+def peak_activation(fn: Callable[..., Any], subject: Any, inputs: tuple) -> Peak:
+    """Peak activation of ``fn(subject, *inputs)``: measured on CUDA when the inputs live there; otherwise
+    estimated on a fake copy of ``subject`` (a trace of a real CPU copy where a kernel has no fake version)."""
     import torch
 
     first = next((t for t in _leaves(inputs) if isinstance(t, torch.Tensor)), None)
     if first is not None and first.device.type == "cuda":
-        return Peak(cuda_peak(fn, inputs), MEASURED_CUDA, "torch.cuda.max_memory_allocated")
+        return Peak(cuda_peak(lambda *a: fn(subject, *a), inputs), MEASURED_CUDA, "torch.cuda.max_memory_allocated")
     try:
-        return Peak(trace_peak(fn, inputs, module, fake=True), ESTIMATED, "fake-tensor trace")
+        return Peak(trace_forward(fn, subject, inputs).peak_bytes, ESTIMATED, "fake-tensor trace")
     except Exception:  # an op without a fake kernel (some quantized kernels): trace the real CPU run instead
-        return Peak(trace_peak(fn, inputs, module, fake=False), ESTIMATED, "CPU trace")
+        return Peak(trace_real(fn, subject, inputs), ESTIMATED, "CPU trace")
 
 
 def latency_ms(fn: Callable[..., Any], inputs: tuple, repeats: int = 3, slow_ms: float = 1000.0) -> float:
@@ -402,33 +442,6 @@ def offload_blocks(module: Any, prefix: str = "") -> list[str]:
     return blocks
 
 
-def fake_weights(module: Any, mode: Any, requires_grad: bool = False):
-    """Swap ``module``'s parameters and buffers for fake tensors (tied ones stay tied); return an undo."""
-    import torch.nn as nn
-
-    memo: dict[int, Any] = {}
-    undo = []
-    for sub in module.modules():
-        for store, is_param in ((sub._parameters, True), (sub._buffers, False)):
-            for key, value in list(store.items()):
-                if value is None:
-                    continue
-                if id(value) not in memo:
-                    fake = mode.from_tensor(value.detach())
-                    if is_param:
-                        fake = nn.Parameter(fake, requires_grad=requires_grad and value.requires_grad
-                                            and value.is_floating_point())
-                    memo[id(value)] = fake
-                undo.append((store, key, value))
-                store[key] = memo[id(value)]
-
-    def restore() -> None:
-        for store, key, value in undo:
-            store[key] = value
-
-    return restore
-
-
 def _fake_inputs(mode: Any, inputs: tuple, batch: int | None) -> tuple:
     """Fake copies of ``inputs``; with ``batch``, inputs given at batch 1 are grown to ``batch`` rows on fake
     tensors, so a budget search at batch 4096 allocates nothing real."""
@@ -446,21 +459,25 @@ def _fake_inputs(mode: Any, inputs: tuple, batch: int | None) -> tuple:
     return tuple(out)
 
 
-def trace_forward(fn: Callable[..., Any], inputs: tuple, module: Any, modules: dict | None = None,
+def trace_forward(fn: Callable[..., Any], subject: Any, inputs: tuple, modules: list[str] | None = None,
                   blocks: list[str] | None = None, scope: list | None = None, batch: int | None = None) -> Trace:
-    """Trace ``fn(*inputs)`` on fake tensors without grad, attributing peaks to ``modules`` (name -> module)
-    and, when ``blocks`` (names under ``module``) are given, the GPU peak if only the running block's weights
-    were on the GPU; the weights of ``scope`` (default: all of ``module``) in no block stay resident."""
+    """Trace ``fn(copy, *inputs)`` without grad on a fake copy of ``subject`` (an ``nn.Module`` or a Model; see
+    ``measuring_copy``): the one inference tracer, used by ``optimize`` and ``profile`` alike.
+
+    Peaks are attributed to the submodules named in ``modules``; with ``blocks`` (submodule names) it also
+    gives the GPU peak if only the running block's weights were on the GPU, the weights of ``scope`` (tensors
+    of ``subject``; default: all) in no block staying resident. With ``batch``, inputs are grown to that batch
+    on fake tensors."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    root = _root_of(subject)
     tracker = _make_tracker()
-    modules = modules or {}
+    modules = modules or []
     starts: dict[str, list[int]] = {}
     module_peaks = {name: 0 for name in modules}
-    block_bytes = {name: module_weight_bytes(module.get_submodule(name)) for name in (blocks or [])}
+    block_bytes = {name: module_weight_bytes(root.get_submodule(name)) for name in (blocks or [])}
     state = {"on_gpu": 0, "offload_peak": 0}
-    handles = []
 
     def enter(name):
         def hook(mod, args):
@@ -484,31 +501,30 @@ def trace_forward(fn: Callable[..., Any], inputs: tuple, module: Any, modules: d
             state["on_gpu"] -= block_bytes[name]
         return hook
 
-    for name, mod in modules.items():
-        handles += [mod.register_forward_pre_hook(enter(name)), mod.register_forward_hook(leave(name))]
-    for name in block_bytes:
-        mod = module.get_submodule(name)
-        handles += [mod.register_forward_pre_hook(block_in(name)), mod.register_forward_hook(block_out(name))]
     tracker.on_alloc = lambda: state.__setitem__(
         "offload_peak", max(state["offload_peak"], tracker.current + state["on_gpu"]))
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            restore = fake_weights(module, mode)
-            try:
-                fake_inputs = _fake_inputs(mode, inputs, batch)
-                tracker.ignore(unique_tensors(module) + _leaves(fake_inputs))
-                with torch.no_grad(), tracker:
-                    out = fn(*fake_inputs)
-                del out
-            finally:
-                restore()
-    finally:
-        for h in handles:
-            h.remove()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    clone = measuring_copy(subject, mode)      # outside the mode: real tensors the copy holds are copied for real
+    clone_root = _root_of(clone)
+    with mode:
+        # hooks go on the copy, which is dropped afterwards: nothing to remove
+        for name in modules:
+            mod = clone_root.get_submodule(name)
+            mod.register_forward_pre_hook(enter(name))
+            mod.register_forward_hook(leave(name))
+        for name in block_bytes:
+            mod = clone_root.get_submodule(name)
+            mod.register_forward_pre_hook(block_in(name))
+            mod.register_forward_hook(block_out(name))
+        fake_inputs = _fake_inputs(mode, inputs, batch)
+        tracker.ignore(unique_tensors(clone_root) + _leaves(fake_inputs))
+        with torch.no_grad(), tracker:
+            out = fn(clone, *fake_inputs)
+        del out, clone
     trace = Trace(peak_bytes=tracker.peak, module_peaks=module_peaks)
     if blocks is not None:
-        in_blocks = {id(t) for name in block_bytes for t in unique_tensors(module.get_submodule(name))}
-        resident = unique_bytes(t for t in (scope if scope is not None else unique_tensors(module))
+        in_blocks = {id(t) for name in block_bytes for t in unique_tensors(root.get_submodule(name))}
+        resident = unique_bytes(t for t in (scope if scope is not None else unique_tensors(root))
                                 if id(t) not in in_blocks)
         largest = max(block_bytes, key=block_bytes.get) if block_bytes else None
         trace.offload_peak_bytes = state["offload_peak"] + resident
@@ -556,32 +572,34 @@ def _peak_tracker(base: type) -> type:
     return PeakOnly
 
 
-def trace_train(step: Callable[..., Any], module: Any, inputs: tuple, make_optimizer: Callable[[Any], Any],
-                steps: int = 2, batch: int | None = None) -> TrainPeak:
-    """Estimate the peak of training steps ``step(*inputs)`` (forward + backward, returns nothing) followed by
-    ``optimizer.step()`` and ``zero_grad()``, on fake tensors, with torch's MemTracker (which tells weights,
+def trace_train(step: Callable[..., Any], subject: Any, inputs: tuple, make_optimizer: Callable[[Any], Any],
+                steps: int = 2, batch: int | None = None, prepare: Callable[[Any], None] | None = None) -> TrainPeak:
+    """Estimate the peak of training steps ``step(copy, *inputs)`` (forward + backward, returns nothing)
+    followed by ``optimizer.step()`` and ``zero_grad()``, on a fake copy of ``subject`` (``prepare(copy)`` first
+    sets it up: which parameters train, checkpointing), with torch's MemTracker (which tells weights,
     gradients, optimizer state, activations and temporaries apart). Bytes are as the tensors hold them;
     ``cuda_rounded`` rounding is not applied (under a percent for these models; see docs/estimator.md)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        restore = fake_weights(module, mode, requires_grad=True)
-        try:
-            fake_inputs = _fake_inputs(mode, inputs, batch)
-            optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad])
-            tracker = _peak_tracker(MemTracker)()
-            tracker.track_external(module, optimizer, *[t for t in fake_inputs if isinstance(t, torch.Tensor)])
-            with tracker:
-                for _ in range(steps):
-                    step(*fake_inputs)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    tracker.reset_mod_stats()
-            snapshot = tracker.get_tracker_snapshot("peak")
-        finally:
-            restore()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    clone = measuring_copy(subject, mode, requires_grad=True)
+    with mode:
+        if prepare is not None:
+            prepare(clone)
+        root = _root_of(clone)
+        fake_inputs = _fake_inputs(mode, inputs, batch)
+        optimizer = make_optimizer([p for p in root.parameters() if p.requires_grad])
+        tracker = _peak_tracker(MemTracker)()
+        tracker.track_external(root, optimizer, *[t for t in fake_inputs if isinstance(t, torch.Tensor)])
+        with tracker:
+            for _ in range(steps):
+                step(clone, *fake_inputs)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                tracker.reset_mod_stats()
+        snapshot = tracker.get_tracker_snapshot("peak")
     breakdown = _breakdown(snapshot)
     return TrainPeak(sum(breakdown.values()), breakdown, ESTIMATED, "fake-tensor MemTracker")
 

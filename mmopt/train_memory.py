@@ -59,11 +59,11 @@ def optimizer_state_bytes(module: Any, name: str) -> int:
     return 2 * per_param + len(params) * torch.float32.itemsize
 
 
-def training_step(model: Any, adapter: Any, part: str, amp: str | None):
-    """The function one step runs: forward (under autocast) + mean loss + backward."""
+def training_step(adapter: Any, part: str, amp: str | None):
+    """The function one step runs on a model: forward (under autocast) + mean loss + backward."""
     import torch
 
-    def step(*inputs: Any) -> None:
+    def step(model: Any, *inputs: Any) -> None:
         device = "cuda" if any(getattr(t, "is_cuda", False) for t in inputs) else "cpu"
         if amp:
             with torch.autocast(device, dtype=getattr(torch, AMP[amp])):
@@ -75,39 +75,50 @@ def training_step(model: Any, adapter: Any, part: str, amp: str | None):
     return step
 
 
+def _train_only(model: Any, adapter: Any, part: str, grad_ckpt: bool) -> str | None:
+    """Set ``model`` up to train ``part`` alone (the other parts frozen) in train mode, with the family's
+    gradient checkpointing when asked; return how checkpointing was turned on."""
+    how = adapter.enable_grad_checkpointing(model, part) if grad_ckpt else None
+    owned = {id(t) for _, t in model.named_tensors(part, buffers=False)}
+    for p in model.module.parameters():
+        p.requires_grad_(id(p) in owned and p.is_floating_point())
+    model.module.train()
+    return how
+
+
 def estimate(model: Any, adapter: Any, part: str, shapes: Shapes, opts: TrainOptions, measure: bool = False) -> dict:
     """Peak bytes of a training step of ``part`` at ``shapes`` (weights included), with a breakdown.
 
-    The other parts' weights are frozen (no gradients, no optimizer state) and not counted."""
+    The other parts' weights are frozen (no gradients, no optimizer state) and not counted. The estimate runs on
+    a fake copy; a CUDA measurement trains a real copy, so ``model`` is never changed."""
     check_options(opts)
-    root = model.module
-    was_training = root.training
-    how_ckpt = adapter.enable_grad_checkpointing(model, part) if opts.grad_ckpt else None
-    owned = {id(t) for _, t in model.named_tensors(part, buffers=False)}
-    flags = {id(p): p.requires_grad for p in root.parameters()}
-    for p in root.parameters():
-        p.requires_grad_(id(p) in owned and p.is_floating_point())
-    root.train()
-    try:
-        step = training_step(model, adapter, part, opts.amp)
-        if measure:
-            inputs = adapter.example_inputs(model, part, shapes)
-            peak = memory.cuda_train_peak(step, root, inputs, make_optimizer(opts.optimizer))
-        else:  # one real row, grown to the batch on fake tensors
-            inputs = adapter.example_inputs(model, part, dataclasses.replace(shapes, batch_size=1))
-            peak = memory.trace_train(step, root, inputs, make_optimizer(opts.optimizer), batch=shapes.batch_size)
-        input_bytes = shapes.batch_size * sum(memory.tensor_bytes(t) for t in inputs if hasattr(t, "numel")) \
-            // max(1, inputs[0].shape[0])
-    finally:
-        root.train(was_training)
-        for p in root.parameters():
-            p.requires_grad_(flags[id(p)])
+    step = training_step(adapter, part, opts.amp)
+    how: dict = {}
+
+    def prepare(copied: Any) -> None:
+        how["grad_ckpt"] = _train_only(copied, adapter, part, opts.grad_ckpt)
+
+    if measure:
+        inputs = adapter.example_inputs(model, part, shapes)
+        trained = memory.measuring_copy(model)
+        prepare(trained)
+        peak = memory.cuda_train_peak(lambda *a: step(trained, *a), trained.module, inputs,
+                                      make_optimizer(opts.optimizer))
+        # the copy's weights, not the original's, are the ones the step held
+        peak.peak_total_bytes -= memory.module_weight_bytes(model.module)
+        del trained
+    else:  # one real row, grown to the batch on fake tensors
+        inputs = adapter.example_inputs(model, part, dataclasses.replace(shapes, batch_size=1))
+        peak = memory.trace_train(step, model, inputs, make_optimizer(opts.optimizer), batch=shapes.batch_size,
+                                  prepare=prepare)
+    input_bytes = shapes.batch_size * sum(memory.tensor_bytes(t) for t in inputs if hasattr(t, "numel")) \
+        // max(1, inputs[0].shape[0])
     # Only this part is assumed loaded (mmopt.load(parts=[part])): the other parts' weights, resident all
     # through the step, come off.
-    others = memory.module_weight_bytes(root) - memory.part_weight_bytes(model, part)
+    others = memory.module_weight_bytes(model.module) - memory.part_weight_bytes(model, part)
     total = peak.peak_total_bytes - others
     if peak.breakdown:
         peak.breakdown["weights"] -= others
     return {"peak_total_bytes": total, "breakdown": peak.breakdown, "method": peak.method,
-            "how": peak.how, "optimizer": opts.optimizer, "amp": opts.amp, "grad_ckpt": how_ckpt,
+            "how": peak.how, "optimizer": opts.optimizer, "amp": opts.amp, "grad_ckpt": how.get("grad_ckpt"),
             "input_bytes": input_bytes}

@@ -79,7 +79,7 @@ def check_model(name: str, methods: list[str], batch: int, tmp: Path) -> list[di
             fn = lambda *a, m=model, p=part: adapter.run(m, p, a)   # noqa: E731
             with torch.inference_mode():
                 emb = fn(*inputs).float()
-            peak = memory.peak_activation(fn, inputs, model.module)
+            peak = memory.peak_activation(lambda m, *a, p=part: adapter.run(m, p, a), model, inputs)
             cos = 1.0 if ref is None else float(torch.nn.functional.cosine_similarity(emb, ref[part]).mean())
             rows.append({"model": label, "part": part, "method": method, "weight_bytes": weights[part],
                          "allocated_by_load": weights["_allocated"],

@@ -19,7 +19,7 @@ def test_fake_trace_counts_intermediates_exactly():
     # x (4x8 fp32) -> Linear(8, 16): output 4x16x4 B = 256 B; relu: another 256 B while both are alive.
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
     x = torch.randn(4, 8)
-    peak = memory.trace_peak(lambda t: net(t), (x,), net, fake=True)
+    peak = memory.trace_forward(lambda m, t: m(t), net, (x,)).peak_bytes
     assert peak == 512
 
 
@@ -27,14 +27,14 @@ def test_fake_and_real_traces_agree_on_a_conv_net():
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                         nn.Flatten(), nn.Linear(8, 5)).eval()
     x = torch.randn(2, 3, 16, 16)
-    fake = memory.trace_peak(lambda t: net(t), (x,), net, fake=True)
-    real = memory.trace_peak(lambda t: net(t), (x,), net, fake=False)
+    fake = memory.trace_forward(lambda m, t: m(t), net, (x,)).peak_bytes
+    real = memory.trace_real(lambda m, t: m(t), net, (x,))
     assert fake == real > 2 * 8 * 16 * 16 * 4
 
 
 def test_peak_activation_says_it_is_an_estimate_on_cpu():
     net = nn.Linear(8, 8)
-    peak = memory.peak_activation(lambda t: net(t), (torch.randn(2, 8),), net)
+    peak = memory.peak_activation(lambda m, t: m(t), net, (torch.randn(2, 8),))
     assert peak.method == memory.ESTIMATED and peak.peak_bytes == 2 * 8 * 4
 
 

@@ -72,17 +72,17 @@ def test_linear_weight_bytes_by_hand():
 def test_inference_trace_of_a_known_sequence():
     seq = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     x = torch.randn(2, 3)
-    trace = memory.trace_forward(lambda t: seq(t), (x,), seq, modules=dict(seq.named_children()))
+    trace = memory.trace_forward(lambda m, t: m(t), seq, (x,), modules=[n for n, _ in seq.named_children()])
     # Linear out (2x4 fp32 = 32 B) and ReLU out (32 B) are alive together; the last Linear's 16 B come after.
     assert trace.peak_bytes == 64
     assert trace.module_peaks == {"0": 32, "1": 32, "2": 16}
-    assert memory.trace_forward(lambda t: seq[0](t), (x,), seq).peak_bytes == 32
+    assert memory.trace_forward(lambda m, t: m[0](t), seq, (x,)).peak_bytes == 32
     assert seq[0].weight.device.type == "cpu" and not isinstance(seq[0].weight, torch._subclasses.FakeTensor)
 
 
 def test_offload_trace_by_hand():
     seq = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
-    trace = memory.trace_forward(lambda t: seq(t), (torch.randn(1, 4),), seq, blocks=["0", "1"])
+    trace = memory.trace_forward(lambda m, t: m(t), seq, (torch.randn(1, 4),), blocks=["0", "1"])
     # During block 1: its weights (80 B) + block 0's output (16 B) + its own output (16 B).
     assert trace.offload_peak_bytes == 112
     assert trace.offload_block_bytes == 80 and trace.resident_bytes == 0
@@ -94,8 +94,8 @@ def test_adamw_exceeds_sgd_by_the_optimizer_state():
     lin = nn.Linear(3, 4)
     x = torch.randn(1000, 3)
 
-    def step(t):
-        lin(t).mean().backward()
+    def step(m, t):
+        m(t).mean().backward()
 
     adamw = memory.trace_train(step, lin, (x,), train_memory.make_optimizer("adamw"))
     sgd = memory.trace_train(step, lin, (x,), train_memory.make_optimizer("sgd"))

@@ -278,6 +278,11 @@ def quantized_linear(linear: Any, method: str, blocksize: int, threshold: float,
                                 compress_statistics=False, quant_type=method)
         new.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, blocksize=blocksize,
                                        compress_statistics=False, quant_type=method, module=new)
+        if linear.in_features % blocksize or linear.out_features % 32:
+            # bitsandbytes (0.50) repacks 4-bit weights for its AVX512-BF16 CPU kernel on the first CPU forward,
+            # and that repacking fails unless each row is a whole number of blocks and the rows come in tiles
+            # of 32 (functional._convert_weight_packed_for_cpu): such layers keep the portable kernel.
+            new.support_avx512bf16_for_cpu = False
     if bias:
         new.bias = torch.nn.Parameter(linear.bias.detach().to("cpu", dtype).clone(), requires_grad=False)
     new = new.to(device)

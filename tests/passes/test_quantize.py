@@ -198,13 +198,91 @@ def test_hf_output_loads_in_transformers(bert_folder, tmp_path, method):
 
 # --- peak activation -----------------------------------------------------------------------------------------
 
-def test_peak_activation_of_quantized_parts(clip):
+def _has_avx512bf16() -> bool:
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())
+
+
+@pytest.fixture(params=["avx512bf16", "no-avx512bf16"])
+def cpu_feature(request, monkeypatch):
+    """Both of bitsandbytes' CPU paths: on CPUs with AVX512-BF16 a Linear4bit repacks its weights in place on
+    its first forward; elsewhere it does not. The second path is forced by hiding the feature; the first can only
+    run where the CPU has it."""
+    import bitsandbytes.backends.cpu.ops as cpu_ops
+    import bitsandbytes.nn.modules as bnb_modules
+
+    if request.param == "avx512bf16":
+        if not _has_avx512bf16():
+            pytest.skip("this CPU has no AVX512-BF16, so bitsandbytes' repacking path cannot run here")
+    else:
+        monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: False)
+        monkeypatch.setattr(cpu_ops, "has_avx512bf16", lambda: False)
+    return request.param
+
+
+def _tensors_of(model) -> dict:
+    """Every tensor a quantized model holds, quantization state included, as plain CPU copies."""
+    out = {}
+    for key, value in model.module.state_dict().items():
+        assert not isinstance(value, torch._subclasses.FakeTensor), f"{key} became a fake tensor"
+        out[key] = value.detach().clone()
+    return out
+
+
+@pytest.mark.parametrize("method, how", [("int8", "CPU trace"), ("nf4", "fake-tensor trace")])
+def test_peak_activation_of_quantized_parts(clip, cpu_feature, method, how):
     inputs = clip_inputs()["visual"]
-    for method, how in (("int8", "CPU trace"), ("nf4", "fake-tensor trace")):
-        model, _ = quantized(clip, method=method)
-        peak = memory.peak_activation(lambda x, m=model: run(m, "visual", (x,)), inputs, model.module)
-        assert peak.how == how            # int8's outlier split has a data-dependent shape: no fake kernel
-        assert 0 < peak.peak_bytes < 10 * 2**20
+    model, _ = quantized(clip, method=method)
+    peak = memory.peak_activation(lambda m, x: run(m, "visual", (x,)), model, inputs)
+    assert peak.how == how            # int8's outlier split has a data-dependent shape: no fake kernel
+    assert 0 < peak.peak_bytes < 10 * 2**20
+
+
+@pytest.mark.parametrize("method", ["int8", "nf4"])
+def test_measuring_never_changes_the_model(clip, cpu_feature, method):
+    from mmopt import measure
+    from mmopt.adapters.base import Shapes
+
+    model, _ = quantized(clip, method=method)
+    inputs = clip_inputs()["visual"]
+    expected = run(copy.deepcopy(model), "visual", inputs)
+    before = _tensors_of(model)
+    adapter = registry.adapter_for("open_clip")
+    for part in model.parts:
+        measure.part_runtime(model, adapter, part, Shapes(batch_size=2), latency=False)
+    after = _tensors_of(model)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(run(model, "visual", inputs), expected)
+
+
+class _RepacksOnFirstUse(nn.Module):
+    """A layer that rewrites its own weight and a state object on its first forward, as bitsandbytes' 4-bit
+    layers do on CPUs with AVX512-BF16: the mechanism, on every CPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4), requires_grad=False)
+        self.state = {"packed": False, "scale": torch.ones(4)}
+
+    def forward(self, x):
+        if not self.state["packed"]:
+            self.weight.data = self.weight.data.t().contiguous()
+            self.state["scale"] = self.state["scale"] * 2
+            self.state["packed"] = True
+        return x @ self.weight * self.state["scale"]
+
+
+def test_traces_run_on_a_copy_of_a_self_modifying_layer():
+    layer = _RepacksOnFirstUse()
+    weight = layer.weight.detach().clone()
+    peak = memory.peak_activation(lambda m, x: m(x), layer, (torch.randn(2, 4),))
+    assert peak.how == "fake-tensor trace" and peak.peak_bytes > 0
+    assert torch.equal(layer.weight, weight) and layer.state["packed"] is False
+    assert not isinstance(layer.state["scale"], torch._subclasses.FakeTensor)
+    memory.trace_real(lambda m, x: m(x), layer, (torch.randn(2, 4),))
+    assert torch.equal(layer.weight, weight) and layer.state["packed"] is False
 
 
 # --- bad input -----------------------------------------------------------------------------------------------
@@ -306,3 +384,12 @@ def test_the_report_says_when_a_peak_comes_from_a_cpu_trace():
     assert [line for line in lines if "CPU" in line and "text" in line] == [
         "Peak activation of text after: traced from a real CPU run (these kernels have no fake-tensor version), "
         "so it is the CPU allocator's figure, not a CUDA one."]
+
+
+@pytest.mark.parametrize("in_features, out_features", [(32, 16), (96, 64), (128, 16), (128, 64)])
+def test_four_bit_layers_of_any_width_run_on_both_cpu_paths(cpu_feature, in_features, out_features):
+    linear = nn.Linear(in_features, out_features)
+    layer = quantize.quantized_linear(linear, "nf4", 64, 0.0, torch.float32, "cpu")
+    x = torch.randn(3, in_features)
+    with torch.inference_mode():
+        assert float(nn.functional.cosine_similarity(layer(x), linear(x)).min()) > 0.98
