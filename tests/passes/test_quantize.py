@@ -204,7 +204,10 @@ def _has_avx512bf16() -> bool:
     return bool(has_avx512bf16())
 
 
-@pytest.fixture(params=["avx512bf16", "no-avx512bf16"])
+@pytest.fixture(params=[
+    pytest.param("avx512bf16", marks=pytest.mark.skipif(
+        not _has_avx512bf16(), reason="this CPU has no AVX512-BF16, so bitsandbytes' repacking path cannot run here")),
+    "no-avx512bf16"])
 def cpu_feature(request, monkeypatch):
     """Both of bitsandbytes' CPU paths: on CPUs with AVX512-BF16 a Linear4bit repacks its weights in place on
     its first forward; elsewhere it does not. The second path is forced by hiding the feature; the first can only
@@ -212,10 +215,7 @@ def cpu_feature(request, monkeypatch):
     import bitsandbytes.backends.cpu.ops as cpu_ops
     import bitsandbytes.nn.modules as bnb_modules
 
-    if request.param == "avx512bf16":
-        if not _has_avx512bf16():
-            pytest.skip("this CPU has no AVX512-BF16, so bitsandbytes' repacking path cannot run here")
-    else:
+    if request.param == "no-avx512bf16":
         monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: False)
         monkeypatch.setattr(cpu_ops, "has_avx512bf16", lambda: False)
     return request.param
