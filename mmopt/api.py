@@ -1,38 +1,87 @@
 """The Python API: ``optimize``, ``validate``, ``profile`` and ``load``. The CLI is a thin layer over these."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mmopt.progress import NO_PROGRESS, Progress
 
 
-def validate(recipe: str | Path) -> Any:
+@dataclass(frozen=True)
+class Overrides:
+    """Changes to a recipe made without editing it: ``values`` as ``KEY=VALUE`` (``passes.0.quantize.method=nf4``,
+    the VALUE read as YAML) and ``output``, a folder relative to the current one."""
+
+    values: list[str] = field(default_factory=list)
+    output: str | Path | None = None
+
+    def as_values(self) -> list[str]:
+        out = list(self.values)
+        if self.output is not None:
+            out.append(f"output={Path(self.output).expanduser().resolve()}")
+        return out
+
+
+def validate(recipe: str | Path, overrides: Overrides | None = None) -> Any:
     """Parse and validate a recipe file (and its calibration data) without loading a model."""
     from mmopt.calibration import Calibration
     from mmopt.recipe import load_recipe
 
-    parsed = load_recipe(Path(recipe))
+    parsed = load_recipe(Path(recipe), overrides=(overrides or Overrides()).as_values())
     Calibration.from_recipe(parsed)
     return parsed
 
 
-def optimize(recipe: str | Path, force: bool = False, progress: Progress = NO_PROGRESS) -> dict:
+def optimize(recipe: str | Path, force: bool = False, progress: Progress = NO_PROGRESS,
+             overrides: Overrides | None = None) -> dict:
     """Carry out a recipe file; return the report dict (also written into the output folder).
 
     A failed gate does not raise: the output is written and ``report["passed"]`` is False.
     """
     from mmopt import pipeline
 
-    parsed = validate(recipe)
+    parsed = validate(recipe, overrides)
     return pipeline.run(parsed, force=force, progress=progress, recipe_path=str(recipe))
 
 
-def check(recipe: str | Path) -> dict:
+def plan(recipe: str | Path, overrides: Overrides | None = None, progress: Progress = NO_PROGRESS) -> dict:
+    """What ``optimize`` would do, without doing it: the recipe validated, the model loaded, its memory before
+    any pass (sizes and estimated peak), the passes in order and where the output would go. Writes nothing."""
+    from mmopt import pipeline
+
+    return pipeline.plan(validate(recipe, overrides), progress=progress, recipe_path=str(recipe))
+
+
+def check(recipe: str | Path, overrides: Overrides | None = None) -> dict:
     """Re-evaluate a recipe's gates on its existing output (weight hashes verified); nothing is recomputed."""
     from mmopt import pipeline
 
-    return pipeline.check(validate(recipe))
+    return pipeline.check(validate(recipe, overrides))
+
+
+def pass_catalog(name: str | None = None) -> list[dict]:
+    """Every pass (or only ``name``): its one-line summary and its options with types, defaults, descriptions."""
+    from mmopt import registry
+    from mmopt.errors import UserError
+    from mmopt.recipe import pass_options
+
+    if name is not None and name not in registry.PASSES:
+        raise UserError(f"no pass named {name!r}; passes: {', '.join(sorted(registry.PASSES))}")
+    out = []
+    for pass_name in sorted(registry.PASSES) if name is None else [name]:
+        module = registry.pass_module(pass_name)
+        summary = (module.__doc__ or "").strip().splitlines()
+        out.append({"name": pass_name, "summary": summary[0] if summary else "",
+                    "options": pass_options(module.Config)})
+    return out
+
+
+def recipe_schema() -> dict:
+    """The JSON Schema of a recipe file (``mmopt schema``), for editors that check YAML as it is typed."""
+    from mmopt.recipe import recipe_json_schema
+
+    return recipe_json_schema()
 
 
 def profile(model: str, **options: Any) -> dict:

@@ -5,13 +5,17 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
-                  help="Shrink CLIP, BERT-family and ResNet-family models; see where their memory goes.")
-_state = {"debug": False}
+from mmopt.errors import EXIT_CODES
+
+app = typer.Typer(
+    no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Shrink CLIP, BERT-family and ResNet-family models; see where their memory goes.",
+    epilog="Exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + ".")
+_state = {"debug": False, "verbose": False}
 
 
 def _consoles():
@@ -20,9 +24,23 @@ def _consoles():
     return Console(), Console(stderr=True)
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from mmopt import __version__
+
+        typer.echo(f"mmopt {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")) -> None:
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show every warning third-party libraries print."),
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
     _state["debug"] = debug
+    _state["verbose"] = verbose
 
 
 @app.command()
@@ -31,15 +49,28 @@ def optimize(
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     json_: bool = typer.Option(False, "--json", help="Print the report as one JSON document on stdout."),
     check: bool = typer.Option(False, "--check", help="Only evaluate the gates on the existing output."),
+    set_: Optional[List[str]] = typer.Option(
+        None, "--set", metavar="KEY=VALUE",
+        help="Override a recipe value without editing the file, e.g. passes.0.quantize.method=nf4 (repeatable; "
+             "VALUE is read as YAML)."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Write here instead of the recipe's output "
+                                                                 "(relative to the current folder)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate, load the model, print the plan and the memory "
+                                                          "before any pass; write nothing."),
 ) -> None:
     """Apply RECIPE: load the model, run its passes, write the checkpoint and the before/after report."""
     from mmopt import api, report
 
     out, err = _consoles()
+    overrides = api.Overrides(values=list(set_ or []), output=output)
+    if dry_run:
+        plan = api.plan(recipe, overrides=overrides, progress=report.progress_for(err))
+        _print_json(plan) if json_ else report.show_plan(plan, out)
+        return
     if check:
-        result = api.check(recipe)
+        result = api.check(recipe, overrides=overrides)
     else:
-        result = api.optimize(recipe, force=force, progress=report.progress_for(err))
+        result = api.optimize(recipe, force=force, progress=report.progress_for(err), overrides=overrides)
     if json_:
         _print_json(result)
     elif check:
@@ -51,13 +82,33 @@ def optimize(
 
 
 @app.command()
-def validate(recipe: Path = typer.Argument(..., help="The recipe YAML file.")) -> None:
-    """Check RECIPE (schema, pass options, calibration data) without loading a model."""
+def validate(
+    recipe: Path = typer.Argument(..., help="The recipe YAML file."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="As for optimize."),
+) -> None:
+    """Check RECIPE (schema, pass options, paths, calibration data) without loading model weights."""
     from mmopt import api
 
-    parsed = api.validate(recipe)
+    parsed = api.validate(recipe, overrides=api.Overrides(values=list(set_ or [])))
     names = ", ".join(p.name for p in parsed.passes) or "no passes"
     typer.echo(f"ok: {recipe} ({parsed.model.source} model; {names}; output {parsed.output_path})")
+
+
+@app.command()
+def passes(name: Optional[str] = typer.Argument(None, help="One pass: show its options in full.")) -> None:
+    """List the passes a recipe can use, with their options and defaults."""
+    from mmopt import api, report
+
+    out, _ = _consoles()
+    report.show_passes(api.pass_catalog(name), out)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of a recipe (for editors that check YAML as it is typed)."""
+    from mmopt import api
+
+    _print_json(api.recipe_schema())
 
 
 @app.command()
@@ -108,50 +159,84 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _click_types() -> tuple[tuple, tuple, tuple, tuple]:
+    """(usage errors, aborts, exits, no-args-help) as the installed typer raises them. typer >= 0.20 ships its
+    own copy of click (``typer._click``) whose exceptions are not click's, so both are caught."""
+    import importlib
+
+    usage, aborts, exits, no_args = [], [typer.Abort], [typer.Exit], []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        usage.append(module.ClickException)
+        aborts += [getattr(module, "Abort")] if hasattr(module, "Abort") else []
+        exits += [getattr(module, "Exit")] if hasattr(module, "Exit") else []
+        no_args += [getattr(module, "NoArgsIsHelpError")] if hasattr(module, "NoArgsIsHelpError") else []
+    return tuple(usage), tuple(aborts), tuple(exits), tuple(no_args)
+
+
 def main() -> None:
     """Entry point: runs the app and turns every error into one line and a fixed exit code."""
-    import click
-
     from mmopt.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USER_ERROR, MmoptError, describe_foreign
+    from mmopt.warnings_filter import quiet_third_party
 
     # SIGTERM unwinds like Ctrl-C, so temporary output is removed; SIGINT is re-armed because a shell starts
     # background jobs with it ignored.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGINT, _raise_interrupt)
-    debug = "--debug" in sys.argv[1:]
+    args = sys.argv[1:]
+    debug = "--debug" in args
     os.environ.setdefault("HF_HUB_OFFLINE", "1")      # nothing is downloaded, ever
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    usage_errors, aborts, exits, no_args_help = _click_types()
+    code = 0
     try:
-        code = app(standalone_mode=False)
+        with quiet_third_party(enabled=not (debug or "--verbose" in args)):
+            code = app(standalone_mode=False)
         if code == EXIT_INTERRUPTED:           # typer turns KeyboardInterrupt into Exit(130) by itself
             _fail("interrupted; no partial output was left", None)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except no_args_help:
+        code = 0                                # the help was printed: asking for it is not an error
+    except exits as exc:
+        code = getattr(exc, "exit_code", 0)
+    except (*aborts, KeyboardInterrupt):
         _fail("interrupted; no partial output was left", None)
         code = EXIT_INTERRUPTED
-    except click.ClickException as exc:
-        exc.show()
-        code = EXIT_USER_ERROR if exc.exit_code == 2 else exc.exit_code
+    except usage_errors as exc:
+        exc.show()                              # click's usage line and its one-line message
+        code = EXIT_USER_ERROR
     except MmoptError as exc:
         if debug:
-            raise
+            _traceback()
         _fail(exc.message, exc.hint)
         code = exc.exit_code
     except Exception as exc:  # the one place unexpected errors become a single line
-        if debug:
-            raise
         mapped = describe_foreign(exc)
+        if debug:
+            _traceback()
         if mapped is not None:
             _fail(mapped.message, mapped.hint)
             code = mapped.exit_code
         else:
-            _fail(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                  "run with --debug for the traceback")
+            from mmopt.errors import first_line
+
+            _fail(f"internal error: {type(exc).__name__}: {first_line(exc)}",
+                  None if debug else "run with --debug for the traceback")
             code = EXIT_INTERNAL
     sys.exit(code if isinstance(code, int) else 0)
 
 
+def _traceback() -> None:
+    import traceback
+
+    traceback.print_exc(file=sys.stderr)
+
+
 def _fail(message: str, hint: Optional[str]) -> None:
-    sys.stderr.write(f"error: {message}\n")
+    for line in message.splitlines() or [""]:       # several problems (a recipe's): one line each
+        sys.stderr.write(f"error: {line}\n")
     if hint:
         sys.stderr.write(f"hint: {hint}\n")
 

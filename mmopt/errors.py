@@ -4,11 +4,19 @@ Library code raises these; only ``cli.main`` turns them into one line on stderr 
 """
 from __future__ import annotations
 
-EXIT_OK = 0
 EXIT_GATE_FAILED = 1
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130     # the shell's convention for SIGINT
+
+# What each exit code means; ``mmopt --help`` and the README print this table.
+EXIT_CODES = {
+    0: "done (all gates passed, or none set)",
+    EXIT_GATE_FAILED: "a gate failed (the output was still written)",
+    EXIT_USER_ERROR: "bad input or command-line usage; nothing was written",
+    EXIT_INTERNAL: "internal error (a bug: run with --debug for the traceback)",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C or SIGTERM); no partial output was left",
+}
 
 
 class MmoptError(Exception):
@@ -48,12 +56,6 @@ class IntegrityError(UserError):
     """A checkpoint's files do not match its manifest."""
 
 
-class GateFailed(MmoptError):
-    """At least one gate failed; the output was still written."""
-
-    exit_code = EXIT_GATE_FAILED
-
-
 def describe_foreign(exc: BaseException) -> UserError | None:
     """Map a third-party exception that means bad input to a one-line UserError, or None if it is a bug."""
     import json
@@ -70,12 +72,13 @@ def describe_foreign(exc: BaseException) -> UserError | None:
     if isinstance(exc, json.JSONDecodeError):
         return UserError(f"malformed JSON: {exc.msg} at line {exc.lineno}")
     if name == "SafetensorError" or type(exc).__module__.startswith("safetensors"):
-        return UserError(f"not a readable safetensors file: {_first_line(exc)}")
+        return UserError(f"not a readable safetensors file: {first_line(exc)}")
     if name == "OutOfMemoryError":
-        return UserError(f"CUDA ran out of memory: {_first_line(exc)}", hint="use a smaller batch_size")
+        return UserError(f"CUDA ran out of memory: {first_line(exc)}", hint="use a smaller batch_size")
     return None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message (its type name when it has none), cut to ``limit``."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:limit]

@@ -53,17 +53,9 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
     calib = Calibration.from_recipe(recipe)
     device = pick_device(recipe.device)
     torch.manual_seed(recipe.seed)
-    adapter = registry.adapter_for(recipe.model.source)
-    with progress.task("loading model", total=None):
-        model = adapter.load(resolved_spec(recipe))
-    for part in recipe.parts or []:
-        model.check_part(part)
-    for part in [p for p in list(model.parts) if recipe.parts and p not in recipe.parts]:
-        adapter.drop_part(model, part)
-    model.module.to(device)
+    adapter, model = _load(recipe, device, progress)
     teacher = copy.deepcopy(model)
-    shapes = Shapes(batch_size=recipe.profile.batch_size, image_size=recipe.profile.image_size,
-                    seq_len=recipe.profile.seq_len)
+    shapes = _shapes(recipe)
     before = _measure(teacher, adapter, shapes, progress, "measuring original")
 
     fit_calib, eval_calib, held_out = _split_calibration(recipe, calib, list(model.parts))
@@ -97,6 +89,52 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
     return report
 
 
+def plan(recipe: Recipe, progress: Progress = NO_PROGRESS, recipe_path: str | None = None) -> dict:
+    """What ``run`` would do, without doing it: the model loaded, its memory before any pass (sizes and peak
+    activation at the profile shapes; no latency run), the passes in order, the output. Writes nothing."""
+    calib = Calibration.from_recipe(recipe)
+    device = pick_device(recipe.device)
+    adapter, model = _load(recipe, device, progress)
+    before = _measure(model, adapter, _shapes(recipe), progress, "measuring original", latency=False)
+    target = recipe.output_path
+    learns = [spec.name for spec in recipe.passes
+              if getattr(registry.pass_module(spec.name), "fits_calibration", lambda cfg: False)(spec.config)]
+    return {
+        "recipe": recipe_path, "model": source_record(recipe), "random_weights": bool(model.random_weights),
+        "device": device, "shapes": _shapes_json(recipe), "memory_method": memory.overall_method(
+            {m["memory_method"] for m in before.values()}),
+        "parts": {part: {**_public(before[part]), "calibration": describe_inputs(model, adapter, part, calib)[0]}
+                  for part in model.parts},
+        "passes": [{"name": spec.name, "config": spec.config.model_dump(mode="json"),
+                    "learns_from_calibration": spec.name in learns} for spec in recipe.passes],
+        "output": str(target), "output_exists": target.exists(),
+        "gates": recipe.gates.model_dump(mode="json", exclude_none=True, exclude_defaults=True),
+    }
+
+
+def _load(recipe: Recipe, device: str, progress: Progress) -> tuple[Any, Any]:
+    """(adapter, model): the recipe's model loaded, only its ``parts`` kept, on ``device``."""
+    adapter = registry.adapter_for(recipe.model.source)
+    with progress.task("loading model", total=None):
+        model = adapter.load(resolved_spec(recipe))
+    for part in recipe.parts or []:
+        model.check_part(part)
+    for part in [p for p in list(model.parts) if recipe.parts and p not in recipe.parts]:
+        adapter.drop_part(model, part)
+    model.module.to(device)
+    return adapter, model
+
+
+def _shapes(recipe: Recipe) -> Shapes:
+    return Shapes(batch_size=recipe.profile.batch_size, image_size=recipe.profile.image_size,
+                  seq_len=recipe.profile.seq_len)
+
+
+def _shapes_json(recipe: Recipe) -> dict:
+    shapes = _shapes(recipe)
+    return {"batch_size": shapes.batch_size, "image_size": shapes.image_size, "seq_len": shapes.seq_len}
+
+
 def check(recipe: Recipe) -> dict:
     """Evaluate the recipe's gates on its existing output (hashes verified), recomputing nothing."""
     import json
@@ -124,11 +162,12 @@ def _judge(recipe: Recipe, report: dict) -> None:
     report["passed"] = all(row["passed"] for row in report["gates"])
 
 
-def _measure(model: Any, adapter: Any, shapes: Shapes, progress: Progress, what: str) -> dict:
+def _measure(model: Any, adapter: Any, shapes: Shapes, progress: Progress, what: str, latency: bool = True) -> dict:
     out = {}
     with progress.task(what, total=len(model.parts)) as task:
         for part in model.parts:
-            out[part] = {**measure.part_sizes(model, part), **measure.part_runtime(model, adapter, part, shapes)}
+            out[part] = {**measure.part_sizes(model, part),
+                         **measure.part_runtime(model, adapter, part, shapes, latency=latency)}
             task.advance()
     return out
 
@@ -187,7 +226,7 @@ def _report(recipe, recipe_path, model, teacher, reloaded, adapter, calib, held_
         "random_weights": bool(model.random_weights),
         "memory_method": memory.overall_method(methods),
         "device": device,
-        "shapes": {"batch_size": shapes.batch_size, "image_size": shapes.image_size, "seq_len": shapes.seq_len},
+        "shapes": _shapes_json(recipe),
         "parts": parts,
         "totals": {
             "before": {"weight_bytes": sum(p["before"]["weight_bytes"] for p in parts.values()),

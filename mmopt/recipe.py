@@ -5,11 +5,13 @@ Every field is validated before any model loads; an error names the key path and
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
+from typing_extensions import Annotated
 
 from mmopt.errors import RecipeError
 from mmopt.units import parse_bytes
@@ -67,11 +69,18 @@ def _size(value: Any) -> int:
     return parse_bytes(value)
 
 
+# A byte count as people write it: 1024, "200MiB", "1.5 GiB" (parsed by units.parse_bytes).
+ByteSize = Annotated[int, WithJsonSchema({"anyOf": [
+    {"type": "integer", "minimum": 0},
+    {"type": "string", "pattern": r"^\s*[0-9]*\.?[0-9]+\s*([kKmMgGtT]i?[bB]|[bB])?\s*$"}]})]
+
+
 class GateThresholds(Strict):
-    min_cosine: float | None = Field(None, ge=-1, le=1)
-    min_neighbor_agreement: float | None = Field(None, ge=0, le=1)
-    max_weight_bytes: int | None = None
-    max_peak_bytes: int | None = None
+    min_cosine: float | None = Field(None, ge=-1, le=1, description="mean cosine vs the original, at least")
+    min_neighbor_agreement: float | None = Field(None, ge=0, le=1,
+                                                 description="share of items whose nearest neighbour is unchanged")
+    max_weight_bytes: ByteSize | None = Field(None, description="weights in memory, at most (200MiB)")
+    max_peak_bytes: ByteSize | None = Field(None, description="weights + largest part's peak activation, at most")
 
     @field_validator("max_weight_bytes", "max_peak_bytes", mode="before")
     @classmethod
@@ -164,14 +173,66 @@ def _message(err: dict) -> str:
     return msg
 
 
-def _first_error(exc: ValidationError) -> dict:
-    """An unknown key explains a 'missing' one (a typo), so report unknown keys first."""
+def _ordered_errors(exc: ValidationError) -> list[dict]:
+    """An unknown key explains a 'missing' one (a typo), so unknown keys come first."""
     errors = exc.errors()
-    return next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    return sorted(errors, key=lambda e: e["type"] != "extra_forbidden")
 
 
-def parse_recipe(text: str, where: str = "recipe", base_dir: Path | None = None) -> Recipe:
-    """Validate recipe ``text``; raise RecipeError naming the file, line and key path of the first problem."""
+# --- overrides (--set KEY=VALUE, --output) ---------------------------------------------------------------
+
+def parse_overrides(values: list[str]) -> list[tuple[tuple, Any, str]]:
+    """``["passes.0.quantize.method=nf4"]`` -> [(("passes", 0, "quantize", "method"), "nf4", text)]; each VALUE
+    is read as YAML (``0.3`` a number, ``[a, b]`` a list, ``nf4`` a string)."""
+    out = []
+    for text in values:
+        key, sep, raw = text.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not piece for piece in key.split(".")):
+            raise RecipeError(f"--set {text!r}: expected KEY=VALUE, e.g. passes.0.quantize.method=nf4")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"--set {text!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
+        out.append((tuple(int(p) if p.isdigit() else p for p in key.split(".")), value, text))
+    return out
+
+
+def _apply_override(data: dict, path: tuple, value: Any, text: str) -> None:
+    """Set ``data[path] = value``, creating mappings on the way (a pass written as a bare name, ``- cast``, is
+    opened into ``{cast: {}}``); list indices must exist, or be the next free one."""
+    node: Any = data
+    for depth, key in enumerate(path):
+        last = depth == len(path) - 1
+        where = _dotted(path[:depth]) if depth else "the recipe"
+        if isinstance(node, list):
+            if not isinstance(key, int) or key > len(node):
+                raise RecipeError(f"--set {text}: {where} is a list of {len(node)}; "
+                                  f"{key!r} is not an index of it (or the next one, {len(node)})")
+            if key == len(node):
+                node.append({})
+            if last:
+                node[key] = value
+                return
+            if isinstance(node[key], str):           # `- cast` is `- cast: {}`
+                node[key] = {node[key]: {}}
+        elif isinstance(node, dict):
+            if last:
+                node[key] = value
+                return
+            if node.get(key) is None:
+                node[key] = [] if isinstance(path[depth + 1], int) else {}
+        else:
+            raise RecipeError(f"--set {text}: {where} is {node!r}, which has no {key!r}")
+        node = node[key]
+
+
+# --- parsing ---------------------------------------------------------------------------------------------
+
+def parse_recipe(text: str, where: str = "recipe", base_dir: Path | None = None,
+                 overrides: list[str] | None = None) -> Recipe:
+    """Validate recipe ``text`` (with ``--set`` ``overrides`` applied); raise one RecipeError listing every
+    problem, each naming the file, line and key path (or the ``--set`` it came from)."""
     from mmopt import registry
 
     try:
@@ -196,49 +257,65 @@ def parse_recipe(text: str, where: str = "recipe", base_dir: Path | None = None)
     if not isinstance(data, dict):
         raise RecipeError(f"{where}:{located.line(())}: the top level must be a mapping of keys, "
                           f"got {type(data).__name__}")
+    applied = parse_overrides(overrides or [])
+    for path, value, item in applied:
+        _apply_override(data, path, value, item)
 
-    def fail(path: tuple, message: str) -> RecipeError:
+    problems: list[str] = []
+
+    def fail(path: tuple, message: str) -> None:
+        source = next((item for p, _, item in applied if path[:len(p)] == p), None)
+        if source is not None:
+            problems.append(f"--set {source}: {_dotted(path)}: {message}")
+            return
         line = located.line(path)
-        return RecipeError(f"{where}{':' + str(line) if line else ''}: {_dotted(path)}: {message}")
+        problems.append(f"{where}{':' + str(line) if line else ''}: {_dotted(path)}: {message}")
 
     raw_passes = data.get("passes") or []
     if not isinstance(raw_passes, list):
-        raise fail(("passes",), f"must be a list of {{pass_name: {{options}}}}, got {type(raw_passes).__name__}")
+        fail(("passes",), f"must be a list of {{pass_name: {{options}}}}, got {type(raw_passes).__name__}")
+        raw_passes = []
     passes = []
     for i, item in enumerate(raw_passes):
         if isinstance(item, str):
             item = {item: {}}
         if not isinstance(item, dict) or len(item) != 1:
-            raise fail(("passes", i), "each pass is a one-key mapping such as `- cast: {dtype: float16}`")
+            fail(("passes", i), "each pass is a one-key mapping such as `- cast: {dtype: float16}`")
+            continue
         (name, options), = item.items()
         if name not in registry.PASSES:
-            raise fail(("passes", i, name), f"unknown pass, known: {', '.join(sorted(registry.PASSES))}")
+            fail(("passes", i, name), f"unknown pass, known: {', '.join(sorted(registry.PASSES))}")
+            continue
         options = {} if options is None else options
         if not isinstance(options, dict):
-            raise fail(("passes", i, name), f"options must be a mapping, got {options!r}")
+            fail(("passes", i, name), f"options must be a mapping, got {options!r}")
+            continue
         config_cls = registry.pass_module(name).Config
         try:
-            config = config_cls.model_validate(options)
+            passes.append(PassSpec(name=name, config=config_cls.model_validate(options)))
         except ValidationError as exc:
-            err = _first_error(exc)
-            raise fail(("passes", i, name) + tuple(err["loc"]), _message(err)) from None
-        passes.append(PassSpec(name=name, config=config))
+            for err in _ordered_errors(exc):
+                fail(("passes", i, name) + tuple(err["loc"]), _message(err))
 
     fields = {k: v for k, v in data.items() if k != "passes"}
     if "base_dir" in fields:
-        raise fail(("base_dir",), "unknown field")
+        fail(("base_dir",), "unknown field")
+        fields.pop("base_dir")
+    recipe = None
     try:
         recipe = Recipe.model_validate({**fields, "passes": [], "base_dir": base_dir or Path(".")})
     except ValidationError as exc:
-        err = _first_error(exc)
-        raise fail(tuple(err["loc"]), _message(err)) from None
-    if not passes:
-        raise fail(("passes",), "at least one pass is needed (e.g. `passes: [{cast: {dtype: float16}}]`)")
+        for err in _ordered_errors(exc):
+            fail(tuple(err["loc"]), _message(err))
+    if not data.get("passes"):
+        fail(("passes",), "at least one pass is needed (e.g. `passes: [{cast: {dtype: float16}}]`)")
+    if problems:
+        raise RecipeError("\n".join(dict.fromkeys(problems)))
     return recipe.model_copy(update={"passes": passes})
 
 
-def load_recipe(path: Path) -> Recipe:
-    """Read and validate the recipe at ``path``."""
+def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
+    """Read and validate the recipe at ``path``, with ``--set`` ``overrides`` applied."""
     path = Path(path)
     if not path.exists():
         raise RecipeError(f"recipe not found: {path}")
@@ -248,4 +325,88 @@ def load_recipe(path: Path) -> Recipe:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not a text file") from None
-    return parse_recipe(text, where=str(path), base_dir=path.resolve().parent)
+    return parse_recipe(text, where=str(path), base_dir=path.resolve().parent, overrides=overrides)
+
+
+# --- for people and editors: the pass catalogue and the JSON Schema -----------------------------------------
+
+def pass_options(config_cls: type[BaseModel], prefix: str = "") -> list[dict]:
+    """Every option of a pass config (nested option groups flattened as ``distill.steps``): name, type words,
+    default and description."""
+    rows = []
+    for name, info in config_cls.model_fields.items():
+        nested = _model_in(info.annotation)
+        if nested is not None:
+            rows.append({"option": prefix + name, "type": "options", "default": _default_words(info),
+                         "description": info.description or nested.__doc__ or ""})
+            rows += pass_options(nested, prefix=f"{prefix}{name}.")
+            continue
+        rows.append({"option": prefix + name, "type": _type_words(info.annotation), "default": _default_words(info),
+                     "description": info.description or ""})
+    return rows
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    import typing
+
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _type_words(annotation: Any) -> str:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_words(a) for a in args if a is not type(None)) + " (optional)"
+    if origin in (list, tuple):
+        return f"list of {_type_words(args[0])}" if args else "list"
+    if origin is dict:
+        return "mapping"
+    if origin is Annotated:
+        return _type_words(args[0])
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _default_words(info: Any) -> str:
+    from pydantic_core import PydanticUndefined
+
+    if info.default_factory is not None:
+        value = info.default_factory()
+    elif info.default is PydanticUndefined:
+        return "(required)"
+    else:
+        value = info.default
+    if isinstance(value, BaseModel):
+        return "(see below)"
+    return "-" if value is None else json.dumps(value, default=str)
+
+
+def recipe_json_schema() -> dict:
+    """The JSON Schema (draft 2020-12) of a recipe file, every pass's options included."""
+    from mmopt import registry
+
+    schema = Recipe.model_json_schema()
+    schema["properties"].pop("base_dir", None)
+    defs = schema.setdefault("$defs", {})
+    items = []
+    for name in sorted(registry.PASSES):
+        options = registry.pass_module(name).Config.model_json_schema()
+        # each pass's nested definitions live under its own name, so two passes may both have a "Recover"
+        text = json.dumps(options).replace('"#/$defs/', f'"#/$defs/{name}.')
+        options = json.loads(text)
+        defs.update({f"{name}.{key}": value for key, value in options.pop("$defs", {}).items()})
+        defs[f"{name}.options"] = options
+        items.append({"type": "object", "additionalProperties": False, "required": [name],
+                      "properties": {name: {"anyOf": [{"$ref": f"#/$defs/{name}.options"}, {"type": "null"}]}}})
+        items.append({"const": name})
+    schema["properties"]["passes"] = {
+        "type": "array", "minItems": 1, "items": {"oneOf": items},
+        "description": "passes applied in order; each is a one-key mapping {pass_name: {options}} or a bare name"}
+    schema["required"] = sorted(set(schema.get("required", [])) | {"passes"})
+    return {**schema, "$schema": "https://json-schema.org/draft/2020-12/schema", "title": "mmopt recipe"}

@@ -186,6 +186,47 @@ def show_gates(report: dict, console: Any, verdict: bool = True) -> None:
                       ("all gates passed" if not failed else f"{failed} gate(s) FAILED")))
 
 
+def show_plan(plan: dict, console: Any) -> None:
+    """What ``optimize --dry-run`` prints: the model before any pass, the passes, the output; nothing written."""
+    from rich.table import Table
+
+    if plan.get("random_weights"):
+        console.print("[bold yellow]RANDOM WEIGHTS[/] - the source model had no trained weights")
+    source = plan["model"]
+    table = Table(title=f"plan: {source.get('name') or source.get('path')} (dry run: nothing is written)",
+                  title_justify="left")
+    for col, justify in (("part", "left"), ("params", "right"), ("weights", "right"), ("peak activation", "right"),
+                         ("calibration", "left")):
+        table.add_column(col, justify=justify)
+    for part, data in plan["parts"].items():
+        table.add_row(part, _cell(data.get("params"), "params"), format_bytes(data.get("weight_bytes")),
+                      format_bytes(data.get("peak_activation_bytes")), data["calibration"])
+    console.print(table)
+    for i, p in enumerate(plan["passes"]):
+        options = ", ".join(f"{k}: {json.dumps(v)}" for k, v in p["config"].items() if v not in (None, [], {}))
+        learns = " (learns from calibration data: fidelity on held-out samples)" if p["learns_from_calibration"] \
+            else ""
+        console.print(f"{i + 1}. {p['name']} {{{options}}}{learns}")
+    gates = ", ".join(f"{k} {v}" for k, v in plan["gates"].items()) or "none"
+    exists = " (exists: --force replaces it)" if plan["output_exists"] else ""
+    console.print(f"gates: {gates}\noutput: {plan['output']}{exists}")
+    console.print(f"[dim]Peak activation: {METHOD_WORDS.get(plan['memory_method'], plan['memory_method'])}, "
+                  f"batch {plan['shapes']['batch_size']}.[/]")
+
+
+def show_passes(catalog: list[dict], console: Any) -> None:
+    """What ``mmopt passes`` prints: each pass, one line, then its options with type, default and meaning."""
+    from rich.table import Table
+
+    for entry in catalog:
+        table = Table(title=f"[bold]{entry['name']}[/]: {entry['summary']}", title_justify="left")
+        for col in ("option", "type", "default", "meaning"):
+            table.add_column(col, overflow="fold")
+        for row in entry["options"]:
+            table.add_row(row["option"], row["type"], row["default"], row["description"])
+        console.print(table)
+
+
 def show_profile(result: dict, console: Any) -> None:
     from rich.table import Table
 
@@ -275,10 +316,56 @@ def _profile_extras(part: str, data: dict, console: Any) -> None:
 
 
 def progress_for(console: Any) -> Any:
-    """Live bars on a terminal; silence in logs and pipes, where redrawn bars are noise."""
-    from mmopt.progress import NO_PROGRESS
+    """Live bars on a terminal; in logs and pipes, where redrawn bars are noise, a plain line at intervals."""
+    return RichProgress(console) if console.is_terminal else PlainProgress(console.file)
 
-    return RichProgress(console) if console.is_terminal else NO_PROGRESS
+
+class PlainProgress:
+    """Progress for logs: a line such as ``[02:10] distilling text: step 120/400, loss 0.0123`` at most every
+    ``interval`` seconds, none in a run's first ``interval`` seconds (a quick run, or a quick error, prints
+    nothing but its result)."""
+
+    def __init__(self, stream: Any, interval: float = 30.0) -> None:
+        import time
+
+        self.stream, self.interval = stream, interval
+        self.started = self.last = time.monotonic()
+        self.stack: list[dict] = []
+
+    @contextmanager
+    def task(self, description: str, total: int | None = None) -> Iterator[Any]:
+        state = {"description": description, "total": total, "done": 0, "fields": {}}
+        self.stack.append(state)
+        outer = self
+
+        class _Task:
+            def advance(self, n: int = 1, **fields: Any) -> None:
+                state["done"] += n
+                state["fields"].update(fields)
+                outer._maybe_print()
+
+        try:
+            self._maybe_print()
+            yield _Task()
+        finally:
+            self.stack.remove(state)
+
+    def _maybe_print(self) -> None:
+        import time
+
+        now = time.monotonic()
+        if now - self.last < self.interval or not self.stack:
+            return
+        self.last = now
+        elapsed = int(now - self.started)
+        words = " > ".join(s["description"] for s in self.stack)
+        top = self.stack[-1]
+        if top["total"]:
+            words += f": {top['done']}/{top['total']}"
+        fields = ", ".join(f"{k.replace('_', ' ')} {v:.4g}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v}"
+                           for k, v in top["fields"].items())
+        self.stream.write(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {words}{', ' + fields if fields else ''}\n")
+        self.stream.flush()
 
 
 class RichProgress:

@@ -66,7 +66,9 @@ def test_empty_and_non_mapping_recipes():
 
 
 def test_missing_required_fields():
-    assert error_of("model: {source: hf, path: x}\n") == "r.yaml:1: output: required field is missing"
+    assert error_of("model: {source: hf, path: x}\n").splitlines() == [
+        "r.yaml:1: output: required field is missing",
+        "r.yaml:1: passes: at least one pass is needed (e.g. `passes: [{cast: {dtype: float16}}]`)"]
     assert error_of("model: {source: hf, path: x}\noutput: o\n").startswith(
         "r.yaml:1: passes: at least one pass is needed")
     assert "needs path" in error_of("model: {source: hf}\noutput: o\n")
