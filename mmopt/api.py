@@ -41,7 +41,7 @@ def profile(model: str, **options: Any) -> dict:
     Options: weights, part, batch_size, image_size, seq_len, dtype; train, optimizer (adamw | sgd), amp
     (bf16 | fp16), grad_ckpt; budget ("8GiB"), offload ("cpu"), frames + window, what_if, measure (CUDA).
     """
-    from mmopt.profiler import ProfileRequest, profile as run_profile
+    from mmopt.memory.profile import ProfileRequest, profile as run_profile
 
     return run_profile(ProfileRequest(model=model, **options))
 

@@ -92,7 +92,8 @@ def write_checkpoint(model: Any, adapter: Any, folder: Path, source: dict, passe
         "parts": list(model.parts),
         "architecture": model.arch,
         "preprocessing": model.preprocess,
-        "info": {k: v for k, v in model.info.items() if not k.startswith("_")},
+        "info": model.saved_info(),
+        "quantization": model.quantization.to_json() if model.quantization is not None else None,
         "passes": passes,
         "random_weights": model.random_weights,
         "files": {part: {"file": name, "sha256": sha256(folder / name), "bytes": (folder / name).stat().st_size}
@@ -150,12 +151,17 @@ def verified_tensors(path: Path, entry: dict) -> dict:
 def load_model(path: Path, parts: list[str] | None = None, device: str = "cpu") -> Any:
     """Rebuild the model in checkpoint ``path`` with only ``parts`` (default: all), weights hash-checked."""
     from mmopt import registry
-    from mmopt.adapters.base import load_weights_into
+    from mmopt.core import Quantization
+    from mmopt.weights import load_weights_into
 
     path = Path(path)
     manifest = read_manifest(path)
     adapter = registry.adapter_for(manifest["source"]["source"])
-    model = adapter.build(manifest["architecture"], manifest["preprocessing"], manifest["info"])
+    info = dict(manifest["info"])
+    # manifests before the typed field kept what the quantize pass did in info["quantization"]
+    quantization = manifest.get("quantization") or info.pop("quantization", None)
+    model = adapter.build(manifest["architecture"], manifest["preprocessing"], info)
+    model.quantization = Quantization(**quantization) if quantization else None
     wanted = list(parts) if parts else list(manifest["parts"])
     for part in wanted:
         if part not in manifest["parts"]:

@@ -70,12 +70,14 @@ def describe_foreign(exc: BaseException) -> UserError | None:
     if isinstance(exc, json.JSONDecodeError):
         return UserError(f"malformed JSON: {exc.msg} at line {exc.lineno}")
     if name == "SafetensorError" or type(exc).__module__.startswith("safetensors"):
-        return UserError(f"not a readable safetensors file: {_first_line(exc)}")
+        return UserError(f"not a readable safetensors file: {first_line(exc)}")
     if name == "OutOfMemoryError":
-        return UserError(f"CUDA ran out of memory: {_first_line(exc)}", hint="use a smaller batch_size")
+        return UserError(f"CUDA ran out of memory: {first_line(exc)}", hint="use a smaller batch_size")
     return None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of ``exc``'s message cut to ``limit`` characters, or its type name when it has no
+    message: third-party errors often follow their first line with a traceback, a table or a URL."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:limit]

@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import copy
 import time
-from pathlib import Path
 from typing import Any
 
-from mmopt import checkpoint, gates, measure, memory, registry
-from mmopt.adapters.base import Shapes, looks_like_hub_id
+from mmopt import checkpoint, gates, registry
 from mmopt.calibration import Calibration, describe_inputs, fit_and_holdout, inputs_for
+from mmopt.core import Shapes, is_image_part
 from mmopt.errors import UserError
+from mmopt.fidelity import embeddings, fidelity
+from mmopt.memory import counting, tracing
 from mmopt.passes.base import Context
+from mmopt.paths import resolve_spec
 from mmopt.progress import NO_PROGRESS, Progress
 from mmopt.recipe import Recipe
 
@@ -27,21 +29,9 @@ def pick_device(choice: str) -> str:
     return choice
 
 
-def resolved_spec(recipe: Recipe) -> Any:
-    """The model spec with paths made absolute against the recipe's folder."""
-    spec = recipe.model
-    update = {}
-    if spec.path and not spec.path.startswith("pkg://"):    # package paths are resolved by the adapter
-        resolved = recipe.resolve(spec.path)
-        # A missing relative path that reads like a hub id keeps its text, so the error can say what it is.
-        update["path"] = spec.path if not resolved.exists() and looks_like_hub_id(spec.path) else str(resolved)
-    if spec.weights:
-        update["weights"] = str(recipe.resolve(spec.weights))
-    return spec.model_copy(update=update)
-
-
 def source_record(recipe: Recipe) -> dict:
-    return resolved_spec(recipe).model_dump(exclude_none=True)
+    """The model spec as the manifest records it: paths resolved against the recipe's folder."""
+    return resolve_spec(recipe.model, recipe.base_dir).model_dump(exclude_none=True)
 
 
 def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, recipe_path: str | None = None) -> dict:
@@ -55,7 +45,7 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
     torch.manual_seed(recipe.seed)
     adapter = registry.adapter_for(recipe.model.source)
     with progress.task("loading model", total=None):
-        model = adapter.load(resolved_spec(recipe))
+        model = adapter.load(resolve_spec(recipe.model, recipe.base_dir))
     for part in recipe.parts or []:
         model.check_part(part)
     for part in [p for p in list(model.parts) if recipe.parts and p not in recipe.parts]:
@@ -79,7 +69,7 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
         ctx.history.append((spec.name, spec.config))
         applied.append({"name": spec.name, "config": spec.config.model_dump(mode="json"), "record": result.record})
         pass_rows.append({"name": spec.name, "config": spec.config.model_dump(mode="json"), **result.to_json(),
-                          "weight_bytes_after": {p: measure.part_sizes(model, p)["weight_bytes"] for p in model.parts}})
+                          "weight_bytes_after": {p: counting.part_weight_bytes(model, p) for p in model.parts}})
 
     with checkpoint.atomic_folder(recipe.output_path, force) as tmp:
         with progress.task("writing checkpoint", total=None):
@@ -128,7 +118,7 @@ def _measure(model: Any, adapter: Any, shapes: Shapes, progress: Progress, what:
     out = {}
     with progress.task(what, total=len(model.parts)) as task:
         for part in model.parts:
-            out[part] = {**measure.part_sizes(model, part), **measure.part_runtime(model, adapter, part, shapes)}
+            out[part] = {**counting.part_sizes(model, part), **tracing.part_runtime(model, adapter, part, shapes)}
             task.advance()
     return out
 
@@ -161,16 +151,15 @@ def _report(recipe, recipe_path, model, teacher, reloaded, adapter, calib, held_
             if held_out is not None:
                 description += (", held out from what the passes fitted to" if held_out
                                 else ", the same samples the passes fitted to: too few to hold any out")
-            ref = measure.embeddings(teacher, adapter, part,
-                                     inputs_for(teacher, adapter, part, calib, shapes.seq_len, recipe.seed))
-            image_size = reloaded.preprocess.get("image_size") if part != "text" else None
-            new = measure.embeddings(reloaded, adapter, part,
-                                     inputs_for(reloaded, adapter, part, calib, shapes.seq_len, recipe.seed, image_size))
+            ref = embeddings(teacher, adapter, part, inputs_for(teacher, adapter, part, calib, shapes.seq_len, recipe.seed))
+            image_size = reloaded.preprocess.get("image_size") if is_image_part(part) else None
+            new = embeddings(reloaded, adapter, part,
+                             inputs_for(reloaded, adapter, part, calib, shapes.seq_len, recipe.seed, image_size))
             before_ckpt = checkpoint.serialized_bytes(_state(teacher, part))
             parts[part] = {
                 "before": {**_public(before[part]), "checkpoint_bytes": before_ckpt},
                 "after": {**_public(after[part]), "checkpoint_bytes": files[part]["bytes"] if part in files else None},
-                "fidelity": {**measure.fidelity(ref, new), "inputs": description, "synthetic": synthetic,
+                "fidelity": {**fidelity(ref, new), "inputs": description, "synthetic": synthetic,
                              "held_out": held_out},
             }
             for row in pass_rows:
@@ -185,7 +174,7 @@ def _report(recipe, recipe_path, model, teacher, reloaded, adapter, calib, held_
         "output": str(recipe.output_path),
         "model": manifest["source"],
         "random_weights": bool(model.random_weights),
-        "memory_method": memory.overall_method(methods),
+        "memory_method": tracing.overall_method(methods),
         "device": device,
         "shapes": {"batch_size": shapes.batch_size, "image_size": shapes.image_size, "seq_len": shapes.seq_len},
         "parts": parts,
@@ -213,6 +202,4 @@ def _public(measures: dict) -> dict:
 
 
 def _state(model: Any, part: str) -> dict:
-    from mmopt.memory import part_state
-
-    return part_state(model, part)
+    return counting.part_state(model, part)

@@ -9,39 +9,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from mmopt.errors import RecipeError
+from mmopt.core import ModelSpec
+from mmopt.errors import RecipeError, first_line
+from mmopt.paths import resolve_path
 from mmopt.units import parse_bytes
-
-Source = Literal["hf", "open_clip", "torchvision"]
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelSpec(Strict):
-    """Where the model comes from. Only local files: nothing is downloaded."""
-
-    source: Source = Field(description="hf | open_clip | torchvision")
-    path: str | None = Field(None, description="hf: a local Hugging Face folder, or pkg://package/subfolder")
-    name: str | None = Field(None, description="open_clip architecture (ViT-B-32) or torchvision name (resnet50)")
-    weights: str | None = Field(None, description="open_clip / torchvision: a local checkpoint file")
-
-    @model_validator(mode="after")
-    def _needs_what_source_needs(self) -> "ModelSpec":
-        if self.source == "hf":
-            if not self.path:
-                raise ValueError("source hf needs path: a local Hugging Face folder")
-            if self.name or self.weights:
-                raise ValueError("source hf takes path only (name and weights are for open_clip / torchvision)")
-        else:
-            if not self.name:
-                raise ValueError(f"source {self.source} needs name: the architecture")
-            if self.path:
-                raise ValueError(f"source {self.source} takes name and weights, not path")
-        return self
 
 
 class CalibrationSpec(Strict):
@@ -104,9 +81,9 @@ class Recipe(Strict):
     base_dir: Path = Field(Path("."), exclude=True)
 
     def resolve(self, path: str) -> Path:
-        """A recipe path, relative paths resolved against the recipe's folder (pkg:// paths: see resolve_spec)."""
-        p = Path(path).expanduser()
-        return p if p.is_absolute() else (self.base_dir / p)
+        """A recipe path, relative paths resolved against the recipe's folder (the model's own paths, which may
+        be ``pkg://`` paths: ``paths.resolve_spec``)."""
+        return resolve_path(path, self.base_dir)
 
     @property
     def output_path(self) -> Path:
@@ -177,7 +154,7 @@ def parse_recipe(text: str, where: str = "recipe", base_dir: Path | None = None)
     try:
         loader = yaml.SafeLoader(text)
     except yaml.YAMLError as exc:        # unprintable characters are refused by the reader itself
-        raise RecipeError(f"{where}: malformed YAML: {str(exc).splitlines()[0]}") from None
+        raise RecipeError(f"{where}: malformed YAML: {first_line(exc)}") from None
     located = _Located(loader)
     try:
         node = loader.get_single_node()
@@ -187,7 +164,7 @@ def parse_recipe(text: str, where: str = "recipe", base_dir: Path | None = None)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or first_line(exc)
         raise RecipeError(f"{where}{at}: malformed YAML: {problem}") from None
     finally:
         loader.dispose()

@@ -18,9 +18,9 @@ PASSES: dict[str, str] = {
 }
 
 ADAPTERS: dict[str, str] = {
-    "hf": "mmopt.adapters.hf",
-    "open_clip": "mmopt.adapters.open_clip",
-    "torchvision": "mmopt.adapters.torchvision",
+    "hf": "mmopt.adapters.hf:HFAdapter",
+    "open_clip": "mmopt.adapters.open_clip:OpenClipAdapter",
+    "torchvision": "mmopt.adapters.torchvision:TorchvisionAdapter",
 }
 
 
@@ -39,4 +39,5 @@ def adapter_for(source: str):
 
     if source not in ADAPTERS:
         raise ModelSpecError(f"unknown model source {source!r}", hint=f"known sources: {', '.join(sorted(ADAPTERS))}")
-    return importlib.import_module(ADAPTERS[source]).Adapter()
+    module, _, name = ADAPTERS[source].partition(":")
+    return getattr(importlib.import_module(module), name)()

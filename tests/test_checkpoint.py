@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from mmopt import checkpoint, registry
-from mmopt.adapters.base import Shapes
+from mmopt.core import Shapes
 from mmopt.errors import IntegrityError, UserError
-from mmopt.recipe import ModelSpec
+from mmopt.core import ModelSpec
 
 
 def save_and_reload(source, tmp_path, parts=None, **kw):

@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from mmopt.distill import tokens_supported, use_tokens
+from mmopt.core import Model, Shapes, is_text_part
+from mmopt.distill import use_tokens
 from mmopt.errors import DataError, UnsupportedError
 from mmopt.passes.base import Change, Context, PassConfig, PassResult, Skip, excluded, target_parts
 
@@ -133,7 +134,7 @@ def _checked_layout(model, part: str, cfg: Config, ctx: Context):
                 raise UnsupportedError(
                     f"prune: amount {cfg.amount} of {count} heads in {name} is {removed:g} heads, not a whole number "
                     "below the head count", hint=f"use a multiple of 1/{count}, e.g. {round(count / 4) / count:g}")
-    if cfg.recover is not None and cfg.recover.match == "tokens" and not tokens_supported(ctx.adapter, model, part):
+    if cfg.recover is not None and cfg.recover.match == "tokens" and not ctx.adapter.can_run_hidden(model, part):
         raise UnsupportedError(f"prune: recover.match tokens is not supported for part {part!r} of this model",
                                hint="use match: output")
     if cfg.recover is not None or cfg.importance == "activation":
@@ -148,7 +149,7 @@ def _require_data(model, ctx: Context, part: str, why: str) -> None:
 
     description, synthetic = describe_inputs(model, ctx.adapter, part, ctx.calibration)
     if synthetic:
-        what = "texts: a file, one text per line" if part == "text" else "images: a folder of images"
+        what = "texts: a file, one text per line" if is_text_part(part) else "images: a folder of images"
         raise DataError(f"prune: {why} on part {part!r} needs calibration data, got {description}",
                         hint=f"add calibration: {{{what}}} to the recipe")
 
@@ -194,9 +195,7 @@ def _prune_with_torch_pruning(model, part: str, layout, cfg: Config, ctx: Contex
         pruner.step()
 
 
-def _example(model, part: str, ctx: Context) -> tuple:
-    from mmopt.adapters.base import Shapes
-
+def _example(model: Model, part: str, ctx: Context) -> tuple:
     return ctx.adapter.example_inputs(model, part, Shapes(batch_size=2, seq_len=16, seed=ctx.seed))
 
 
@@ -287,16 +286,14 @@ def _recover(model, teacher, part: str, recover: Recover, ctx: Context) -> dict:
     """Distil ``part`` from the teacher; return fidelity before recovery and the loss curve's ends."""
     import dataclasses
 
-    from mmopt import measure
     from mmopt.calibration import Calibration, inputs_for
     from mmopt.distill import distill
+    from mmopt.fidelity import embeddings, fidelity
 
     calib = ctx.calibration or Calibration()
-    ref = measure.embeddings(teacher, ctx.adapter, part, inputs_for(teacher, ctx.adapter, part, calib, EVAL_SEQ_LEN,
-                                                                     ctx.seed))
-    new = measure.embeddings(model, ctx.adapter, part, inputs_for(model, ctx.adapter, part, calib, EVAL_SEQ_LEN,
-                                                                  ctx.seed))
-    before = measure.fidelity(ref, new)
+    ref = embeddings(teacher, ctx.adapter, part, inputs_for(teacher, ctx.adapter, part, calib, EVAL_SEQ_LEN, ctx.seed))
+    new = embeddings(model, ctx.adapter, part, inputs_for(model, ctx.adapter, part, calib, EVAL_SEQ_LEN, ctx.seed))
+    before = fidelity(ref, new)
 
     def batches():
         return inputs_for(model, ctx.adapter, part, dataclasses.replace(calib, batch_size=recover.batch_size),

@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic import Field
 
+from mmopt.core import is_image_part
 from mmopt.errors import UnsupportedError
-from mmopt.adapters.base import IMAGE_PARTS
 from mmopt.passes.base import Change, Context, PassConfig, PassResult, Skip
 
 
@@ -23,7 +23,7 @@ class Config(PassConfig):
 
 def apply(model: Any, cfg: Config, ctx: Context) -> PassResult:
     model.check_part(cfg.part)
-    if cfg.part not in IMAGE_PARTS:
+    if not is_image_part(cfg.part):
         raise UnsupportedError(f"resolution: part {cfg.part!r} takes no images")
     before = int(model.preprocess["image_size"])
     result = PassResult()

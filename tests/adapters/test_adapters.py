@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 
 from mmopt import registry
-from mmopt.adapters.base import Shapes
+from mmopt.core import Shapes
 from mmopt.errors import ModelSpecError
-from mmopt.recipe import ModelSpec
+from mmopt.core import ModelSpec
 
 
 def load(source, **kw):

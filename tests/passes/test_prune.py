@@ -25,7 +25,7 @@ TINY_CLIP = {"embed_dim": 32,
 # --- fixtures -------------------------------------------------------------------------------------------------
 
 def _clip():
-    from mmopt.adapters.open_clip import Adapter
+    from mmopt.adapters.open_clip import OpenClipAdapter as Adapter
 
     torch.manual_seed(0)
     adapter = Adapter()
@@ -51,8 +51,8 @@ def bert_dir(tmp_path_factory) -> Path:
 
 
 def _bert(folder: Path):
-    from mmopt.adapters.hf import Adapter
-    from mmopt.recipe import ModelSpec
+    from mmopt.adapters.hf import HFAdapter as Adapter
+    from mmopt.core import ModelSpec
 
     adapter = Adapter()
     return adapter.load(ModelSpec(source="hf", path=str(folder))), adapter
@@ -196,7 +196,7 @@ def test_recovery_lowers_the_loss_deterministically_on_bundled_texts(bert_dir):
 # --- torchvision ----------------------------------------------------------------------------------------------
 
 def test_resnet_channels_shrink_and_rebuild_from_recorded_counts(tmp_path):
-    from mmopt.adapters.torchvision import Adapter
+    from mmopt.adapters.torchvision import TorchvisionAdapter as Adapter
 
     adapter = Adapter()
     torch.manual_seed(0)

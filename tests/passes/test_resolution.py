@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmopt import checkpoint, registry
-from mmopt.adapters.base import Shapes
+from mmopt.core import Shapes
 from mmopt.errors import UserError
 from mmopt.passes import resolution
 from mmopt.passes.base import Context
@@ -53,7 +53,7 @@ def test_open_clip_vit_positions_are_resampled_and_the_class_token_kept(tmp_path
 
 
 def test_a_grid_resampled_to_its_own_size_is_unchanged():
-    from mmopt.adapters.base import interpolate_positions
+    from mmopt.adapters.structure import interpolate_positions
 
     pos = torch.randn(1 + 16, 8)
     assert torch.allclose(interpolate_positions(pos, 4, 4), pos, atol=1e-5)
@@ -79,7 +79,7 @@ def test_hf_clip_vision_positions_are_resampled(tmp_path):
                         projection_dim=16)
     CLIPModel(config).save_pretrained(tmp_path / "clip")
     adapter = registry.adapter_for("hf")
-    from mmopt.recipe import ModelSpec
+    from mmopt.core import ModelSpec
 
     model = adapter.load(ModelSpec(source="hf", path=str(tmp_path / "clip")))
     cfg, result = resize(model, adapter, 48)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mmopt import api, checkpoint, registry
-from mmopt.adapters.base import Shapes
+from mmopt.core import Shapes
 from mmopt.calibration import Calibration
 from mmopt.distill import distill
 from mmopt.errors import DataError, ModelSpecError, RecipeError, UserError
@@ -55,7 +55,7 @@ def images(tmp_path) -> Path:
 
 
 def load_hf(folder: Path):
-    from mmopt.recipe import ModelSpec
+    from mmopt.core import ModelSpec
 
     adapter = registry.adapter_for("hf")
     return adapter, adapter.load(ModelSpec(source="hf", path=str(folder)))
