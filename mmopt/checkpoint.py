@@ -170,20 +170,17 @@ def load_model(path: Path, parts: list[str] | None = None, device: str = "cpu") 
         adapter.drop_part(model, part)
     applied = []
     for entry in manifest["passes"]:
-        module = registry.pass_module(entry["name"])
-        cfg = module.Config.model_validate(entry["config"])
-        applied.append((module, cfg, entry.get("record", {})))
-        if hasattr(module, "restore"):
-            module.restore(model, cfg, entry.get("record", {}), adapter)
+        step, record = registry.make_pass(entry["name"], entry["config"]), entry.get("record", {})
+        step.restore(model, record, adapter)
+        applied.append((step, record))
     for part in [p for p in list(model.parts) if p not in wanted]:
         adapter.drop_part(model, part)
     state: dict = {}
     for part, entry in manifest["files"].items():
         if part in wanted or part not in manifest["parts"]:     # "shared" tensors belong to every subset
             state.update(verified_tensors(path, entry))
-    for module, cfg, record in applied:
-        if hasattr(module, "load_state"):
-            state = module.load_state(model, cfg, record, state)
+    for step, record in applied:
+        state = step.load_state(model, record, state)
     load_weights_into(model.module, state, f"checkpoint {path}")
     model.random_weights = bool(manifest.get("random_weights"))
     model.assets = path

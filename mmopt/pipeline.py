@@ -60,15 +60,13 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
     ctx = Context(adapter=adapter, teacher=teacher, calibration=fit_calib, device=device, seed=recipe.seed,
                   progress=progress, base_dir=recipe.base_dir)
     applied, pass_rows = [], []
-    for spec in recipe.passes:
-        module = registry.pass_module(spec.name)
-        with progress.task(f"pass {spec.name}", total=None):
-            result = module.apply(model, spec.config, ctx)
-        if hasattr(module, "align_reference"):
-            module.align_reference(teacher, spec.config, result.record, adapter)
-        ctx.history.append((spec.name, spec.config))
-        applied.append({"name": spec.name, "config": spec.config.model_dump(mode="json"), "record": result.record})
-        pass_rows.append({"name": spec.name, "config": spec.config.model_dump(mode="json"), **result.to_json(),
+    for step in recipe.passes:
+        with progress.task(f"pass {step.name}", total=None):
+            result = step.apply(model, ctx)
+        step.align_reference(teacher, result.record, adapter)
+        ctx.history.append(step)
+        applied.append({"name": step.name, "config": step.config.model_dump(mode="json"), "record": result.record})
+        pass_rows.append({"name": step.name, "config": step.config.model_dump(mode="json"), **result.to_json(),
                           "weight_bytes_after": {p: counting.part_weight_bytes(model, p) for p in model.parts}})
 
     with checkpoint.atomic_folder(recipe.output_path, force) as tmp:
@@ -127,8 +125,7 @@ def _split_calibration(recipe: Recipe, calib: Calibration, parts: list[str]) -> 
     """(calibration for the passes, calibration for fidelity, held_out) where held_out is True when passes
     fit to calibration data and fidelity is measured on samples they never saw, False when they fit to it but
     there were too few samples to hold any out, and None when no pass fits to calibration data."""
-    if not any(getattr(registry.pass_module(spec.name), "fits_calibration", lambda cfg: False)(spec.config)
-               for spec in recipe.passes):
+    if not any(step.learns_from_calibration for step in recipe.passes):
         return calib, calib, None
     split = fit_and_holdout(calib, parts)
     return (split[0], split[1], True) if split else (calib, calib, False)

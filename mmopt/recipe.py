@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mmopt.core import ModelSpec
 from mmopt.errors import RecipeError, first_line
+from mmopt.passes.base import Pass
 from mmopt.paths import resolve_path
 from mmopt.units import parse_bytes
 
@@ -63,17 +64,14 @@ class Gates(GateThresholds):
     parts: dict[str, GateThresholds] = {}
 
 
-class PassSpec(Strict):
-    name: str
-    config: Any
-
-
 class Recipe(Strict):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
     model: ModelSpec
     parts: list[str] | None = Field(None, description="parts to keep and optimize (default: all)")
     calibration: CalibrationSpec | None = None
     profile: ProfileShapes = ProfileShapes()
-    passes: list[PassSpec] = []
+    passes: list[Pass] = Field([], description="the passes, in order, each built with its validated config")
     gates: Gates = Gates()
     output: str
     seed: int = 0
@@ -193,13 +191,13 @@ def parse_recipe(text: str, where: str = "recipe", base_dir: Path | None = None)
         options = {} if options is None else options
         if not isinstance(options, dict):
             raise fail(("passes", i, name), f"options must be a mapping, got {options!r}")
-        config_cls = registry.pass_module(name).Config
+        pass_class = registry.pass_class(name)
         try:
-            config = config_cls.model_validate(options)
+            config = pass_class.Config.model_validate(options)
         except ValidationError as exc:
             err = _first_error(exc)
             raise fail(("passes", i, name) + tuple(err["loc"]), _message(err)) from None
-        passes.append(PassSpec(name=name, config=config))
+        passes.append(pass_class(config))
 
     fields = {k: v for k, v in data.items() if k != "passes"}
     if "base_dir" in fields:

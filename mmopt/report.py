@@ -53,16 +53,11 @@ LABELS = {"params": "params", "weight_bytes": "weights in memory", "checkpoint_b
           "peak_activation_bytes": "peak activation", "latency_ms": "latency / batch"}
 
 
-def _brief(key: str, value: Any, width: int = 90) -> str:
-    """Pass metrics in one cell: the pass's own ``brief`` words where it has them, else compact JSON, cut to
-    ``width`` (report.json has all of it)."""
+def _brief(row: dict, metrics: dict) -> str:
+    """A pass's metrics for one part in one cell, in the pass's own words (report.json has all of them)."""
     from mmopt import registry
 
-    module = registry.pass_module(key) if key in registry.PASSES else None
-    if hasattr(module, "brief") and isinstance(value, dict):
-        return module.brief(value)
-    text = value if isinstance(value, str) else json.dumps(value, separators=(", ", ": "), default=str)
-    return text if len(text) <= width else text[: width - 3] + "..."
+    return registry.make_pass(row["name"], row["config"]).brief(metrics)
 
 
 def table_rows(report: dict) -> list[list[str]]:
@@ -78,8 +73,10 @@ def table_rows(report: dict) -> list[list[str]]:
             rows.append([part, "cosine mean / min", "1", f"{fid['mean_cosine']:.4f} / {fid['min_cosine']:.4f}", ""])
             if "neighbor_agreement" in fid:
                 rows.append([part, "neighbour agreement", "1", f"{fid['neighbor_agreement']:.3f}", ""])
-        for key in sorted(k for k in data if k not in ("before", "after", "fidelity")):
-            rows.append([part, key, "", _brief(key, data[key]), ""])
+        for row in report.get("passes", []):
+            metrics = row.get("metrics", {}).get(part)
+            if metrics:
+                rows.append([part, row["name"], "", _brief(row, metrics), ""])
     return rows
 
 

@@ -71,10 +71,10 @@ def run_case(case: dict, work: Path) -> list[dict]:
     rows = [_row(case, "original", original, adapter, part, ref, eval_inputs, "-")]
 
     model = copy.deepcopy(original)
-    cfg = prune.Config(**{"parts": [part], **case["cfg"]})
+    cfg = prune.PruneConfig(**{"parts": [part], **case["cfg"]})
     calib = Calibration(texts_file=DATA / "prune_calibration.txt", batch_size=16, num_samples=1000)
     started = time.perf_counter()
-    result = prune.apply(model, cfg, Context(adapter=adapter, teacher=original, calibration=calib, seed=0))
+    result = prune.Prune(cfg).apply(model, Context(adapter=adapter, teacher=original, calibration=calib, seed=0))
     seconds = time.perf_counter() - started
     out = work / f"mmopt-{len(list(work.iterdir()))}"
     out.mkdir()

@@ -180,10 +180,10 @@ class Bench:
 
         options = {"method": method, "embeddings": emb}
         model = copy.deepcopy(self.model)
-        result = quantize.apply(model, quantize.Config(**options), Context(adapter=self.adapter))
+        result = quantize.Quantize(quantize.QuantizeConfig(**options)).apply(model, Context(adapter=self.adapter))
         folder = self.tmp / f"{self.name}-{method}-{emb}"
         folder.mkdir()
-        passes = [{"name": "quantize", "config": quantize.Config(**options).model_dump(mode="json"),
+        passes = [{"name": "quantize", "config": quantize.QuantizeConfig(**options).model_dump(mode="json"),
                    "record": result.record}]
         manifest = checkpoint.write_checkpoint(model, self.adapter, folder, {"source": model.source}, passes)
         reloaded = checkpoint.load_model(folder)

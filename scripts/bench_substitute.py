@@ -167,7 +167,8 @@ def bert_base(args, work: Path) -> dict:
     shapes = Shapes(batch_size=args.text_batch, seq_len=128)
     before = sizes(model, adapter, "text", shapes)
     teacher = copy.deepcopy(model)
-    substitute.apply(model, substitute.Config(layer_drop={"keep_every": 2}), Context(adapter=adapter, teacher=teacher))
+    cfg = substitute.SubstituteConfig(layer_drop={"keep_every": 2})
+    substitute.Substitute(cfg).apply(model, Context(adapter=adapter, teacher=teacher))
     after = sizes(model, adapter, "text", shapes)
     calib = Calibration(num_samples=32, batch_size=16)
     fid = fidelity(embeddings(teacher, adapter, "text", inputs_for(teacher, adapter, "text", calib, 128)),
@@ -192,10 +193,10 @@ def swap_case(name: str, teacher_spec: ModelSpec, student_spec: ModelSpec, args,
     teacher = copy.deepcopy(model)
     calib = Calibration(images_dir=images, num_samples=args.images, batch_size=16)
     ctx = Context(adapter=adapter, teacher=teacher, calibration=calib, seed=0)
-    cfg = substitute.Config(part="visual", swap=student_spec,
-                            distill={"steps": steps, "lr": args.image_lr, "batch_size": 16,
-                                     "patience": args.patience} if steps else None)
-    result = substitute.apply(model, cfg, ctx)
+    cfg = substitute.SubstituteConfig(part="visual", swap=student_spec,
+                                      distill={"steps": steps, "lr": args.image_lr, "batch_size": 16,
+                                               "patience": args.patience} if steps else None)
+    result = substitute.Substitute(cfg).apply(model, ctx)
     after = sizes(model, adapter, "visual", shapes)
     summary = result.metrics["visual"]["substitute"]
     fit = summary["swap"]["projection_fit"]["least_squares_cosine"]
@@ -223,15 +224,15 @@ def resolution_case(name: str, spec: ModelSpec, old: int, new: int, args, images
 
     adapter = registry.adapter_for(spec.source)
     model = adapter.load(spec)
-    strip_cfg = strip.Config(keep=["visual"], features=strip_features)
-    strip_result = strip.apply(model, strip_cfg, Context(adapter=adapter))
+    strip_cfg = strip.StripConfig(keep=["visual"], features=strip_features)
+    strip_result = strip.Strip(strip_cfg).apply(model, Context(adapter=adapter))
     if old != model.preprocess["image_size"]:
         adapter.set_image_size(model, "visual", old)
     shapes = Shapes(batch_size=args.image_batch)
     before = sizes(model, adapter, "visual", shapes)
     teacher = copy.deepcopy(model)
-    cfg = resolution.Config(image_size=new)
-    result = resolution.apply(model, cfg, Context(adapter=adapter, teacher=teacher))
+    cfg = resolution.ResolutionConfig(image_size=new)
+    result = resolution.Resolution(cfg).apply(model, Context(adapter=adapter, teacher=teacher))
     after = sizes(model, adapter, "visual", shapes)
     out = work / name
     out.mkdir(exist_ok=True)

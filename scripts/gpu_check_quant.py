@@ -100,8 +100,8 @@ def check_model(name: str, methods: list[str], batch: int, tmp: Path) -> list[di
     for method in methods:
         model = copy.deepcopy(base)
         model.module.to("cuda")
-        cfg = quantize.Config(method=method, embeddings="int8")
-        result = quantize.apply(model, cfg, Context(adapter=adapter, device="cuda"))
+        cfg = quantize.QuantizeConfig(method=method, embeddings="int8")
+        result = quantize.Quantize(cfg).apply(model, Context(adapter=adapter, device="cuda"))
         folder = tmp / f"{label}-{method}"
         folder.mkdir()
         passes = [{"name": "quantize", "config": cfg.model_dump(mode="json"), "record": result.record}]

@@ -111,7 +111,7 @@ def run_case(case: Case, models: dict, measure: bool) -> dict:
             from mmopt.passes import cast
             from mmopt.passes.base import Context
 
-            cast.apply(model, cast.Config(dtype=case.dtype), Context(adapter=adapter))
+            cast.Cast(cast.CastConfig(dtype=case.dtype)).apply(model, Context(adapter=adapter))
         if measure:
             model.module.to("cuda")
         models.clear()                          # one model in memory at a time

@@ -107,10 +107,10 @@ def profile(req: ProfileRequest) -> dict:
     budget = check_request(req)
     adapter, model = open_model(req.model, req.weights)
     if req.dtype != "float32":
-        from mmopt.passes import cast
         from mmopt.passes.base import Context
+        from mmopt.passes.cast import Cast, CastConfig
 
-        cast.apply(model, cast.Config(dtype=req.dtype), Context(adapter=adapter))
+        Cast(CastConfig(dtype=req.dtype)).apply(model, Context(adapter=adapter))
     parts = [req.part] if req.part else list(model.parts)
     for part in parts:
         model.check_part(part)

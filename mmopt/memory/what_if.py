@@ -30,12 +30,12 @@ def _row(technique: str, how: str, total: int | None, baseline: int, note: str =
 
 def _half_copy(est: Estimator, dtype: str) -> Estimator:
     """An estimator for a copy of the model with ``est.part`` cast to ``dtype`` by the cast pass."""
-    from mmopt.passes import cast
     from mmopt.passes.base import Context
+    from mmopt.passes.cast import Cast, CastConfig
 
     model = copy.deepcopy(est.model)
     uncheckpoint_blocks(model.module)      # the copy's training estimate re-wraps its own blocks
-    cast.apply(model, cast.Config(dtype=dtype, parts=[est.part]), Context(adapter=est.adapter))
+    Cast(CastConfig(dtype=dtype, parts=[est.part])).apply(model, Context(adapter=est.adapter))
     return est.for_model(model)
 
 

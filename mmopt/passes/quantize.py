@@ -23,7 +23,7 @@ from pydantic import Field, field_validator
 from mmopt.core import Model, QuantLayout, Quantization
 from mmopt.errors import UnsupportedError, UserError, first_line
 from mmopt.memory.counting import quantized_fraction
-from mmopt.passes.base import Change, Context, PassConfig, PassResult, Skip, describe, excluded, target_parts
+from mmopt.passes.base import Change, Context, Pass, PassConfig, PassResult, Skip, describe, excluded, target_parts
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
-class Config(PassConfig):
+class QuantizeConfig(PassConfig):
     method: Literal["int8", "nf4", "fp4"] = Field(
         "int8", description="int8: bitsandbytes LLM.int8 storage (per-row scales); nf4 | fp4: bitsandbytes 4-bit")
     parts: list[str] | None = Field(None, description="parts to quantize (default: all)")
@@ -56,50 +56,58 @@ class Config(PassConfig):
         return value
 
 
-def apply(model: Model, cfg: Config, ctx: Context) -> PassResult:
-    if any(name == "quantize" for name, _ in ctx.history):
-        raise UnsupportedError("quantize: the model is already quantized by an earlier quantize pass",
-                               hint="keep one quantize pass in the recipe")
-    parts = target_parts(model, cfg.parts)
-    _check_kernel(cfg, ctx.device)
-    layout = ctx.adapter.quantization_layout(model)
-    _check_globs(model, parts, cfg.exclude)
-    result = PassResult()
-    record: dict = {"parts": parts, "swaps": [], "linear": [], "embeddings": [], "tables": [], "compute_dtype": {}}
-    float_linear: list[str] = []
-    for part in parts:
-        record["compute_dtype"][part] = str(model.part_dtype(part)).removeprefix("torch.")
-        if layout.structural:
-            _swap_structures(model, part, cfg, layout, record, result)
-        _quantize_part(model, part, cfg, layout, record, result, float_linear)
-        _note_uncovered(model, part, result)
-        result.metrics[part] = {"quantized_fraction": round(quantized_fraction(model, part), 6),
-                                "high_precision": _summary([s for s in result.skipped if model.owns(part, s.module)])}
-    model.quantization = Quantization(
-        method=cfg.method, int8_threshold=cfg.int8_threshold, blocksize=cfg.blocksize, embeddings=cfg.embeddings,
-        compute_dtype=record["compute_dtype"][parts[0]] if parts else "float32", float_linear=sorted(float_linear))
-    result.record = record
-    return result
+class Quantize(Pass):
+    name = "quantize"
+    Config = QuantizeConfig
 
+    def apply(self, model: Model, ctx: Context) -> PassResult:
+        cfg = self.config
+        if any(isinstance(earlier, Quantize) for earlier in ctx.history):
+            raise UnsupportedError("quantize: the model is already quantized by an earlier quantize pass",
+                                   hint="keep one quantize pass in the recipe")
+        parts = target_parts(model, cfg.parts)
+        _check_kernel(cfg, ctx.device)
+        layout = ctx.adapter.quantization_layout(model)
+        _check_globs(model, parts, cfg.exclude)
+        result = PassResult()
+        record: dict = {"parts": parts, "swaps": [], "linear": [], "embeddings": [], "tables": [],
+                        "compute_dtype": {}}
+        float_linear: list[str] = []
+        for part in parts:
+            record["compute_dtype"][part] = str(model.part_dtype(part)).removeprefix("torch.")
+            if layout.structural:
+                _swap_structures(model, part, cfg, layout, record, result)
+            _quantize_part(model, part, cfg, layout, record, result, float_linear)
+            _note_uncovered(model, part, result)
+            result.metrics[part] = {"quantized_fraction": round(quantized_fraction(model, part), 6),
+                                    "high_precision": _summary([s for s in result.skipped
+                                                                if model.owns(part, s.module)])}
+        model.quantization = Quantization(
+            method=cfg.method, int8_threshold=cfg.int8_threshold, blocksize=cfg.blocksize, embeddings=cfg.embeddings,
+            compute_dtype=record["compute_dtype"][parts[0]] if parts else "float32", float_linear=sorted(float_linear))
+        result.record = record
+        return result
 
-def restore(model: Model, cfg: Config, record: dict, adapter: Adapter) -> None:
-    """Replay the swaps and put empty quantized modules in place; ``load_state`` fills them."""
-    _restore(model, cfg, record)
+    def restore(self, model: Model, record: dict, adapter: Adapter) -> None:
+        """Replay the swaps and put empty quantized modules in place; ``load_state`` fills them."""
+        _restore(model, self.config, record)
 
-
-def load_state(model: Model, cfg: Config, record: dict, state: dict) -> dict:
-    """4-bit weights: rebuild each ``Params4bit`` from its packed data and saved quantization state."""
-    if cfg.method == "int8":
+    def load_state(self, model: Model, record: dict, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """4-bit weights: rebuild each ``Params4bit`` from its packed data and saved quantization state."""
+        if self.config.method == "int8":
+            return state
+        bnb = _bnb()
+        for name in record["linear"]:
+            key = f"{name}.weight"
+            if key not in state:
+                continue
+            module = _get(model.module, name)
+            stats = {k[len(key) + 1:]: state.pop(k) for k in [k for k in state if k.startswith(key + ".")]}
+            module.weight = bnb.nn.Params4bit.from_prequantized(state[key], stats, device="cpu", module=module)
         return state
-    bnb = _bnb()
-    for name in record["linear"]:
-        key = f"{name}.weight"
-        if key not in state:
-            continue
-        module = _get(model.module, name)
-        stats = {k[len(key) + 1:]: state.pop(k) for k in [k for k in state if k.startswith(key + ".")]}
-        module.weight = bnb.nn.Params4bit.from_prequantized(state[key], stats, device="cpu", module=module)
-    return state
+
+    def brief(self, metrics: dict) -> str:
+        return f"{metrics['quantized_fraction']:.1%} of weights in 8/4 bits; kept: {metrics['high_precision']}"
 
 
 # --- checks ------------------------------------------------------------------------------------------------
@@ -117,7 +125,7 @@ def _bnb() -> Any:
     return bitsandbytes
 
 
-def _check_kernel(cfg: Config, device: str) -> None:
+def _check_kernel(cfg: QuantizeConfig, device: str) -> None:
     """Run a tiny layer of ``cfg.method`` on ``device``; if that kernel is missing, say which method works."""
     failure = _probe(cfg.method, cfg.blocksize, device)
     if failure is None:
@@ -158,7 +166,7 @@ def _is_attention(module: nn.Module, layout: QuantLayout) -> bool:
     return isinstance(module, torch.nn.MultiheadAttention) or layout.fused_attention(module)
 
 
-def _swap_structures(model: Model, part: str, cfg: Config, layout: QuantLayout, record: dict,
+def _swap_structures(model: Model, part: str, cfg: QuantizeConfig, layout: QuantLayout, record: dict,
                      result: PassResult) -> None:
     """Attention, patch convolutions and bare projections become Linear-based modules (recorded for restore)."""
     from mmopt.modules.attention import split_attention_from
@@ -189,7 +197,7 @@ def _swap_structures(model: Model, part: str, cfg: Config, layout: QuantLayout, 
         result.changed.append(Change(name, describe(matrix), "MatmulLinear"))
 
 
-def _restore(model: Model, cfg: Config, record: dict) -> None:
+def _restore(model: Model, cfg: QuantizeConfig, record: dict) -> None:
     import torch
 
     from mmopt.modules.attention import split_attention_from
@@ -224,7 +232,7 @@ def _restore(model: Model, cfg: Config, record: dict) -> None:
 
 # --- quantization --------------------------------------------------------------------------------------------
 
-def _quantize_part(model: Model, part: str, cfg: Config, layout: QuantLayout, record: dict,
+def _quantize_part(model: Model, part: str, cfg: QuantizeConfig, layout: QuantLayout, record: dict,
                    result: PassResult, float_linear: list[str]) -> None:
     import torch
 

@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 
 from mmopt.core import Model, ModelSpec, is_image_part, is_text_part
 from mmopt.errors import DataError, ModelSpecError, UnsupportedError, UserError, first_line
-from mmopt.passes.base import Change, Context, PassConfig, PassResult
+from mmopt.passes.base import Change, Context, Pass, PassConfig, PassResult
 
 if TYPE_CHECKING:
     from mmopt.adapters.base import Adapter
@@ -63,95 +63,100 @@ class Distill(PassConfig):
                             "student keeps the teacher's width and the adapter can run hidden states)")
 
 
-class Config(PassConfig):
+class SubstituteConfig(PassConfig):
     part: str | None = Field(None, description="the part to replace (default: the model's only part)")
     layer_drop: LayerDrop | None = Field(None, description="keep some of the part's transformer layers")
     swap: ModelSpec | None = Field(None, description="another local model whose part takes this one's place")
     distill: Distill | None = Field(None, description="train the new part toward the original's outputs")
 
     @model_validator(mode="after")
-    def _one_way(self) -> "Config":
+    def _one_way(self) -> "SubstituteConfig":
         if (self.layer_drop is None) == (self.swap is None):
             raise ValueError("give exactly one of layer_drop or swap")
         return self
 
 
-def fits_calibration(cfg: Config) -> bool:
-    """Whether this pass learns from calibration data (the pipeline then measures fidelity on held-out samples)."""
-    return cfg.swap is not None or (cfg.layer_drop is not None and cfg.layer_drop.layers is not None) \
-        or (cfg.distill is not None and cfg.distill.steps > 0)
+class Substitute(Pass):
+    name = "substitute"
+    Config = SubstituteConfig
 
+    @property
+    def learns_from_calibration(self) -> bool:
+        """A swap fits its projection, ``layers: n`` chooses layers, distillation trains: all on calibration data."""
+        cfg = self.config
+        return cfg.swap is not None or (cfg.layer_drop is not None and cfg.layer_drop.layers is not None) \
+            or (cfg.distill is not None and cfg.distill.steps > 0)
 
-def apply(model: Model, cfg: Config, ctx: Context) -> PassResult:
-    part = _part(model, cfg)
-    adapter = ctx.adapter
-    _check_float32(model, part)
-    if cfg.layer_drop is not None and cfg.layer_drop.layers is not None:
-        _check_data(ctx.teacher, adapter, part, ctx.calibration, "substitute.layer_drop.layers")
-    if cfg.distill is not None and cfg.distill.steps > 0:
-        data = _check_data(ctx.teacher, adapter, part, ctx.calibration, "substitute.distill")
-    result = PassResult()
-    if cfg.layer_drop is not None:
-        result.record = _layer_drop(model, part, cfg.layer_drop, ctx, result)
-        summary: dict = {"layers": result.record["layer_drop"]}
-    else:
-        result.record = _swap(model, part, cfg.swap, ctx, result)
-        swap = result.record["swap"]
-        summary = {"swap": {"source": swap["source"], "model": cfg.swap.name or cfg.swap.path,
-                            "projection": swap["projection"], "projection_fit": result.record.pop("fit")}}
-    agreement = _Agreement(ctx)
-    if agreement.applies(model):
-        summary["image_text_agreement"] = {"kind": agreement.kind, "before": agreement.score(ctx.teacher),
-                                           "before_distill": agreement.score(model)}
-    if cfg.distill is not None and cfg.distill.steps > 0:
-        summary["distill"] = {**_distill(model, part, cfg.distill, ctx, swapped=cfg.swap is not None),
-                              "inputs": data}
-    if "image_text_agreement" in summary:
-        summary["image_text_agreement"]["after"] = agreement.score(model)
-    result.metrics[part] = {"substitute": summary}
-    return result
+    def apply(self, model: Model, ctx: Context) -> PassResult:
+        cfg = self.config
+        part = _part(model, cfg)
+        adapter = ctx.adapter
+        _check_float32(model, part)
+        if cfg.layer_drop is not None and cfg.layer_drop.layers is not None:
+            _check_data(ctx.teacher, adapter, part, ctx.calibration, "substitute.layer_drop.layers")
+        if cfg.distill is not None and cfg.distill.steps > 0:
+            data = _check_data(ctx.teacher, adapter, part, ctx.calibration, "substitute.distill")
+        result = PassResult()
+        if cfg.layer_drop is not None:
+            result.record = _layer_drop(model, part, cfg.layer_drop, ctx, result)
+            summary: dict = {"layers": result.record["layer_drop"]}
+        else:
+            result.record = _swap(model, part, cfg.swap, ctx, result)
+            swap = result.record["swap"]
+            summary = {"swap": {"source": swap["source"], "model": cfg.swap.name or cfg.swap.path,
+                                "projection": swap["projection"], "projection_fit": result.record.pop("fit")}}
+        agreement = _Agreement(ctx)
+        if agreement.applies(model):
+            summary["image_text_agreement"] = {"kind": agreement.kind, "before": agreement.score(ctx.teacher),
+                                               "before_distill": agreement.score(model)}
+        if cfg.distill is not None and cfg.distill.steps > 0:
+            summary["distill"] = {**_distill(model, part, cfg.distill, ctx, swapped=cfg.swap is not None),
+                                  "inputs": data}
+        if "image_text_agreement" in summary:
+            summary["image_text_agreement"]["after"] = agreement.score(model)
+        result.metrics[part] = {"substitute": summary}
+        return result
 
+    def restore(self, model: Model, record: dict, adapter: Adapter) -> None:
+        """Layer drop needs nothing (the rewritten architecture rebuilds it); a swap rebuilds the student part."""
+        if "swap" not in record:
+            return
+        from mmopt.modules.swapped import SwappedPart, build_student
 
-def brief(summary: dict) -> str:
-    """The pass's metrics in a few words, for the report table (report.json has all of them)."""
-    words = []
-    if "layers" in summary:
-        layers = summary["layers"]
-        words.append(f"layers {layers['before']} -> {layers['after']}, kept {layers['kept']}")
-        choice = layers.get("choice")
-        if choice:
-            words.append(f"chosen at cos {choice['cosine']:.3f}" + (
-                f" (every k-th {choice['every_kth']['kept']}: {choice['every_kth']['cosine']:.3f})"
-                if choice.get("every_kth") else ""))
-    if "swap" in summary:
-        swap = summary["swap"]
-        words.append(f"swapped for {swap['model']}" + (f", projection {swap['projection'][0]}->{swap['projection'][1]}"
-                                                      if swap["projection"] else ""))
-    distill = summary.get("distill")
-    if distill:
-        words.append(f"distilled {distill['steps']} steps, loss {distill['first_loss']:.4f} -> "
-                     f"{distill['final_loss']:.4f}" + (" (reverted: it made things worse)" if distill["reverted"] else ""))
-    agreement = summary.get("image_text_agreement")
-    if agreement and agreement.get("after") is not None:
-        words.append(f"image-text agreement {agreement['before']:.2f} -> {agreement['after']:.2f}")
-    return "; ".join(words)
+        swap = record["swap"]
+        student, student_adapter = build_student(swap)
+        projection = tuple(swap["projection"]) if swap["projection"] else None
+        adapter.swap_part(model, record["part"], SwappedPart(student, student_adapter, swap["part"], projection))
 
-
-def restore(model: Model, cfg: Config, record: dict, adapter: Adapter) -> None:
-    """Layer drop needs nothing (the rewritten architecture rebuilds it); a swap rebuilds the student part."""
-    if "swap" not in record:
-        return
-    from mmopt.modules.swapped import SwappedPart, build_student
-
-    swap = record["swap"]
-    student, student_adapter = build_student(swap)
-    projection = tuple(swap["projection"]) if swap["projection"] else None
-    adapter.swap_part(model, record["part"], SwappedPart(student, student_adapter, swap["part"], projection))
+    def brief(self, metrics: dict) -> str:
+        summary = metrics["substitute"]
+        words = []
+        if "layers" in summary:
+            layers = summary["layers"]
+            words.append(f"layers {layers['before']} -> {layers['after']}, kept {layers['kept']}")
+            choice = layers.get("choice")
+            if choice:
+                words.append(f"chosen at cos {choice['cosine']:.3f}" + (
+                    f" (every k-th {choice['every_kth']['kept']}: {choice['every_kth']['cosine']:.3f})"
+                    if choice.get("every_kth") else ""))
+        if "swap" in summary:
+            swap = summary["swap"]
+            words.append(f"swapped for {swap['model']}" + (
+                f", projection {swap['projection'][0]}->{swap['projection'][1]}" if swap["projection"] else ""))
+        distill = summary.get("distill")
+        if distill:
+            words.append(f"distilled {distill['steps']} steps, loss {distill['first_loss']:.4f} -> "
+                         f"{distill['final_loss']:.4f}"
+                         + (" (reverted: it made things worse)" if distill["reverted"] else ""))
+        agreement = summary.get("image_text_agreement")
+        if agreement and agreement.get("after") is not None:
+            words.append(f"image-text agreement {agreement['before']:.2f} -> {agreement['after']:.2f}")
+        return "; ".join(words)
 
 
 # --- checks ----------------------------------------------------------------------------------------------
 
-def _part(model: Model, cfg: Config) -> str:
+def _part(model: Model, cfg: SubstituteConfig) -> str:
     if cfg.part is None:
         if len(model.parts) != 1:
             raise UserError(f"substitute: this model has parts {', '.join(model.parts)}; say which with part:")

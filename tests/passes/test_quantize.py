@@ -54,14 +54,15 @@ def clip_inputs():
 
 def quantized(model, **options):
     model = copy.deepcopy(model)
-    result = quantize.apply(model, quantize.Config(**options), Context(adapter=registry.adapter_for(model.source)))
+    ctx = Context(adapter=registry.adapter_for(model.source))
+    result = quantize.Quantize(quantize.QuantizeConfig(**options)).apply(model, ctx)
     return model, result
 
 
 def apply_and_write(model, folder: Path, **options):
     """Quantize a copy of ``model`` and write it as a checkpoint (what ``optimize`` does, without measuring)."""
     model, result = quantized(model, **options)
-    passes = [{"name": "quantize", "config": quantize.Config(**options).model_dump(mode="json"),
+    passes = [{"name": "quantize", "config": quantize.QuantizeConfig(**options).model_dump(mode="json"),
                "record": result.record}]
     folder.mkdir()
     checkpoint.write_checkpoint(model, registry.adapter_for(model.source), folder, {"source": model.source}, passes)
@@ -308,9 +309,9 @@ def test_bad_input_at_apply(clip):
     with pytest.raises(UserError, match="no part 'audio'"):
         quantized(clip, parts=["audio"])
     model = copy.deepcopy(clip)
-    ctx = Context(adapter=registry.adapter_for("open_clip"), history=[("quantize", quantize.Config())])
+    ctx = Context(adapter=registry.adapter_for("open_clip"), history=[quantize.Quantize(quantize.QuantizeConfig())])
     with pytest.raises(UnsupportedError, match="already quantized"):
-        quantize.apply(model, quantize.Config(method="nf4"), ctx)
+        quantize.Quantize(quantize.QuantizeConfig(method="nf4")).apply(model, ctx)
 
 
 def test_missing_kernel_names_the_method_that_works(clip, monkeypatch):

@@ -23,8 +23,8 @@ def tiny_open_clip():
 
 
 def resize(model, adapter, size: int):
-    cfg = resolution.Config(image_size=size)
-    result = resolution.apply(model, cfg, Context(adapter=adapter))
+    cfg = resolution.ResolutionConfig(image_size=size)
+    result = resolution.Resolution(cfg).apply(model, Context(adapter=adapter))
     return cfg, result
 
 
