@@ -1,22 +1,42 @@
-"""``optimize``: recipe -> load -> measure -> passes -> checkpoint -> reload -> measure -> report -> gates."""
+"""``optimize``: recipe -> load -> measure -> passes -> checkpoint -> reload -> measure -> fidelity -> report -> gates.
+
+Each arrow is one function below; ``Run`` carries what they share.
+"""
 from __future__ import annotations
 
 import copy
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mmopt import checkpoint, gates, registry
 from mmopt.calibration import Calibration, describe_inputs, fit_and_holdout, inputs_for
-from mmopt.core import Shapes, is_image_part
+from mmopt.core import Model, Shapes, is_image_part
 from mmopt.errors import UserError
-from mmopt.fidelity import embeddings, fidelity
 from mmopt.memory import counting, tracing
 from mmopt.passes.base import Context
 from mmopt.paths import resolve_spec
 from mmopt.progress import NO_PROGRESS, Progress
 from mmopt.recipe import Recipe
 
-REPORT_VERSION = 1
+if TYPE_CHECKING:
+    from mmopt.adapters.base import Adapter
+
+REPORT_VERSION = 2
+READABLE_REPORT_VERSIONS = (1, 2)     # `optimize --check` reads both: gates use no pass metrics
+
+
+@dataclass
+class Run:
+    """What one optimize run carries from step to step."""
+
+    recipe: Recipe
+    adapter: Adapter
+    device: str
+    shapes: Shapes
+    progress: Progress
+    teacher: Model          # the model as loaded (its kept parts): the reference for fidelity and distillation
+    model: Model            # the model the passes change
 
 
 def pick_device(choice: str) -> str:
@@ -45,38 +65,22 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
     torch.manual_seed(recipe.seed)
     adapter = registry.adapter_for(recipe.model.source)
     with progress.task("loading model", total=None):
-        model = adapter.load(resolve_spec(recipe.model, recipe.base_dir))
-    for part in recipe.parts or []:
-        model.check_part(part)
-    for part in [p for p in list(model.parts) if recipe.parts and p not in recipe.parts]:
-        adapter.drop_part(model, part)
+        model = _load(recipe, adapter)
     model.module.to(device)
-    teacher = copy.deepcopy(model)
     shapes = Shapes(batch_size=recipe.profile.batch_size, image_size=recipe.profile.image_size,
                     seq_len=recipe.profile.seq_len)
-    before = _measure(teacher, adapter, shapes, progress, "measuring original")
-
+    state = Run(recipe, adapter, device, shapes, progress, teacher=copy.deepcopy(model), model=model)
+    before = _measure(state, state.teacher, "measuring original")
     fit_calib, eval_calib, held_out = _split_calibration(recipe, calib, list(model.parts))
-    ctx = Context(adapter=adapter, teacher=teacher, calibration=fit_calib, device=device, seed=recipe.seed,
-                  progress=progress, base_dir=recipe.base_dir)
-    applied, pass_rows = [], []
-    for step in recipe.passes:
-        with progress.task(f"pass {step.name}", total=None):
-            result = step.apply(model, ctx)
-        step.align_reference(teacher, result.record, adapter)
-        ctx.history.append(step)
-        applied.append({"name": step.name, "config": step.config.model_dump(mode="json"), "record": result.record})
-        pass_rows.append({"name": step.name, "config": step.config.model_dump(mode="json"), **result.to_json(),
-                          "weight_bytes_after": {p: counting.part_weight_bytes(model, p) for p in model.parts}})
-
+    applied, pass_rows = _apply_passes(state, fit_calib)
     with checkpoint.atomic_folder(recipe.output_path, force) as tmp:
         with progress.task("writing checkpoint", total=None):
             manifest = checkpoint.write_checkpoint(model, adapter, tmp, source_record(recipe), applied)
         # Everything "after" is measured on the model reloaded from what was written, not on the one in memory.
         reloaded = checkpoint.load_model(tmp, device=device)
-        after = _measure(reloaded, adapter, shapes, progress, "measuring optimized")
-        report = _report(recipe, recipe_path, model, teacher, reloaded, adapter, eval_calib, held_out, shapes,
-                         before, after, manifest, pass_rows, device, progress)
+        after = _measure(state, reloaded, "measuring optimized")
+        fidelity = _fidelity(state, reloaded, eval_calib, held_out)
+        report = _report(state, recipe_path, manifest, before, after, fidelity, pass_rows)
         _judge(recipe, report)
         report["seconds"] = round(time.perf_counter() - started, 2)
         from mmopt import report as report_io
@@ -100,23 +104,32 @@ def check(recipe: Recipe) -> dict:
         report = json.loads(report_file.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{report_file}: malformed JSON ({exc.msg})") from None
-    if report.get("report_version") != REPORT_VERSION:
-        raise UserError(f"{report_file}: report version {report.get('report_version')!r}, expected {REPORT_VERSION}")
+    if report.get("report_version") not in READABLE_REPORT_VERSIONS:
+        raise UserError(f"{report_file}: report version {report.get('report_version')!r}, expected one of "
+                        f"{', '.join(map(str, READABLE_REPORT_VERSIONS))}")
     _judge(recipe, report)
     return report
 
 
-def _judge(recipe: Recipe, report: dict) -> None:
-    """Evaluate the recipe's gates on ``report`` and record the verdict in it."""
-    report["gates"] = gates.evaluate(recipe.gates, report)
-    report["passed"] = all(row["passed"] for row in report["gates"])
+# --- the steps ---------------------------------------------------------------------------------------------------
+
+def _load(recipe: Recipe, adapter: Adapter) -> Model:
+    """The recipe's model with only the recipe's parts."""
+    model = adapter.load(resolve_spec(recipe.model, recipe.base_dir))
+    for part in recipe.parts or []:
+        model.check_part(part)
+    for part in [p for p in list(model.parts) if recipe.parts and p not in recipe.parts]:
+        adapter.drop_part(model, part)
+    return model
 
 
-def _measure(model: Any, adapter: Any, shapes: Shapes, progress: Progress, what: str) -> dict:
+def _measure(state: Run, model: Model, what: str) -> dict[str, dict]:
+    """Sizes, peak activation and latency of each part of ``model`` at the recipe's shapes."""
     out = {}
-    with progress.task(what, total=len(model.parts)) as task:
+    with state.progress.task(what, total=len(model.parts)) as task:
         for part in model.parts:
-            out[part] = {**counting.part_sizes(model, part), **tracing.part_runtime(model, adapter, part, shapes)}
+            out[part] = {**counting.part_sizes(model, part),
+                         **tracing.part_runtime(model, state.adapter, part, state.shapes)}
             task.advance()
     return out
 
@@ -125,60 +138,84 @@ def _split_calibration(recipe: Recipe, calib: Calibration, parts: list[str]) -> 
     """(calibration for the passes, calibration for fidelity, held_out) where held_out is True when passes
     fit to calibration data and fidelity is measured on samples they never saw, False when they fit to it but
     there were too few samples to hold any out, and None when no pass fits to calibration data."""
-    if not any(step.learns_from_calibration for step in recipe.passes):
+    if not any(p.learns_from_calibration for p in recipe.passes):
         return calib, calib, None
     split = fit_and_holdout(calib, parts)
     return (split[0], split[1], True) if split else (calib, calib, False)
 
 
-def _report(recipe, recipe_path, model, teacher, reloaded, adapter, calib, held_out, shapes, before, after,
-            manifest, pass_rows, device, progress) -> dict:
-    parts = {}
-    files = manifest["files"]
-    with progress.task("fidelity", total=len(teacher.parts)) as task:
+def _apply_passes(state: Run, calib: Calibration) -> tuple[list[dict], list[dict]]:
+    """Apply the recipe's passes in order; return (manifest entries, report rows)."""
+    recipe, model = state.recipe, state.model
+    ctx = Context(adapter=state.adapter, teacher=state.teacher, calibration=calib, device=state.device,
+                  seed=recipe.seed, progress=state.progress, base_dir=recipe.base_dir)
+    applied, rows = [], []
+    for step in recipe.passes:
+        with state.progress.task(f"pass {step.name}", total=None):
+            result = step.apply(model, ctx)
+        step.align_reference(state.teacher, result.record, state.adapter)
+        ctx.history.append(step)
+        config = step.config.model_dump(mode="json")
+        applied.append({"name": step.name, "config": config, "record": result.record})
+        rows.append({"name": step.name, "config": config, **result.to_json(),
+                     "weight_bytes_after": {p: counting.part_weight_bytes(model, p) for p in model.parts}})
+    return applied, rows
+
+
+def _fidelity(state: Run, reloaded: Model, calib: Calibration, held_out: bool | None) -> dict[str, dict | None]:
+    """Outputs of the reloaded model against the original's, per part (None for a part the recipe removed)."""
+    from mmopt.fidelity import embeddings, fidelity
+
+    teacher, adapter, seed, seq_len = state.teacher, state.adapter, state.recipe.seed, state.shapes.seq_len
+    out: dict[str, dict | None] = {}
+    with state.progress.task("fidelity", total=len(teacher.parts)) as task:
         for part in teacher.parts:
             if part not in reloaded.parts:
-                before_ckpt = checkpoint.serialized_bytes(_state(teacher, part))
-                parts[part] = {"before": {**_public(before[part]), "checkpoint_bytes": before_ckpt},
-                               "after": {"params": 0, "weight_bytes": 0, "checkpoint_bytes": 0, "removed": True},
-                               "fidelity": None}
+                out[part] = None
                 task.advance()
                 continue
             description, synthetic = describe_inputs(teacher, adapter, part, calib)
             if held_out is not None:
                 description += (", held out from what the passes fitted to" if held_out
                                 else ", the same samples the passes fitted to: too few to hold any out")
-            ref = embeddings(teacher, adapter, part, inputs_for(teacher, adapter, part, calib, shapes.seq_len, recipe.seed))
+            # the same inputs, preprocessed for each model at its own image size
             image_size = reloaded.preprocess.get("image_size") if is_image_part(part) else None
+            ref = embeddings(teacher, adapter, part, inputs_for(teacher, adapter, part, calib, seq_len, seed))
             new = embeddings(reloaded, adapter, part,
-                             inputs_for(reloaded, adapter, part, calib, shapes.seq_len, recipe.seed, image_size))
-            before_ckpt = checkpoint.serialized_bytes(_state(teacher, part))
-            parts[part] = {
-                "before": {**_public(before[part]), "checkpoint_bytes": before_ckpt},
-                "after": {**_public(after[part]), "checkpoint_bytes": files[part]["bytes"] if part in files else None},
-                "fidelity": {**fidelity(ref, new), "inputs": description, "synthetic": synthetic,
-                             "held_out": held_out},
-            }
-            for row in pass_rows:
-                for key, value in row["metrics"].get(part, {}).items():
-                    parts[part][key] = value
+                             inputs_for(reloaded, adapter, part, calib, seq_len, seed, image_size))
+            out[part] = {**fidelity(ref, new), "inputs": description, "synthetic": synthetic, "held_out": held_out}
             task.advance()
-    shared_before = shared_bytes(teacher)
+    return out
+
+
+def _report(state: Run, recipe_path: str | None, manifest: dict, before: dict, after: dict, fidelity: dict,
+            pass_rows: list[dict]) -> dict:
+    teacher, files = state.teacher, manifest["files"]
+    parts = {}
+    for part in teacher.parts:
+        before_row = {**_public(before[part]),
+                      "checkpoint_bytes": checkpoint.serialized_bytes(counting.part_state(teacher, part))}
+        if fidelity[part] is None:
+            after_row = {"params": 0, "weight_bytes": 0, "checkpoint_bytes": 0, "removed": True}
+        else:
+            after_row = {**_public(after[part]), "checkpoint_bytes": files[part]["bytes"] if part in files else None}
+        parts[part] = {"before": before_row, "after": after_row, "fidelity": fidelity[part]}
     methods = {m["memory_method"] for m in list(before.values()) + list(after.values())}
     return {
         "report_version": REPORT_VERSION,
         "recipe": recipe_path,
-        "output": str(recipe.output_path),
+        "output": str(state.recipe.output_path),
         "model": manifest["source"],
-        "random_weights": bool(model.random_weights),
+        "random_weights": bool(state.model.random_weights),
         "memory_method": tracing.overall_method(methods),
-        "device": device,
-        "shapes": {"batch_size": shapes.batch_size, "image_size": shapes.image_size, "seq_len": shapes.seq_len},
+        "device": state.device,
+        "shapes": {"batch_size": state.shapes.batch_size, "image_size": state.shapes.image_size,
+                   "seq_len": state.shapes.seq_len},
         "parts": parts,
         "totals": {
             "before": {"weight_bytes": sum(p["before"]["weight_bytes"] for p in parts.values()),
                        "checkpoint_bytes": sum(p["before"]["checkpoint_bytes"] for p in parts.values())
-                       + shared_before},
+                       + shared_bytes(teacher)},
             "after": {"weight_bytes": sum(p["after"]["weight_bytes"] for p in parts.values()),
                       "checkpoint_bytes": sum(f["bytes"] for f in files.values())},
         },
@@ -186,7 +223,13 @@ def _report(recipe, recipe_path, model, teacher, reloaded, adapter, calib, held_
     }
 
 
-def shared_bytes(model: Any) -> int:
+def _judge(recipe: Recipe, report: dict) -> None:
+    """Evaluate the recipe's gates on ``report`` and record the verdict in it."""
+    report["gates"] = gates.evaluate(recipe.gates, report)
+    report["passed"] = all(row["passed"] for row in report["gates"])
+
+
+def shared_bytes(model: Model) -> int:
     """Bytes of tensors that belong to no part (CLIP's logit scale), saved in shared.safetensors."""
     tensors = {k: v for k, v in model.module.state_dict().items() if v is not None and model.part_of(k) is None}
     return checkpoint.serialized_bytes(tensors) if tensors else 0
@@ -196,7 +239,3 @@ def _public(measures: dict) -> dict:
     keep = ("params", "weight_bytes", "peak_activation_bytes", "latency_ms", "memory_method", "memory_how",
             "input_bytes", "batch_size", "note")
     return {k: measures[k] for k in keep if k in measures}
-
-
-def _state(model: Any, part: str) -> dict:
-    return counting.part_state(model, part)

@@ -53,6 +53,11 @@ LABELS = {"params": "params", "weight_bytes": "weights in memory", "checkpoint_b
           "peak_activation_bytes": "peak activation", "latency_ms": "latency / batch"}
 
 
+def pass_metrics(report: dict, part: str, name: str) -> list[dict]:
+    """What each pass called ``name`` reported about ``part``, in recipe order (``passes[i].metrics.<part>``)."""
+    return [row["metrics"][part] for row in report["passes"] if row["name"] == name and part in row["metrics"]]
+
+
 def _brief(row: dict, metrics: dict) -> str:
     """A pass's metrics for one part in one cell, in the pass's own words (report.json has all of them)."""
     from mmopt import registry

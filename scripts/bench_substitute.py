@@ -141,8 +141,8 @@ def minilm(name: str, layer_drop: str, args, work: Path, train_file: Path, held_
     ref = torch.as_tensor(teacher.encode(held_out, batch_size=32))
     new = torch.as_tensor(student.encode(held_out, batch_size=32))
     fid = fidelity(ref, new)
-    distill = text["substitute"]["distill"]
-    kept = text["substitute"]["layers"]
+    summary = report["passes"][0]["metrics"]["text"]["substitute"]
+    distill, kept = summary["distill"], summary["layers"]
     chosen = kept.get("choice")
     return row(name, text["before"], text["after"],
                f"held-out cos {fid['mean_cosine']:.3f} (min {fid['min_cosine']:.2f}, nn-agree "

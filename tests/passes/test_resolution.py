@@ -120,7 +120,7 @@ def test_optimize_compares_the_new_size_with_the_original_at_its_own(tmp_path):
                       "output: out\n")
     report = api.optimize(recipe)
     visual = report["parts"]["visual"]
-    assert visual["image_size"] == {"before": 224, "after": 64}
+    assert report["passes"][0]["metrics"]["visual"]["image_size"] == {"before": 224, "after": 64}
     assert visual["fidelity"]["inputs"] == "calibration images (3)" and visual["fidelity"]["samples"] == 3
     assert api.load(tmp_path / "out").mmopt_model.preprocess["image_size"] == 64
 

@@ -376,7 +376,7 @@ def test_minilm_six_to_three_layers_loads_in_sentence_transformers(tmp_path):
                       "distill: {steps: 8, lr: 2.0e-4, batch_size: 16}}\n"
                       "output: out\n")
     report = api.optimize(recipe)
-    stats = report["parts"]["text"]["substitute"]["distill"]
+    stats = report["passes"][0]["metrics"]["text"]["substitute"]["distill"]
     assert stats["steps"] == 8 and stats["final_loss"] < stats["first_loss"]
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 3
     st = SentenceTransformer(str(tmp_path / "out"), device="cpu")
@@ -403,7 +403,7 @@ def test_fidelity_after_distillation_is_measured_on_held_out_samples(tiny_bert_d
     # 64 bundled sentences: every 5th (12) held out from distillation, the other 52 distilled on.
     assert fid["held_out"] is True and fid["samples"] == 12
     assert fid["inputs"] == "bundled sample texts (12), held out from what the passes fitted to"
-    assert distilled["parts"]["text"]["substitute"]["distill"]["inputs"] == "bundled sample texts (52)"
+    assert distilled["passes"][0]["metrics"]["text"]["substitute"]["distill"]["inputs"] == "bundled sample texts (52)"
     row = next(r for r in table_rows(distilled) if r[1] == "substitute")
     assert row[3].startswith("layers 2 -> 1, kept [1]; distilled 2 steps, loss ")
 
