@@ -112,7 +112,7 @@ def main() -> None:
     """Entry point: runs the app and turns every error into one line and a fixed exit code."""
     import click
 
-    from mmopt.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USER_ERROR, MmoptError, describe_foreign
+    from mmopt.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USER_ERROR, MmoptError, describe_foreign, first_line
 
     # SIGTERM unwinds like Ctrl-C, so temporary output is removed; SIGINT is re-armed because a shell starts
     # background jobs with it ignored.
@@ -144,7 +144,7 @@ def main() -> None:
             _fail(mapped.message, mapped.hint)
             code = mapped.exit_code
         else:
-            _fail(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            _fail(f"internal error: {type(exc).__name__}: {first_line(exc)}",
                   "run with --debug for the traceback")
             code = EXIT_INTERNAL
     sys.exit(code if isinstance(code, int) else 0)

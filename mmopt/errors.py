@@ -4,8 +4,7 @@ Library code raises these; only ``cli.main`` turns them into one line on stderr 
 """
 from __future__ import annotations
 
-EXIT_OK = 0
-EXIT_GATE_FAILED = 1
+EXIT_GATE_FAILED = 1     # a failed gate is a verdict in the report, not an exception: `optimize` exits with it
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130     # the shell's convention for SIGINT
@@ -46,12 +45,6 @@ class UnsupportedError(UserError):
 
 class IntegrityError(UserError):
     """A checkpoint's files do not match its manifest."""
-
-
-class GateFailed(MmoptError):
-    """At least one gate failed; the output was still written."""
-
-    exit_code = EXIT_GATE_FAILED
 
 
 def describe_foreign(exc: BaseException) -> UserError | None:

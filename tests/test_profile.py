@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from mmopt import api
-from mmopt.core import Model, Shapes
+from mmopt.core import Model, ModelSpec, Shapes
 from mmopt.memory import counting, tracing, training
 from mmopt.memory.estimator import Estimator, search_batch
 from mmopt.memory.profile import ProfileRequest
@@ -108,8 +108,6 @@ def test_adamw_exceeds_sgd_by_the_optimizer_state():
 
 def test_training_estimate_is_consistent_on_bert(bert_folder):
     adapter = adapter_for("hf")
-    from mmopt.core import ModelSpec
-
     model = adapter.load(ModelSpec(source="hf", path=str(bert_folder)))
     shapes = Shapes(batch_size=8, seq_len=64)
     est = estimator(model, "text", train=True)
@@ -231,13 +229,22 @@ def test_profile_api_train_json(bert_folder):
     json.dumps(out)
 
 
-def test_profile_api_stays_backward_compatible(bert_folder):
+def test_profile_reports_the_figures_optimize_measures(bert_folder):
     out = api.profile(str(bert_folder), batch_size=2, seq_len=16)
-    for key in ("model", "random_weights", "method", "dtype", "shapes", "weights_bytes", "peak_activation_bytes",
-                "parts"):
-        assert key in out
     part = out["parts"]["text"]
-    assert {"params", "weights_bytes", "peak_activation_bytes", "input_bytes", "method", "modules"} <= set(part)
+    assert out["model"] == str(bert_folder) and out["random_weights"] is False and out["dtype"] == "float32"
+    assert out["method"] == part["method"] == tracing.ESTIMATED
+    assert out["shapes"] == {"batch_size": 2, "image_size": None, "seq_len": 16}
+    # 22,368 float32 parameters: embeddings 4,224, two layers of 8,544 each, the pooler 1,056
+    assert part["params"] == 22_368 and part["weights_bytes"] == out["weights_bytes"] == 4 * 22_368
+    assert part["input_bytes"] == 2 * (2 * 16 * 8)              # token ids and attention mask, int64
+    assert [row["module"] for row in part["modules"]] == ["encoder", "embeddings", "pooler"]
+    # the peak optimize puts in its report for this part at these shapes: one tracer for both commands
+    adapter = adapter_for("hf")
+    model = adapter.load(ModelSpec(source="hf", path=str(bert_folder)))
+    runtime = tracing.part_runtime(model, adapter, "text", Shapes(batch_size=2, seq_len=16), latency=False)
+    assert part["peak_activation_bytes"] == runtime["peak_activation_bytes"] == out["peak_activation_bytes"] > 0
+    assert runtime["memory_how"] == "fake-tensor trace" and runtime["input_bytes"] == part["input_bytes"]
     assert out["peak_total_bytes"] == part["weights_bytes"] + part["input_bytes"] + part["peak_activation_bytes"]
 
 
