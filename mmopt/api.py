@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmopt.progress import NO_PROGRESS, Progress
 
+if TYPE_CHECKING:
+    from torch import nn
 
-def validate(recipe: str | Path) -> Any:
+    from mmopt.recipe import Recipe
+
+
+def validate(recipe: str | Path) -> Recipe:
     """Parse and validate a recipe file (and its calibration data) without loading a model."""
     from mmopt.calibration import Calibration
     from mmopt.recipe import load_recipe
@@ -46,7 +51,7 @@ def profile(model: str, **options: Any) -> dict:
     return run_profile(ProfileRequest(model=model, **options))
 
 
-def load(path: str | Path, parts: list[str] | None = None, device: str = "cpu") -> Any:
+def load(path: str | Path, parts: list[str] | None = None, device: str = "cpu") -> nn.Module:
     """Load an mmopt checkpoint (only ``parts``, default all), hash-checked; return the module in eval mode.
 
     The module's ``mmopt_model`` attribute holds its parts, preprocessing and rebuild facts.

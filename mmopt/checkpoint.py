@@ -8,9 +8,13 @@ import shutil
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from mmopt.errors import IntegrityError, ModelSpecError, UserError
+
+if TYPE_CHECKING:
+    from mmopt.adapters.base import Adapter
+    from mmopt.core import Model
 
 # Set by the CLI's signal handlers. A KeyboardInterrupt raised inside a finalizer or C callback can be
 # swallowed, so the final rename also checks this flag: an interrupted run never publishes its output.
@@ -83,7 +87,7 @@ def versions() -> dict:
     return out
 
 
-def write_checkpoint(model: Any, adapter: Any, folder: Path, source: dict, passes: list[dict]) -> dict:
+def write_checkpoint(model: Model, adapter: Adapter, folder: Path, source: dict, passes: list[dict]) -> dict:
     """Write weights and manifest of ``model`` into ``folder``; return the manifest."""
     files = adapter.save(model, folder)
     manifest = {
@@ -148,7 +152,7 @@ def verified_tensors(path: Path, entry: dict) -> dict:
     return load_file(str(verify_file(path, entry)))
 
 
-def load_model(path: Path, parts: list[str] | None = None, device: str = "cpu") -> Any:
+def load_model(path: Path, parts: list[str] | None = None, device: str = "cpu") -> Model:
     """Rebuild the model in checkpoint ``path`` with only ``parts`` (default: all), weights hash-checked."""
     from mmopt import registry
     from mmopt.core import Quantization

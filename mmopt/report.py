@@ -7,9 +7,15 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from mmopt.units import format_bytes
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from mmopt.progress import Progress
 
 METHOD_WORDS = {"estimated": "estimated for CUDA (fake-tensor trace, no GPU here)",
                 "measured-cuda": "measured on CUDA"}
@@ -148,7 +154,7 @@ def _gate_threshold(g: dict) -> str:
 
 # --- terminal ---------------------------------------------------------------------------------------------
 
-def show(report: dict, console: Any) -> None:
+def show(report: dict, console: Console) -> None:
     from rich.table import Table
 
     if report.get("random_weights"):
@@ -170,7 +176,7 @@ def show(report: dict, console: Any) -> None:
     console.print(f"wrote {report['output']}  ({headline(report)})")
 
 
-def show_gates(report: dict, console: Any, verdict: bool = True) -> None:
+def show_gates(report: dict, console: Console, verdict: bool = True) -> None:
     """The gate table (and, alone, a verdict line): what `optimize --check` prints."""
     from rich.table import Table
 
@@ -188,7 +194,7 @@ def show_gates(report: dict, console: Any, verdict: bool = True) -> None:
                       ("all gates passed" if not failed else f"{failed} gate(s) FAILED")))
 
 
-def show_profile(result: dict, console: Any) -> None:
+def show_profile(result: dict, console: Console) -> None:
     from rich.table import Table
 
     if result.get("random_weights"):
@@ -218,7 +224,7 @@ def show_profile(result: dict, console: Any) -> None:
         _profile_extras(part, data, console)
 
 
-def _tree_rows(table: Any, rows: list[dict], depth: int, limit: int = 10) -> None:
+def _tree_rows(table: Table, rows: list[dict], depth: int, limit: int = 10) -> None:
     for row in rows[:limit]:
         share = row.get("activation_share")
         label = row["module"] if depth == 1 or row["module"].startswith("(") else row["module"].split(".")[-1]
@@ -232,7 +238,7 @@ def _tree_rows(table: Any, rows: list[dict], depth: int, limit: int = 10) -> Non
         table.add_row("  " * depth + f"... {len(rows) - limit} more", "", "", "", "")
 
 
-def _profile_extras(part: str, data: dict, console: Any) -> None:
+def _profile_extras(part: str, data: dict, console: Console) -> None:
     from rich.table import Table
 
     train = data.get("train")
@@ -276,7 +282,7 @@ def _profile_extras(part: str, data: dict, console: Any) -> None:
         console.print(table)
 
 
-def progress_for(console: Any) -> Any:
+def progress_for(console: Console) -> Progress:
     """Live bars on a terminal; silence in logs and pipes, where redrawn bars are noise."""
     from mmopt.progress import NO_PROGRESS
 
@@ -286,7 +292,7 @@ def progress_for(console: Any) -> Any:
 class RichProgress:
     """Progress bars on a (stderr) console; nested tasks share one live display."""
 
-    def __init__(self, console: Any) -> None:
+    def __init__(self, console: Console) -> None:
         self.console = console
         self._bar = None
         self._depth = 0

@@ -20,10 +20,15 @@ from mmopt.core import Model, Shapes
 from mmopt.memory.counting import input_bytes, module_weight_bytes, unique_bytes, unique_tensors
 
 if TYPE_CHECKING:
+    from typing import TypeVar
+
     import torch
     from torch import nn
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
     from mmopt.adapters.base import Adapter
+
+    Subject = TypeVar("Subject", nn.Module, Model)    # what a trace runs on: a module, or a Model and its parts
 
 MEASURED_CUDA = "measured-cuda"
 ESTIMATED = "estimated"
@@ -228,7 +233,7 @@ def root_of(subject: nn.Module | Model) -> nn.Module:
     return subject.module if isinstance(subject, Model) else subject
 
 
-def measuring_copy(subject: nn.Module | Model, mode: Any = None, requires_grad: bool = False) -> Any:
+def measuring_copy(subject: Subject, mode: FakeTensorMode | None = None, requires_grad: bool = False) -> Subject:
     """A copy of ``subject`` (an ``nn.Module`` or a Model) to measure on, sharing nothing mutable with it.
 
     With a FakeTensorMode ``mode`` every parameter and buffer becomes a fake tensor (tied ones stay tied), so the
@@ -287,7 +292,7 @@ def trace_real(fn: Callable[..., Any], subject: nn.Module | Model, inputs: tuple
     return tracker.peak
 
 
-def fake_inputs(mode: Any, inputs: tuple, batch: int | None) -> tuple:
+def fake_inputs(mode: FakeTensorMode, inputs: tuple, batch: int | None) -> tuple:
     """Fake copies of ``inputs``; with ``batch``, inputs given at batch 1 are grown to ``batch`` rows on fake
     tensors, so a budget search at batch 4096 allocates nothing real."""
     import torch
