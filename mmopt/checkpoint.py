@@ -48,8 +48,8 @@ def atomic_folder(target: Path, force: bool) -> Iterator[Path]:
     tmp = target.parent / f".{target.name}.mmopt-tmp-{os.getpid()}"
     old = target.parent / f".{target.name}.mmopt-old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        tmp.mkdir()     # inside the try: a signal the moment the folder exists still removes it
         yield tmp
         if INTERRUPTED.is_set():
             raise KeyboardInterrupt

@@ -20,6 +20,12 @@ STALL_TOLERANCE = 1e-3      # relative improvement of the smoothed loss that sti
 EMA = 0.9                   # smoothing of the per-step loss for the stall test
 
 
+def describe_run(stats: dict, last_key: str = "final_loss") -> str:
+    """A distillation run in a few words, for a pass's brief: steps, the loss's ends, and whether it was reverted."""
+    return (f"{stats['steps']} steps, loss {stats['first_loss']:.4f} -> {stats[last_key]:.4f}"
+            + (" (reverted: it made things worse)" if stats["reverted"] else ""))
+
+
 def use_tokens(match: str, adapter: Adapter, model: Model, part: str) -> bool:
     """The ``match`` option (auto / output / tokens) as a decision: auto matches tokens where the adapter can run
     every token's hidden state (Hugging Face text encoders)."""

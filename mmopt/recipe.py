@@ -79,8 +79,8 @@ class Recipe(Strict):
     base_dir: Path = Field(Path("."), exclude=True)
 
     def resolve(self, path: str) -> Path:
-        """A recipe path, relative paths resolved against the recipe's folder (the model's own paths, which may
-        be ``pkg://`` paths: ``paths.resolve_spec``)."""
+        """A path the recipe names (output, calibration files), a relative one taken against the recipe's folder.
+        The model's own paths go through ``paths.resolve_spec``, which leaves ``pkg://`` paths to the adapter."""
         return resolve_path(path, self.base_dir)
 
     @property

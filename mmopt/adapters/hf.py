@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from mmopt.adapters.inputs import random_images, random_tokens
+from mmopt.adapters.inputs import example_images, random_tokens
 from mmopt.adapters.structure import (check_patch_multiple, head_rows, install_swapped, interpolate_positions,
                                       keep_in_list, run_swapped, slice_linear)
 from mmopt.core import Model, ModelSpec, PruneLayout, QuantLayout, Quantization, Shapes
@@ -106,13 +106,11 @@ class HFAdapter:
 
     def example_inputs(self, model: Model, part: str, shapes: Shapes) -> tuple:
         model.check_part(part)
-        device = model.part_device(part)
         if part == "visual":
-            size = shapes.image_size or model.preprocess["image_size"]
-            return (random_images(shapes.batch_size, size, model.part_dtype(part), shapes.seed).to(device),)
+            return example_images(model, part, shapes)
         config = self._text_config(model)
         seq = min(shapes.seq_len, model.preprocess.get("max_length", shapes.seq_len))
-        ids = random_tokens(shapes.batch_size, seq, config.vocab_size, seed=shapes.seed).to(device)
+        ids = random_tokens(shapes.batch_size, seq, config.vocab_size, seed=shapes.seed).to(model.part_device(part))
         import torch
 
         return ids, torch.ones_like(ids)

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from mmopt.adapters.inputs import random_images, random_tokens
+from mmopt.adapters.inputs import example_images, random_tokens
 from mmopt.adapters.structure import (check_patch_multiple, checkpoint_blocks, head_rows, install_swapped,
                                       interpolate_positions, keep_in_list, run_swapped)
 from mmopt.core import Model, ModelSpec, PruneLayout, QuantLayout, Shapes
@@ -82,14 +82,12 @@ class OpenClipAdapter:
 
     def example_inputs(self, model: Model, part: str, shapes: Shapes) -> tuple:
         model.check_part(part)
-        device = model.part_device(part)
         if part == "visual":
-            size = shapes.image_size or model.preprocess["image_size"]
-            return (random_images(shapes.batch_size, size, model.part_dtype(part), shapes.seed).to(device),)
+            return example_images(model, part, shapes)
         # open_clip's text towers add a positional embedding of fixed length: the context length is the shape.
         context = model.preprocess.get("context_length", 77)
         vocab = getattr(model.module, "vocab_size", None) or model.arch["config"]["text_cfg"].get("vocab_size", 49408)
-        return (random_tokens(shapes.batch_size, context, vocab, seed=shapes.seed).to(device),)
+        return (random_tokens(shapes.batch_size, context, vocab, seed=shapes.seed).to(model.part_device(part)),)
 
     def tokenize(self, model: Model, texts: list[str], seq_len: int) -> tuple:
         open_clip = _open_clip()

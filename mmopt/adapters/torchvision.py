@@ -5,7 +5,7 @@ import difflib
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from mmopt.adapters.inputs import random_images
+from mmopt.adapters.inputs import example_images
 from mmopt.adapters.structure import (check_patch_multiple, checkpoint_blocks, install_swapped, interpolate_positions,
                                       run_swapped)
 from mmopt.core import Model, ModelSpec, PruneLayout, QuantLayout, Shapes
@@ -50,8 +50,7 @@ class TorchvisionAdapter:
 
     def example_inputs(self, model: Model, part: str, shapes: Shapes) -> tuple:
         model.check_part(part)
-        size = shapes.image_size or model.preprocess["image_size"]
-        return (random_images(shapes.batch_size, size, model.part_dtype(part), shapes.seed).to(model.part_device(part)),)
+        return example_images(model, part, shapes)
 
     def tokenize(self, model: Model, texts: list[str], seq_len: int) -> tuple:
         raise UnsupportedError("torchvision models have no text part")

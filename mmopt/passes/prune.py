@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from mmopt.core import Model, PruneLayout, Shapes, is_text_part
-from mmopt.distill import use_tokens
+from mmopt.distill import describe_run, use_tokens
 from mmopt.errors import DataError, UnsupportedError
 from mmopt.passes.base import Change, Context, Pass, PassConfig, PassResult, Skip, excluded, target_parts
 
@@ -132,8 +132,7 @@ class Prune(Pass):
                  f"layers" + ("" if pruned["stock_config"] else ", not a stock config")]
         recovery = metrics.get("recovery")
         if recovery:
-            words.append(f"recovered {recovery['steps']} steps, loss {recovery['first_loss']:.4f} -> "
-                         f"{recovery['last_loss']:.4f}" + (" (reverted)" if recovery["reverted"] else ""))
+            words.append(f"recovered {describe_run(recovery, last_key='last_loss')}")
             words.append(f"cos before recovery {metrics['fidelity_before_recovery']['mean_cosine']:.4f}")
         return "; ".join(words)
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Iterator, Literal
 from pydantic import Field, model_validator
 
 from mmopt.core import Model, ModelSpec, is_image_part, is_text_part
+from mmopt.distill import describe_run
 from mmopt.errors import DataError, ModelSpecError, UnsupportedError, UserError, first_line
 from mmopt.passes.base import Change, Context, Pass, PassConfig, PassResult
 
@@ -145,9 +146,7 @@ class Substitute(Pass):
                 f", projection {swap['projection'][0]}->{swap['projection'][1]}" if swap["projection"] else ""))
         distill = summary.get("distill")
         if distill:
-            words.append(f"distilled {distill['steps']} steps, loss {distill['first_loss']:.4f} -> "
-                         f"{distill['final_loss']:.4f}"
-                         + (" (reverted: it made things worse)" if distill["reverted"] else ""))
+            words.append(f"distilled {describe_run(distill)}")
         agreement = summary.get("image_text_agreement")
         if agreement and agreement.get("after") is not None:
             words.append(f"image-text agreement {agreement['before']:.2f} -> {agreement['after']:.2f}")
