@@ -58,3 +58,19 @@ def test_check_reads_a_version_1_report(optimized):
     out.write_text(json.dumps(old))
     with pytest.raises(UserError, match="report version 7, expected one of 1, 2"):
         mmopt.api.check(recipe)
+
+
+def test_a_pass_without_its_own_brief_lists_its_metrics_in_words():
+    from mmopt.passes.base import Pass, PassConfig
+
+    class Plain(Pass):
+        name = "plain"
+        Config = PassConfig
+
+        def apply(self, model, ctx):
+            raise NotImplementedError
+
+    metrics = {"image_size": {"before": 224, "after": 64}, "zeroed": 12, "share": 0.123456, "kept": [0, 4, 5]}
+    assert Plain(PassConfig()).brief(metrics) == "image size 224 -> 64; zeroed 12; share 0.1235; kept [0, 4, 5]"
+    with pytest.raises(TypeError, match="Plain takes a PassConfig"):
+        Plain({"zeroed": 12})
