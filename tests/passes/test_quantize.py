@@ -201,6 +201,24 @@ def test_hf_output_loads_in_transformers(bert_folder, tmp_path, method):
     assert isinstance(ours.module.embeddings.word_embeddings, Int8Embedding)
 
 
+def test_what_quantize_did_is_recorded_for_the_adapter_and_old_manifests_still_load(bert_folder, tmp_path):
+    import json
+
+    adapter = registry.adapter_for("hf")
+    bert = adapter.load(ModelSpec(source="hf", path=str(bert_folder)))
+    model, _ = apply_and_write(bert, tmp_path / "out", method="int8", exclude=["pooler.dense"])
+    assert model.quantization.method == "int8" and model.quantization.float_linear == ["pooler.dense"]
+    manifest_file = tmp_path / "out" / "mmopt.json"
+    manifest = json.loads(manifest_file.read_text())
+    assert manifest["quantization"] == model.quantization.to_json() and "quantization" not in manifest["info"]
+    assert checkpoint.load_model(tmp_path / "out").quantization == model.quantization
+    # manifests written before the typed field kept it in info["quantization"]
+    manifest["info"]["quantization"] = manifest.pop("quantization")
+    manifest_file.write_text(json.dumps(manifest))
+    reloaded = checkpoint.load_model(tmp_path / "out")
+    assert reloaded.quantization == model.quantization and "quantization" not in reloaded.info
+
+
 # --- peak activation -----------------------------------------------------------------------------------------
 
 def _has_avx512bf16() -> bool:
