@@ -25,10 +25,10 @@ TINY_CLIP = {"embed_dim": 32,
 # --- fixtures -------------------------------------------------------------------------------------------------
 
 def _clip():
-    from mmopt.adapters.open_clip import OpenClipAdapter as Adapter
+    from mmopt.adapters.open_clip import OpenClipAdapter
 
     torch.manual_seed(0)
-    adapter = Adapter()
+    adapter = OpenClipAdapter()
     return adapter.build({"name": "ViT-B-32", "config": copy.deepcopy(TINY_CLIP)}, {}, {}), adapter
 
 
@@ -51,10 +51,10 @@ def bert_dir(tmp_path_factory) -> Path:
 
 
 def _bert(folder: Path):
-    from mmopt.adapters.hf import HFAdapter as Adapter
+    from mmopt.adapters.hf import HFAdapter
     from mmopt.core import ModelSpec
 
-    adapter = Adapter()
+    adapter = HFAdapter()
     return adapter.load(ModelSpec(source="hf", path=str(folder))), adapter
 
 
@@ -196,9 +196,9 @@ def test_recovery_lowers_the_loss_deterministically_on_bundled_texts(bert_dir):
 # --- torchvision ----------------------------------------------------------------------------------------------
 
 def test_resnet_channels_shrink_and_rebuild_from_recorded_counts(tmp_path):
-    from mmopt.adapters.torchvision import TorchvisionAdapter as Adapter
+    from mmopt.adapters.torchvision import TorchvisionAdapter
 
-    adapter = Adapter()
+    adapter = TorchvisionAdapter()
     torch.manual_seed(0)
     model = adapter.build({"name": "resnet18", "kwargs": {}}, {}, {})
     before = _params(model.module)
