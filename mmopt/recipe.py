@@ -121,7 +121,13 @@ class _Located:
 def _dotted(path: tuple) -> str:
     out = ""
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int):
+            out += f"[{part}]"
+            continue
+        text = str(part)
+        if not text.isprintable() or text != text.strip() or not text:   # a key of "\n" stays on one line
+            text = repr(text)
+        out += f".{text}" if out else text
     return out or "(top level)"
 
 
