@@ -3,9 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmopt.progress import NO_PROGRESS, Progress
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from mmopt.recipe import Recipe
 
 
 @dataclass(frozen=True)
@@ -23,7 +28,7 @@ class Overrides:
         return out
 
 
-def validate(recipe: str | Path, overrides: Overrides | None = None) -> Any:
+def validate(recipe: str | Path, overrides: Overrides | None = None) -> Recipe:
     """Parse and validate a recipe file (and its calibration data) without loading a model."""
     from mmopt.calibration import Calibration
     from mmopt.recipe import load_recipe
@@ -70,10 +75,9 @@ def pass_catalog(name: str | None = None) -> list[dict]:
         raise UserError(f"no pass named {name!r}; passes: {', '.join(sorted(registry.PASSES))}")
     out = []
     for pass_name in sorted(registry.PASSES) if name is None else [name]:
-        module = registry.pass_module(pass_name)
-        summary = (module.__doc__ or "").strip().splitlines()
-        out.append({"name": pass_name, "summary": summary[0] if summary else "",
-                    "options": pass_options(module.Config)})
+        cls = registry.pass_class(pass_name)
+        summary = (cls.__doc__ or "").strip().splitlines()
+        out.append({"name": pass_name, "summary": summary[0] if summary else "", "options": pass_options(cls.Config)})
     return out
 
 
@@ -90,12 +94,12 @@ def profile(model: str, **options: Any) -> dict:
     Options: weights, part, batch_size, image_size, seq_len, dtype; train, optimizer (adamw | sgd), amp
     (bf16 | fp16), grad_ckpt; budget ("8GiB"), offload ("cpu"), frames + window, what_if, measure (CUDA).
     """
-    from mmopt.profiler import ProfileRequest, profile as run_profile
+    from mmopt.memory.profile import ProfileRequest, profile as run_profile
 
     return run_profile(ProfileRequest(model=model, **options))
 
 
-def load(path: str | Path, parts: list[str] | None = None, device: str = "cpu") -> Any:
+def load(path: str | Path, parts: list[str] | None = None, device: str = "cpu") -> nn.Module:
     """Load an mmopt checkpoint (only ``parts``, default all), hash-checked; return the module in eval mode.
 
     The module's ``mmopt_model`` attribute holds its parts, preprocessing and rebuild facts.

@@ -16,9 +16,17 @@ import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
+from mmopt.core import Shapes, is_text_part
 from mmopt.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
+
+    from mmopt.adapters.base import Adapter
+    from mmopt.core import Model
+    from mmopt.recipe import Recipe
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 CACHE_VERSION = 1
@@ -42,15 +50,14 @@ class Calibration:
     split: str = "all"                      # "all", "fit" (what passes learn from) or "holdout" (for fidelity)
 
     @classmethod
-    def from_recipe(cls, recipe: Any) -> "Calibration":
+    def from_recipe(cls, recipe: Recipe) -> "Calibration":
         spec = recipe.calibration
         if spec is None:
             return cls()
         calib = cls(texts_file=recipe.resolve(spec.texts) if spec.texts else None,
                     images_dir=recipe.resolve(spec.images) if spec.images else None,
                     batch_size=spec.batch_size, num_samples=spec.num_samples,
-                    captions_file=recipe.resolve(spec.captions) if getattr(spec, "captions", None) else None,
-                    cache=getattr(spec, "cache", True))
+                    captions_file=recipe.resolve(spec.captions) if spec.captions else None, cache=spec.cache)
         calib.check()
         return calib
 
@@ -74,14 +81,6 @@ class Calibration:
             held = index % HOLDOUT_EVERY == HOLDOUT_EVERY - 1 and index < HOLDOUT_EVERY * HOLDOUT_MAX
             if self.split == "all" or held == (self.split == "holdout"):
                 yield item
-
-    @property
-    def has_images(self) -> bool:
-        return self.images_dir is not None
-
-    @property
-    def has_texts(self) -> bool:
-        return self.texts_file is not None or self.captions_file is not None
 
     # --- texts -------------------------------------------------------------------------------------------
 
@@ -184,7 +183,7 @@ def _check_image(path: Path) -> None:
         raise DataError(f"calibration image unreadable: {path} ({exc.__class__.__name__})") from None
 
 
-def load_image(path: Path, size: int, mean: list, std: list, interpolation: str = "bicubic"):
+def load_image(path: Path, size: int, mean: list, std: list, interpolation: str = "bicubic") -> torch.Tensor:
     """Resize the shorter side to ``size``, centre-crop, normalise: CLIP / ImageNet style."""
     import torch
     from PIL import Image, UnidentifiedImageError
@@ -211,7 +210,7 @@ class ImagePreprocess:
     interpolation: str = "bicubic"
 
     @classmethod
-    def of(cls, model: Any, image_size: int | None = None) -> "ImagePreprocess":
+    def of(cls, model: Model, image_size: int | None = None) -> "ImagePreprocess":
         pp = model.preprocess
         return cls(int(image_size or pp["image_size"]), tuple(pp.get("mean", (0.5, 0.5, 0.5))),
                    tuple(pp.get("std", (0.5, 0.5, 0.5))), pp.get("interpolation", "bicubic"))
@@ -227,7 +226,7 @@ class _ImageFiles:
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, str | None]:
         try:
             return load_image(self.files[i], self.pp.size, list(self.pp.mean), list(self.pp.std),
                               self.pp.interpolation), None
@@ -261,7 +260,7 @@ def cache_key(files: list[Path], pp: ImagePreprocess, batch_size: int) -> str:
 
 
 def image_batches(files: list[Path], pp: ImagePreprocess, batch_size: int, cache: bool = True,
-                  num_workers: int = DEFAULT_WORKERS) -> Iterator[Any]:
+                  num_workers: int = DEFAULT_WORKERS) -> Iterator[torch.Tensor]:
     """Preprocessed image batches (float32, N x 3 x size x size), from the cache when it holds them."""
     import torch
 
@@ -301,7 +300,7 @@ def image_batches(files: list[Path], pp: ImagePreprocess, batch_size: int, cache
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
-def synthetic_images(batch: int, size: int, seed: int):
+def synthetic_images(batch: int, size: int, seed: int) -> torch.Tensor:
     """Smooth random images, the same picture at every ``size`` (a 16 x 16 random grid, upsampled bicubically),
     so a model at a new input resolution can be compared with the original at its own."""
     import torch
@@ -347,14 +346,14 @@ def fit_and_holdout(calib: Calibration, parts: list[str]) -> tuple[Calibration, 
     data is too small to hold any out (fewer than ``HOLDOUT_EVERY`` samples)."""
     holdout = calib.only("holdout")
     for part in parts:
-        if part == "text" and next(text_source(holdout), None) is None:
+        if is_text_part(part) and next(text_source(holdout), None) is None:
             return None
-        if part != "text" and calib.images_dir is not None and not holdout.image_files():
+        if not is_text_part(part) and calib.images_dir is not None and not holdout.image_files():
             return None
     return calib.only("fit"), holdout
 
 
-def inputs_for(model: Any, adapter: Any, part: str, calib: Calibration | None, seq_len: int = 128,
+def inputs_for(model: Model, adapter: Adapter, part: str, calib: Calibration | None, seq_len: int = 128,
                seed: int = 0, image_size: int | None = None) -> Iterator[tuple]:
     """Yield input tuples for ``part`` in batches; see ``describe_inputs`` for what they are.
 
@@ -363,33 +362,32 @@ def inputs_for(model: Any, adapter: Any, part: str, calib: Calibration | None, s
     """
     calib = calib or Calibration()
     bs = calib.batch_size
-    if part == "text" and _can_tokenize(model, adapter):
+    text = is_text_part(part)
+    if text and _can_tokenize(model, adapter):
         for chunk in _chunks(text_source(calib), bs):
             yield adapter.tokenize(model, chunk, seq_len)
         return
-    from mmopt.adapters.base import Shapes, part_device
-
-    files = calib.image_files() if part != "text" else []
+    files = calib.image_files() if not text else []
     if files:
-        device = part_device(model, part)
+        device = model.part_device(part)
         for batch in image_batches(files, ImagePreprocess.of(model, image_size), bs, calib.cache, calib.num_workers):
             yield (batch.to(device),)
         return
     # Synthetic inputs are seeded per batch, so the original and the optimized model see the same ones.
     n = calib.num_samples
     for i in range(0, n, bs):
-        if part != "text":
+        if not text:
             size = int(image_size or model.preprocess["image_size"])
-            yield (synthetic_images(min(bs, n - i), size, seed + i).to(part_device(model, part)),)
+            yield (synthetic_images(min(bs, n - i), size, seed + i).to(model.part_device(part)),)
             continue
         shapes = Shapes(batch_size=min(bs, n - i), image_size=image_size, seq_len=seq_len, seed=seed + i)
         yield adapter.example_inputs(model, part, shapes)
 
 
-def describe_inputs(model: Any, adapter: Any, part: str, calib: Calibration | None) -> tuple[str, bool]:
+def describe_inputs(model: Model, adapter: Adapter, part: str, calib: Calibration | None) -> tuple[str, bool]:
     """(description, synthetic?) of what ``inputs_for`` yields for ``part``."""
     calib = calib or Calibration()
-    if part == "text":
+    if is_text_part(part):
         has_tokenizer = _can_tokenize(model, adapter)
         if calib.texts_file is not None and has_tokenizer:
             return f"calibration texts ({len(calib.texts())})", False
@@ -405,7 +403,7 @@ def describe_inputs(model: Any, adapter: Any, part: str, calib: Calibration | No
     return f"synthetic images ({calib.num_samples}; no calibration images given)", True
 
 
-def _can_tokenize(model: Any, adapter: Any) -> bool:
+def _can_tokenize(model: Model, adapter: Adapter) -> bool:
     from mmopt.errors import UnsupportedError
 
     try:

@@ -8,9 +8,13 @@ import shutil
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from mmopt.errors import IntegrityError, ModelSpecError, UserError
+
+if TYPE_CHECKING:
+    from mmopt.adapters.base import Adapter
+    from mmopt.core import Model
 
 # Set by the CLI's signal handlers. A KeyboardInterrupt raised inside a finalizer or C callback can be
 # swallowed, so the final rename also checks this flag: an interrupted run never publishes its output.
@@ -44,8 +48,8 @@ def atomic_folder(target: Path, force: bool) -> Iterator[Path]:
     tmp = target.parent / f".{target.name}.mmopt-tmp-{os.getpid()}"
     old = target.parent / f".{target.name}.mmopt-old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        tmp.mkdir()     # inside the try: a signal the moment the folder exists still removes it
         yield tmp
         if INTERRUPTED.is_set():
             raise KeyboardInterrupt
@@ -83,7 +87,7 @@ def versions() -> dict:
     return out
 
 
-def write_checkpoint(model: Any, adapter: Any, folder: Path, source: dict, passes: list[dict]) -> dict:
+def write_checkpoint(model: Model, adapter: Adapter, folder: Path, source: dict, passes: list[dict]) -> dict:
     """Write weights and manifest of ``model`` into ``folder``; return the manifest."""
     files = adapter.save(model, folder)
     manifest = {
@@ -92,7 +96,8 @@ def write_checkpoint(model: Any, adapter: Any, folder: Path, source: dict, passe
         "parts": list(model.parts),
         "architecture": model.arch,
         "preprocessing": model.preprocess,
-        "info": {k: v for k, v in model.info.items() if not k.startswith("_")},
+        "info": model.saved_info(),
+        "quantization": model.quantization.to_json() if model.quantization is not None else None,
         "passes": passes,
         "random_weights": model.random_weights,
         "files": {part: {"file": name, "sha256": sha256(folder / name), "bytes": (folder / name).stat().st_size}
@@ -147,15 +152,20 @@ def verified_tensors(path: Path, entry: dict) -> dict:
     return load_file(str(verify_file(path, entry)))
 
 
-def load_model(path: Path, parts: list[str] | None = None, device: str = "cpu") -> Any:
+def load_model(path: Path, parts: list[str] | None = None, device: str = "cpu") -> Model:
     """Rebuild the model in checkpoint ``path`` with only ``parts`` (default: all), weights hash-checked."""
     from mmopt import registry
-    from mmopt.adapters.base import load_weights_into
+    from mmopt.core import Quantization
+    from mmopt.weights import load_weights_into
 
     path = Path(path)
     manifest = read_manifest(path)
     adapter = registry.adapter_for(manifest["source"]["source"])
-    model = adapter.build(manifest["architecture"], manifest["preprocessing"], manifest["info"])
+    info = dict(manifest["info"])
+    # manifests before the typed field kept what the quantize pass did in info["quantization"]
+    quantization = manifest.get("quantization") or info.pop("quantization", None)
+    model = adapter.build(manifest["architecture"], manifest["preprocessing"], info)
+    model.quantization = Quantization(**quantization) if quantization else None
     wanted = list(parts) if parts else list(manifest["parts"])
     for part in wanted:
         if part not in manifest["parts"]:
@@ -164,20 +174,17 @@ def load_model(path: Path, parts: list[str] | None = None, device: str = "cpu") 
         adapter.drop_part(model, part)
     applied = []
     for entry in manifest["passes"]:
-        module = registry.pass_module(entry["name"])
-        cfg = module.Config.model_validate(entry["config"])
-        applied.append((module, cfg, entry.get("record", {})))
-        if hasattr(module, "restore"):
-            module.restore(model, cfg, entry.get("record", {}), adapter)
+        step, record = registry.make_pass(entry["name"], entry["config"]), entry.get("record", {})
+        step.restore(model, record, adapter)
+        applied.append((step, record))
     for part in [p for p in list(model.parts) if p not in wanted]:
         adapter.drop_part(model, part)
     state: dict = {}
     for part, entry in manifest["files"].items():
         if part in wanted or part not in manifest["parts"]:     # "shared" tensors belong to every subset
             state.update(verified_tensors(path, entry))
-    for module, cfg, record in applied:
-        if hasattr(module, "load_state"):
-            state = module.load_state(model, cfg, record, state)
+    for step, record in applied:
+        state = step.load_state(model, record, state)
     load_weights_into(model.module, state, f"checkpoint {path}")
     model.random_weights = bool(manifest.get("random_weights"))
     model.assets = path

@@ -8,21 +8,28 @@ switched on), and the seed fixes every random draw.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+
+if TYPE_CHECKING:
+    from mmopt.adapters.base import Adapter
+    from mmopt.core import Model
+    from mmopt.progress import Progress
 
 EVAL_BATCHES = 8            # batches the before/after check runs on
 STALL_TOLERANCE = 1e-3      # relative improvement of the smoothed loss that still counts as progress
 EMA = 0.9                   # smoothing of the per-step loss for the stall test
 
 
-def tokens_supported(adapter: Any, model: Any, part: str) -> bool:
-    """Whether every token's hidden state of ``part`` can be matched (Hugging Face text encoders)."""
-    return hasattr(adapter, "can_run_hidden") and adapter.can_run_hidden(model, part)
+def describe_run(stats: dict, last_key: str = "final_loss") -> str:
+    """A distillation run in a few words, for a pass's brief: steps, the loss's ends, and whether it was reverted."""
+    return (f"{stats['steps']} steps, loss {stats['first_loss']:.4f} -> {stats[last_key]:.4f}"
+            + (" (reverted: it made things worse)" if stats["reverted"] else ""))
 
 
-def use_tokens(match: str, adapter: Any, model: Any, part: str) -> bool:
-    """The ``match`` option (auto / output / tokens) as a decision: auto matches tokens where supported."""
-    return match == "tokens" or (match == "auto" and tokens_supported(adapter, model, part))
+def use_tokens(match: str, adapter: Adapter, model: Model, part: str) -> bool:
+    """The ``match`` option (auto / output / tokens) as a decision: auto matches tokens where the adapter can run
+    every token's hidden state (Hugging Face text encoders)."""
+    return match == "tokens" or (match == "auto" and adapter.can_run_hidden(model, part))
 
 
 def loss_fn(kind: str, tokens: bool = False) -> Callable[[Any, Any], Any]:
@@ -47,16 +54,13 @@ def loss_fn(kind: str, tokens: bool = False) -> Callable[[Any, Any], Any]:
     return token_loss
 
 
-def runner(adapter: Any, part: str, tokens: bool) -> Callable[[Any, tuple], Any]:
-    """What is matched: the part's output, or (hidden states, attention mask) of every token."""
+def runner(adapter: Adapter, part: str, tokens: bool) -> Callable[[Model, tuple], Any]:
+    """What is matched: the part's output, or (hidden states, attention mask) of every token (``run_hidden``
+    raises UnsupportedError where the family has none)."""
     if not tokens:
         return lambda model, inputs: adapter.run(model, part, inputs)
-    if not hasattr(adapter, "run_hidden"):
-        from mmopt.errors import UnsupportedError
 
-        raise UnsupportedError(f"token-level distillation is not supported for {adapter.source} models")
-
-    def hidden(model: Any, inputs: tuple) -> tuple:
+    def hidden(model: Model, inputs: tuple) -> tuple:
         states, mask = adapter.run_hidden(model, part, inputs)
         return states.float(), mask
 
@@ -74,7 +78,7 @@ def _split(inputs: tuple, size: int) -> Iterator[tuple]:
         yield tuple(t[i:i + size] for t in inputs)
 
 
-def _batches(batches_fn: Callable[[], Iterable[tuple]], size: int, device: Any) -> Iterator[tuple[int, tuple]]:
+def _batches(batches_fn: Callable[[], Iterable[tuple]], size: int, device: str) -> Iterator[tuple[int, tuple]]:
     """(index, inputs) forever, cycling through ``batches_fn()``; index repeats each epoch."""
     while True:
         index = 0
@@ -86,9 +90,10 @@ def _batches(batches_fn: Callable[[], Iterable[tuple]], size: int, device: Any) 
             raise ValueError("distillation got no input batches")
 
 
-def distill(student_model: Any, teacher_model: Any, adapter: Any, part: str, batches_fn: Callable[[], Iterable[tuple]],
-            steps: int, lr: float, batch_size: int, loss: str = "cosine", seed: int = 0, progress: Any = None,
-            device: Any = "cpu", patience: int | None = None, tokens: bool = False) -> dict:
+def distill(student_model: Model, teacher_model: Model, adapter: Adapter, part: str,
+            batches_fn: Callable[[], Iterable[tuple]], steps: int, lr: float, batch_size: int, loss: str = "cosine",
+            seed: int = 0, progress: Progress | None = None, device: str = "cpu", patience: int | None = None,
+            tokens: bool = False) -> dict:
     """Train ``part`` of ``student_model`` for up to ``steps`` AdamW steps so its outputs match the teacher's.
 
     Embedding tables stay frozen: they are most of a small encoder's weights, calibration text touches few of
@@ -171,8 +176,8 @@ def distill(student_model: Any, teacher_model: Any, adapter: Any, part: str, bat
             "seconds": round(time.perf_counter() - started, 2), "loss": loss, "match": "tokens" if tokens else "output"}
 
 
-def _eval_loss(student_model: Any, teacher_model: Any, run: Callable, batches_fn: Callable, size: int,
-               device: Any, criterion: Callable, targets: dict) -> float:
+def _eval_loss(student_model: Model, teacher_model: Model, run: Callable, batches_fn: Callable, size: int,
+               device: str, criterion: Callable, targets: dict) -> float:
     """Mean loss over the first ``EVAL_BATCHES`` batches, without training."""
     import torch
 

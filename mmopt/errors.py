@@ -4,7 +4,7 @@ Library code raises these; only ``cli.main`` turns them into one line on stderr 
 """
 from __future__ import annotations
 
-EXIT_GATE_FAILED = 1
+EXIT_GATE_FAILED = 1     # a failed gate is a verdict in the report, not an exception: `optimize` exits with it
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130     # the shell's convention for SIGINT
@@ -79,6 +79,7 @@ def describe_foreign(exc: BaseException) -> UserError | None:
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
-    """The first non-empty line of an exception's message (its type name when it has none), cut to ``limit``."""
+    """The first non-empty line of ``exc``'s message cut to ``limit`` characters, or its type name when it has no
+    message: third-party errors often follow their first line with a traceback, a table or a URL."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return (lines[0] if lines else type(exc).__name__)[:limit]

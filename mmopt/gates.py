@@ -1,7 +1,10 @@
 """Gates: thresholds a recipe sets on the optimized model; each gives a row with value, threshold and verdict."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mmopt.recipe import Gates
 
 # gate name -> (report lookup on one part, comparison). Fidelity gates at the top level apply to every part;
 # size gates at the top level apply to the whole model, and per part under `parts:`.
@@ -20,7 +23,7 @@ def _peak_total(measures: dict) -> int | None:
     return measures["weight_bytes"] + measures["peak_activation_bytes"]
 
 
-def evaluate(gates: Any, report: dict) -> list[dict]:
+def evaluate(gates: Gates, report: dict) -> list[dict]:
     """One row per gate and part it applies to; a missing value fails the gate (never passes silently)."""
     rows = []
     kept = {part: data for part, data in report["parts"].items() if not data["after"].get("removed")}

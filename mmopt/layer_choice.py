@@ -14,13 +14,18 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Iterable
+
+if TYPE_CHECKING:
+    from mmopt.adapters.base import Adapter
+    from mmopt.core import Model
+    from mmopt.progress import Progress
 
 EXHAUSTIVE_LIMIT = 100      # subsets scored one by one; C(6, 3) = 20, C(12, 6) = 924 goes greedy
 
 
-def choose_layers(model: Any, teacher: Any, adapter: Any, part: str, n_keep: int, batches: Iterable[tuple],
-                  progress: Any = None) -> dict:
+def choose_layers(model: Model, teacher: Model, adapter: Adapter, part: str, n_keep: int, batches: Iterable[tuple],
+                  progress: Progress | None = None) -> dict:
     """The ``n_keep`` layers of ``part`` whose outputs match ``teacher``'s best on ``batches``.
 
     Returns ``kept`` (sorted indices), its ``cosine``, the search ``method``, how many subsets were
@@ -59,7 +64,7 @@ def choose_layers(model: Any, teacher: Any, adapter: Any, part: str, n_keep: int
             "scored": len(scores), "every_kth": every_kth}
 
 
-def _match(model: Any, adapter: Any, part: str, keep: list[int], data: list[tuple]) -> float:
+def _match(model: Model, adapter: Adapter, part: str, keep: list[int], data: list[tuple]) -> float:
     """Mean cosine to the teacher's outputs of ``model`` with only layers ``keep`` of ``part``."""
     import torch
     import torch.nn.functional as F

@@ -1,20 +1,42 @@
-"""``optimize``: recipe -> load -> measure -> passes -> checkpoint -> reload -> measure -> report -> gates."""
+"""``optimize``: recipe -> load -> measure -> passes -> checkpoint -> reload -> measure -> fidelity -> report -> gates.
+
+Each arrow is one function below; ``Run`` carries what they share.
+"""
 from __future__ import annotations
 
 import copy
 import time
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from mmopt import checkpoint, gates, measure, memory, registry
-from mmopt.adapters.base import Shapes, looks_like_hub_id
+from mmopt import checkpoint, gates, registry
 from mmopt.calibration import Calibration, describe_inputs, fit_and_holdout, inputs_for
+from mmopt.core import Model, Shapes, is_image_part
 from mmopt.errors import UserError
+from mmopt.memory import counting, tracing
 from mmopt.passes.base import Context
+from mmopt.paths import resolve_spec
 from mmopt.progress import NO_PROGRESS, Progress
 from mmopt.recipe import Recipe
 
-REPORT_VERSION = 1
+if TYPE_CHECKING:
+    from mmopt.adapters.base import Adapter
+
+REPORT_VERSION = 2
+READABLE_REPORT_VERSIONS = (1, 2)     # `optimize --check` reads both: gates use no pass metrics
+
+
+@dataclass
+class Run:
+    """What one optimize run carries from step to step."""
+
+    recipe: Recipe
+    adapter: Adapter
+    device: str
+    shapes: Shapes
+    progress: Progress
+    teacher: Model          # the model as loaded (its kept parts): the reference for fidelity and distillation
+    model: Model            # the model the passes change
 
 
 def pick_device(choice: str) -> str:
@@ -27,21 +49,9 @@ def pick_device(choice: str) -> str:
     return choice
 
 
-def resolved_spec(recipe: Recipe) -> Any:
-    """The model spec with paths made absolute against the recipe's folder."""
-    spec = recipe.model
-    update = {}
-    if spec.path and not spec.path.startswith("pkg://"):    # package paths are resolved by the adapter
-        resolved = recipe.resolve(spec.path)
-        # A missing relative path that reads like a hub id keeps its text, so the error can say what it is.
-        update["path"] = spec.path if not resolved.exists() and looks_like_hub_id(spec.path) else str(resolved)
-    if spec.weights:
-        update["weights"] = str(recipe.resolve(spec.weights))
-    return spec.model_copy(update=update)
-
-
 def source_record(recipe: Recipe) -> dict:
-    return resolved_spec(recipe).model_dump(exclude_none=True)
+    """The model spec as the manifest records it: paths resolved against the recipe's folder."""
+    return resolve_spec(recipe.model, recipe.base_dir).model_dump(exclude_none=True)
 
 
 def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, recipe_path: str | None = None) -> dict:
@@ -51,36 +61,20 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
     started = time.perf_counter()
     checkpoint.check_output(recipe.output_path, force)
     calib = Calibration.from_recipe(recipe)
-    device = pick_device(recipe.device)
     torch.manual_seed(recipe.seed)
-    adapter, model = _load(recipe, device, progress)
-    teacher = copy.deepcopy(model)
-    shapes = _shapes(recipe)
-    before = _measure(teacher, adapter, shapes, progress, "measuring original")
-
+    state = _start(recipe, progress)
+    model, adapter, device = state.model, state.adapter, state.device
+    before = _measure(state, state.teacher, "measuring original")
     fit_calib, eval_calib, held_out = _split_calibration(recipe, calib, list(model.parts))
-    ctx = Context(adapter=adapter, teacher=teacher, calibration=fit_calib, device=device, seed=recipe.seed,
-                  progress=progress, base_dir=recipe.base_dir)
-    applied, pass_rows = [], []
-    for spec in recipe.passes:
-        module = registry.pass_module(spec.name)
-        with progress.task(f"pass {spec.name}", total=None):
-            result = module.apply(model, spec.config, ctx)
-        if hasattr(module, "align_reference"):
-            module.align_reference(teacher, spec.config, result.record, adapter)
-        ctx.history.append((spec.name, spec.config))
-        applied.append({"name": spec.name, "config": spec.config.model_dump(mode="json"), "record": result.record})
-        pass_rows.append({"name": spec.name, "config": spec.config.model_dump(mode="json"), **result.to_json(),
-                          "weight_bytes_after": {p: measure.part_sizes(model, p)["weight_bytes"] for p in model.parts}})
-
+    applied, pass_rows = _apply_passes(state, fit_calib)
     with checkpoint.atomic_folder(recipe.output_path, force) as tmp:
         with progress.task("writing checkpoint", total=None):
             manifest = checkpoint.write_checkpoint(model, adapter, tmp, source_record(recipe), applied)
         # Everything "after" is measured on the model reloaded from what was written, not on the one in memory.
         reloaded = checkpoint.load_model(tmp, device=device)
-        after = _measure(reloaded, adapter, shapes, progress, "measuring optimized")
-        report = _report(recipe, recipe_path, model, teacher, reloaded, adapter, eval_calib, held_out, shapes,
-                         before, after, manifest, pass_rows, device, progress)
+        after = _measure(state, reloaded, "measuring optimized")
+        fidelity = _fidelity(state, reloaded, eval_calib, held_out)
+        report = _report(state, recipe_path, manifest, before, after, fidelity, pass_rows)
         _judge(recipe, report)
         report["seconds"] = round(time.perf_counter() - started, 2)
         from mmopt import report as report_io
@@ -93,45 +87,38 @@ def plan(recipe: Recipe, progress: Progress = NO_PROGRESS, recipe_path: str | No
     """What ``run`` would do, without doing it: the model loaded, its memory before any pass (sizes and peak
     activation at the profile shapes; no latency run), the passes in order, the output. Writes nothing."""
     calib = Calibration.from_recipe(recipe)
-    device = pick_device(recipe.device)
-    adapter, model = _load(recipe, device, progress)
-    before = _measure(model, adapter, _shapes(recipe), progress, "measuring original", latency=False)
+    state = _start(recipe, progress, teacher=False)
+    before = _measure(state, state.model, "measuring original", latency=False)
     target = recipe.output_path
-    learns = [spec.name for spec in recipe.passes
-              if getattr(registry.pass_module(spec.name), "fits_calibration", lambda cfg: False)(spec.config)]
     return {
-        "recipe": recipe_path, "model": source_record(recipe), "random_weights": bool(model.random_weights),
-        "device": device, "shapes": _shapes_json(recipe), "memory_method": memory.overall_method(
-            {m["memory_method"] for m in before.values()}),
-        "parts": {part: {**_public(before[part]), "calibration": describe_inputs(model, adapter, part, calib)[0]}
-                  for part in model.parts},
-        "passes": [{"name": spec.name, "config": spec.config.model_dump(mode="json"),
-                    "learns_from_calibration": spec.name in learns} for spec in recipe.passes],
+        "recipe": recipe_path, "model": source_record(recipe), "random_weights": bool(state.model.random_weights),
+        "device": state.device, "shapes": _shapes_json(state.shapes),
+        "memory_method": tracing.overall_method({m["memory_method"] for m in before.values()}),
+        "parts": {part: {**_public(before[part]),
+                         "calibration": describe_inputs(state.model, state.adapter, part, calib)[0]}
+                  for part in state.model.parts},
+        "passes": [{"name": p.name, "config": p.config.model_dump(mode="json"),
+                    "learns_from_calibration": p.learns_from_calibration} for p in recipe.passes],
         "output": str(target), "output_exists": target.exists(),
         "gates": recipe.gates.model_dump(mode="json", exclude_none=True, exclude_defaults=True),
     }
 
 
-def _load(recipe: Recipe, device: str, progress: Progress) -> tuple[Any, Any]:
-    """(adapter, model): the recipe's model loaded, only its ``parts`` kept, on ``device``."""
+def _start(recipe: Recipe, progress: Progress, teacher: bool = True) -> Run:
+    """The run's state: the recipe's model loaded with only its parts, on the recipe's device, and (with
+    ``teacher``) a copy of it as loaded, the reference for fidelity and distillation."""
+    device = pick_device(recipe.device)
     adapter = registry.adapter_for(recipe.model.source)
     with progress.task("loading model", total=None):
-        model = adapter.load(resolved_spec(recipe))
-    for part in recipe.parts or []:
-        model.check_part(part)
-    for part in [p for p in list(model.parts) if recipe.parts and p not in recipe.parts]:
-        adapter.drop_part(model, part)
+        model = _load(recipe, adapter)
     model.module.to(device)
-    return adapter, model
+    shapes = Shapes(batch_size=recipe.profile.batch_size, image_size=recipe.profile.image_size,
+                    seq_len=recipe.profile.seq_len)
+    return Run(recipe, adapter, device, shapes, progress, teacher=copy.deepcopy(model) if teacher else model,
+               model=model)
 
 
-def _shapes(recipe: Recipe) -> Shapes:
-    return Shapes(batch_size=recipe.profile.batch_size, image_size=recipe.profile.image_size,
-                  seq_len=recipe.profile.seq_len)
-
-
-def _shapes_json(recipe: Recipe) -> dict:
-    shapes = _shapes(recipe)
+def _shapes_json(shapes: Shapes) -> dict:
     return {"batch_size": shapes.batch_size, "image_size": shapes.image_size, "seq_len": shapes.seq_len}
 
 
@@ -150,24 +137,32 @@ def check(recipe: Recipe) -> dict:
         report = json.loads(report_file.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{report_file}: malformed JSON ({exc.msg})") from None
-    if report.get("report_version") != REPORT_VERSION:
-        raise UserError(f"{report_file}: report version {report.get('report_version')!r}, expected {REPORT_VERSION}")
+    if report.get("report_version") not in READABLE_REPORT_VERSIONS:
+        raise UserError(f"{report_file}: report version {report.get('report_version')!r}, expected one of "
+                        f"{', '.join(map(str, READABLE_REPORT_VERSIONS))}")
     _judge(recipe, report)
     return report
 
 
-def _judge(recipe: Recipe, report: dict) -> None:
-    """Evaluate the recipe's gates on ``report`` and record the verdict in it."""
-    report["gates"] = gates.evaluate(recipe.gates, report)
-    report["passed"] = all(row["passed"] for row in report["gates"])
+# --- the steps ---------------------------------------------------------------------------------------------------
+
+def _load(recipe: Recipe, adapter: Adapter) -> Model:
+    """The recipe's model with only the recipe's parts."""
+    model = adapter.load(resolve_spec(recipe.model, recipe.base_dir))
+    for part in recipe.parts or []:
+        model.check_part(part)
+    for part in [p for p in list(model.parts) if recipe.parts and p not in recipe.parts]:
+        adapter.drop_part(model, part)
+    return model
 
 
-def _measure(model: Any, adapter: Any, shapes: Shapes, progress: Progress, what: str, latency: bool = True) -> dict:
+def _measure(state: Run, model: Model, what: str, latency: bool = True) -> dict[str, dict]:
+    """Sizes, peak activation and (with ``latency``) latency of each part of ``model`` at the recipe's shapes."""
     out = {}
-    with progress.task(what, total=len(model.parts)) as task:
+    with state.progress.task(what, total=len(model.parts)) as task:
         for part in model.parts:
-            out[part] = {**measure.part_sizes(model, part),
-                         **measure.part_runtime(model, adapter, part, shapes, latency=latency)}
+            out[part] = {**counting.part_sizes(model, part),
+                         **tracing.part_runtime(model, state.adapter, part, state.shapes, latency=latency)}
             task.advance()
     return out
 
@@ -176,62 +171,83 @@ def _split_calibration(recipe: Recipe, calib: Calibration, parts: list[str]) -> 
     """(calibration for the passes, calibration for fidelity, held_out) where held_out is True when passes
     fit to calibration data and fidelity is measured on samples they never saw, False when they fit to it but
     there were too few samples to hold any out, and None when no pass fits to calibration data."""
-    if not any(getattr(registry.pass_module(spec.name), "fits_calibration", lambda cfg: False)(spec.config)
-               for spec in recipe.passes):
+    if not any(p.learns_from_calibration for p in recipe.passes):
         return calib, calib, None
     split = fit_and_holdout(calib, parts)
     return (split[0], split[1], True) if split else (calib, calib, False)
 
 
-def _report(recipe, recipe_path, model, teacher, reloaded, adapter, calib, held_out, shapes, before, after,
-            manifest, pass_rows, device, progress) -> dict:
-    parts = {}
-    files = manifest["files"]
-    with progress.task("fidelity", total=len(teacher.parts)) as task:
+def _apply_passes(state: Run, calib: Calibration) -> tuple[list[dict], list[dict]]:
+    """Apply the recipe's passes in order; return (manifest entries, report rows)."""
+    recipe, model = state.recipe, state.model
+    ctx = Context(adapter=state.adapter, teacher=state.teacher, calibration=calib, device=state.device,
+                  seed=recipe.seed, progress=state.progress, base_dir=recipe.base_dir)
+    applied, rows = [], []
+    for step in recipe.passes:
+        with state.progress.task(f"pass {step.name}", total=None):
+            result = step.apply(model, ctx)
+        step.align_reference(state.teacher, result.record, state.adapter)
+        ctx.history.append(step)
+        config = step.config.model_dump(mode="json")
+        applied.append({"name": step.name, "config": config, "record": result.record})
+        rows.append({"name": step.name, "config": config, **result.to_json(),
+                     "weight_bytes_after": {p: counting.part_weight_bytes(model, p) for p in model.parts}})
+    return applied, rows
+
+
+def _fidelity(state: Run, reloaded: Model, calib: Calibration, held_out: bool | None) -> dict[str, dict | None]:
+    """Outputs of the reloaded model against the original's, per part (None for a part the recipe removed)."""
+    from mmopt.fidelity import embeddings, fidelity
+
+    teacher, adapter, seed, seq_len = state.teacher, state.adapter, state.recipe.seed, state.shapes.seq_len
+    out: dict[str, dict | None] = {}
+    with state.progress.task("fidelity", total=len(teacher.parts)) as task:
         for part in teacher.parts:
             if part not in reloaded.parts:
-                before_ckpt = checkpoint.serialized_bytes(_state(teacher, part))
-                parts[part] = {"before": {**_public(before[part]), "checkpoint_bytes": before_ckpt},
-                               "after": {"params": 0, "weight_bytes": 0, "checkpoint_bytes": 0, "removed": True},
-                               "fidelity": None}
+                out[part] = None
                 task.advance()
                 continue
             description, synthetic = describe_inputs(teacher, adapter, part, calib)
             if held_out is not None:
                 description += (", held out from what the passes fitted to" if held_out
                                 else ", the same samples the passes fitted to: too few to hold any out")
-            ref = measure.embeddings(teacher, adapter, part,
-                                     inputs_for(teacher, adapter, part, calib, shapes.seq_len, recipe.seed))
-            image_size = reloaded.preprocess.get("image_size") if part != "text" else None
-            new = measure.embeddings(reloaded, adapter, part,
-                                     inputs_for(reloaded, adapter, part, calib, shapes.seq_len, recipe.seed, image_size))
-            before_ckpt = checkpoint.serialized_bytes(_state(teacher, part))
-            parts[part] = {
-                "before": {**_public(before[part]), "checkpoint_bytes": before_ckpt},
-                "after": {**_public(after[part]), "checkpoint_bytes": files[part]["bytes"] if part in files else None},
-                "fidelity": {**measure.fidelity(ref, new), "inputs": description, "synthetic": synthetic,
-                             "held_out": held_out},
-            }
-            for row in pass_rows:
-                for key, value in row["metrics"].get(part, {}).items():
-                    parts[part][key] = value
+            # the same inputs, preprocessed for each model at its own image size
+            image_size = reloaded.preprocess.get("image_size") if is_image_part(part) else None
+            ref = embeddings(teacher, adapter, part, inputs_for(teacher, adapter, part, calib, seq_len, seed))
+            new = embeddings(reloaded, adapter, part,
+                             inputs_for(reloaded, adapter, part, calib, seq_len, seed, image_size))
+            out[part] = {**fidelity(ref, new), "inputs": description, "synthetic": synthetic, "held_out": held_out}
             task.advance()
-    shared_before = shared_bytes(teacher)
+    return out
+
+
+def _report(state: Run, recipe_path: str | None, manifest: dict, before: dict, after: dict, fidelity: dict,
+            pass_rows: list[dict]) -> dict:
+    teacher, files = state.teacher, manifest["files"]
+    parts = {}
+    for part in teacher.parts:
+        before_row = {**_public(before[part]),
+                      "checkpoint_bytes": checkpoint.serialized_bytes(counting.part_state(teacher, part))}
+        if fidelity[part] is None:
+            after_row = {"params": 0, "weight_bytes": 0, "checkpoint_bytes": 0, "removed": True}
+        else:
+            after_row = {**_public(after[part]), "checkpoint_bytes": files[part]["bytes"] if part in files else None}
+        parts[part] = {"before": before_row, "after": after_row, "fidelity": fidelity[part]}
     methods = {m["memory_method"] for m in list(before.values()) + list(after.values())}
     return {
         "report_version": REPORT_VERSION,
         "recipe": recipe_path,
-        "output": str(recipe.output_path),
+        "output": str(state.recipe.output_path),
         "model": manifest["source"],
-        "random_weights": bool(model.random_weights),
-        "memory_method": memory.overall_method(methods),
-        "device": device,
-        "shapes": _shapes_json(recipe),
+        "random_weights": bool(state.model.random_weights),
+        "memory_method": tracing.overall_method(methods),
+        "device": state.device,
+        "shapes": _shapes_json(state.shapes),
         "parts": parts,
         "totals": {
             "before": {"weight_bytes": sum(p["before"]["weight_bytes"] for p in parts.values()),
                        "checkpoint_bytes": sum(p["before"]["checkpoint_bytes"] for p in parts.values())
-                       + shared_before},
+                       + shared_bytes(teacher)},
             "after": {"weight_bytes": sum(p["after"]["weight_bytes"] for p in parts.values()),
                       "checkpoint_bytes": sum(f["bytes"] for f in files.values())},
         },
@@ -239,7 +255,13 @@ def _report(recipe, recipe_path, model, teacher, reloaded, adapter, calib, held_
     }
 
 
-def shared_bytes(model: Any) -> int:
+def _judge(recipe: Recipe, report: dict) -> None:
+    """Evaluate the recipe's gates on ``report`` and record the verdict in it."""
+    report["gates"] = gates.evaluate(recipe.gates, report)
+    report["passed"] = all(row["passed"] for row in report["gates"])
+
+
+def shared_bytes(model: Model) -> int:
     """Bytes of tensors that belong to no part (CLIP's logit scale), saved in shared.safetensors."""
     tensors = {k: v for k, v in model.module.state_dict().items() if v is not None and model.part_of(k) is None}
     return checkpoint.serialized_bytes(tensors) if tensors else 0
@@ -249,9 +271,3 @@ def _public(measures: dict) -> dict:
     keep = ("params", "weight_bytes", "peak_activation_bytes", "latency_ms", "memory_method", "memory_how",
             "input_bytes", "batch_size", "note")
     return {k: measures[k] for k in keep if k in measures}
-
-
-def _state(model: Any, part: str) -> dict:
-    from mmopt.memory import part_state
-
-    return part_state(model, part)

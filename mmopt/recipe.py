@@ -10,40 +10,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 from typing_extensions import Annotated
 
-from mmopt.errors import RecipeError
+from mmopt.core import ModelSpec
+from mmopt.errors import RecipeError, first_line
+from mmopt.passes.base import Pass
+from mmopt.paths import resolve_path
 from mmopt.units import parse_bytes
-
-Source = Literal["hf", "open_clip", "torchvision"]
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelSpec(Strict):
-    """Where the model comes from. Only local files: nothing is downloaded."""
-
-    source: Source = Field(description="hf | open_clip | torchvision")
-    path: str | None = Field(None, description="hf: a local Hugging Face folder, or pkg://package/subfolder")
-    name: str | None = Field(None, description="open_clip architecture (ViT-B-32) or torchvision name (resnet50)")
-    weights: str | None = Field(None, description="open_clip / torchvision: a local checkpoint file")
-
-    @model_validator(mode="after")
-    def _needs_what_source_needs(self) -> "ModelSpec":
-        if self.source == "hf":
-            if not self.path:
-                raise ValueError("source hf needs path: a local Hugging Face folder")
-            if self.name or self.weights:
-                raise ValueError("source hf takes path only (name and weights are for open_clip / torchvision)")
-        else:
-            if not self.name:
-                raise ValueError(f"source {self.source} needs name: the architecture")
-            if self.path:
-                raise ValueError(f"source {self.source} takes name and weights, not path")
-        return self
 
 
 class CalibrationSpec(Strict):
@@ -95,17 +73,16 @@ class Gates(GateThresholds):
     parts: dict[str, GateThresholds] = {}
 
 
-class PassSpec(Strict):
-    name: str
-    config: Any
-
-
 class Recipe(Strict):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
     model: ModelSpec
     parts: list[str] | None = Field(None, description="parts to keep and optimize (default: all)")
     calibration: CalibrationSpec | None = None
     profile: ProfileShapes = ProfileShapes()
-    passes: list[PassSpec] = []
+    # the JSON Schema of the passes is built from each pass's config by recipe_json_schema
+    passes: Annotated[list[Pass], WithJsonSchema({"type": "array"})] = Field(
+        [], description="the passes, in order, each built with its validated config")
     gates: Gates = Gates()
     output: str
     seed: int = 0
@@ -113,9 +90,9 @@ class Recipe(Strict):
     base_dir: Path = Field(Path("."), exclude=True)
 
     def resolve(self, path: str) -> Path:
-        """A recipe path, relative paths resolved against the recipe's folder (pkg:// paths: see resolve_spec)."""
-        p = Path(path).expanduser()
-        return p if p.is_absolute() else (self.base_dir / p)
+        """A path the recipe names (output, calibration files), a relative one taken against the recipe's folder.
+        The model's own paths go through ``paths.resolve_spec``, which leaves ``pkg://`` paths to the adapter."""
+        return resolve_path(path, self.base_dir)
 
     @property
     def output_path(self) -> Path:
@@ -155,7 +132,13 @@ class _Located:
 def _dotted(path: tuple) -> str:
     out = ""
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int):
+            out += f"[{part}]"
+            continue
+        text = str(part)
+        if not text.isprintable() or text != text.strip() or not text:   # a key of "\n" stays on one line
+            text = repr(text)
+        out += f".{text}" if out else text
     return out or "(top level)"
 
 
@@ -238,7 +221,7 @@ def parse_recipe(text: str, where: str = "recipe", base_dir: Path | None = None,
     try:
         loader = yaml.SafeLoader(text)
     except yaml.YAMLError as exc:        # unprintable characters are refused by the reader itself
-        raise RecipeError(f"{where}: malformed YAML: {str(exc).splitlines()[0]}") from None
+        raise RecipeError(f"{where}: malformed YAML: {first_line(exc)}") from None
     located = _Located(loader)
     try:
         node = loader.get_single_node()
@@ -248,7 +231,7 @@ def parse_recipe(text: str, where: str = "recipe", base_dir: Path | None = None,
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or first_line(exc)
         raise RecipeError(f"{where}{at}: malformed YAML: {problem}") from None
     finally:
         loader.dispose()
@@ -290,9 +273,9 @@ def parse_recipe(text: str, where: str = "recipe", base_dir: Path | None = None,
         if not isinstance(options, dict):
             fail(("passes", i, name), f"options must be a mapping, got {options!r}")
             continue
-        config_cls = registry.pass_module(name).Config
+        pass_class = registry.pass_class(name)
         try:
-            passes.append(PassSpec(name=name, config=config_cls.model_validate(options)))
+            passes.append(pass_class(pass_class.Config.model_validate(options)))
         except ValidationError as exc:
             for err in _ordered_errors(exc):
                 fail(("passes", i, name) + tuple(err["loc"]), _message(err))
@@ -396,7 +379,7 @@ def recipe_json_schema() -> dict:
     defs = schema.setdefault("$defs", {})
     items = []
     for name in sorted(registry.PASSES):
-        options = registry.pass_module(name).Config.model_json_schema()
+        options = registry.pass_class(name).Config.model_json_schema()
         # each pass's nested definitions live under its own name, so two passes may both have a "Recover"
         text = json.dumps(options).replace('"#/$defs/', f'"#/$defs/{name}.')
         options = json.loads(text)

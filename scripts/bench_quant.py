@@ -26,7 +26,7 @@ import time
 import warnings
 from pathlib import Path
 
-from mmopt import measure
+from mmopt.fidelity import embeddings
 
 SENTENCES = [
     "The train to the airport leaves every twenty minutes.",
@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def bench_hf(tmp: Path, quick: bool) -> list[dict]:
     from mmopt import registry
-    from mmopt.adapters.base import local_path
-    from mmopt.recipe import ModelSpec
+    from mmopt.paths import local_path
+    from mmopt.core import ModelSpec
 
     adapter = registry.adapter_for("hf")
     if quick:
@@ -136,8 +136,8 @@ def bench_open_clip(tmp: Path, quick: bool) -> list[dict]:
     import torch
 
     from mmopt import registry
-    from mmopt.adapters.base import random_images
-    from mmopt.recipe import ModelSpec
+    from mmopt.adapters.inputs import random_images
+    from mmopt.core import ModelSpec
 
     adapter = registry.adapter_for("open_clip")
     if quick:
@@ -161,13 +161,14 @@ class Bench:
     """One model: the fp32 reference, then one row per (method, part)."""
 
     def __init__(self, name, model, adapter, inputs: dict, tmp: Path) -> None:
-        from mmopt import checkpoint, memory
+        from mmopt import checkpoint
+        from mmopt.memory import counting
 
         self.name, self.model, self.adapter, self.inputs, self.tmp = name, model, adapter, inputs, tmp
         self.rows: list[dict] = []
-        self.ref = {p: measure.embeddings(model, adapter, p, [inputs[p]]) for p in inputs}
-        self.fp32 = {p: {"ckpt": checkpoint.serialized_bytes(memory.part_state(model, p)),
-                         "mem": memory.part_weight_bytes(model, p),
+        self.ref = {p: embeddings(model, adapter, p, [inputs[p]]) for p in inputs}
+        self.fp32 = {p: {"ckpt": checkpoint.serialized_bytes(counting.part_state(model, p)),
+                         "mem": counting.part_weight_bytes(model, p),
                          "latency": _latency(model, adapter, p, inputs[p])} for p in inputs}
         for p in inputs:
             self._row("fp32", p, model, self.fp32[p]["ckpt"], self.fp32[p]["mem"], self.ref[p])
@@ -179,10 +180,10 @@ class Bench:
 
         options = {"method": method, "embeddings": emb}
         model = copy.deepcopy(self.model)
-        result = quantize.apply(model, quantize.Config(**options), Context(adapter=self.adapter))
+        result = quantize.Quantize(quantize.QuantizeConfig(**options)).apply(model, Context(adapter=self.adapter))
         folder = self.tmp / f"{self.name}-{method}-{emb}"
         folder.mkdir()
-        passes = [{"name": "quantize", "config": quantize.Config(**options).model_dump(mode="json"),
+        passes = [{"name": "quantize", "config": quantize.QuantizeConfig(**options).model_dump(mode="json"),
                    "record": result.record}]
         manifest = checkpoint.write_checkpoint(model, self.adapter, folder, {"source": model.source}, passes)
         reloaded = checkpoint.load_model(folder)
@@ -192,16 +193,16 @@ class Bench:
             extra = {}
             if hf_copy.exists() and manifest["files"][part]["file"] != hf_copy.name:
                 extra["hf_copy"] = round(hf_copy.stat().st_size / self.fp32[part]["ckpt"], 3)
-            from mmopt import memory
+            from mmopt.memory import counting
 
-            self._row(label, part, reloaded, manifest["files"][part]["bytes"], memory.part_weight_bytes(reloaded, part),
-                      measure.embeddings(reloaded, self.adapter, part, [self.inputs[part]]), **extra)
+            self._row(label, part, reloaded, manifest["files"][part]["bytes"], counting.part_weight_bytes(reloaded, part),
+                      embeddings(reloaded, self.adapter, part, [self.inputs[part]]), **extra)
 
     def dynamic(self) -> None:
         """torch.ao quantize_dynamic: nn.Linear only; its packed weights are not tensors, so bytes are torch.save's."""
         import torch
 
-        from mmopt import memory
+        from mmopt.memory import counting
 
         model = copy.copy(self.model)
         model.module = torch.ao.quantization.quantize_dynamic(copy.deepcopy(self.model.module), {torch.nn.Linear},
@@ -210,18 +211,18 @@ class Bench:
         for name in quantized:     # open_clip reads its compute dtype from c_fc.weight unless told (as mmopt does)
             model.module.get_submodule(name).int8_original_dtype = torch.float32
         for part in self.inputs:
-            state = memory.part_state(model, part)
+            state = counting.part_state(model, part)
             buf = io.BytesIO()
             torch.save(state, buf)
             fraction = _fraction_by_modules(self.model, part, quantized)
             self._row("quantize_dynamic", part, model, buf.tell(), buf.tell(),
-                      measure.embeddings(model, self.adapter, part, [self.inputs[part]]), fraction=fraction)
+                      embeddings(model, self.adapter, part, [self.inputs[part]]), fraction=fraction)
 
     def transformers_bnb(self, path: Path, bits: str) -> None:
         import torch
         from transformers import AutoModel, BitsAndBytesConfig
 
-        from mmopt import memory
+        from mmopt.memory import counting
 
         config = BitsAndBytesConfig(load_in_8bit=True) if bits == "8bit" else BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
@@ -232,12 +233,13 @@ class Bench:
         module.save_pretrained(out)
         ckpt = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         for part in self.inputs:
-            self._row(f"transformers {bits}", part, model, ckpt, memory.part_weight_bytes(model, part),
-                      measure.embeddings(model, self.adapter, part, [self.inputs[part]]))
+            self._row(f"transformers {bits}", part, model, ckpt, counting.part_weight_bytes(model, part),
+                      embeddings(model, self.adapter, part, [self.inputs[part]]))
 
     def naive(self, method: str) -> None:
         """Every module that is exactly nn.Linear becomes its bitsandbytes module; nothing else changes."""
-        from mmopt import checkpoint, memory
+        from mmopt import checkpoint
+        from mmopt.memory import counting
         from mmopt.passes.quantize import quantized_linear
 
         import torch
@@ -247,14 +249,14 @@ class Bench:
             if type(module) is torch.nn.Linear:
                 model.module.set_submodule(name, quantized_linear(module, method, 64, 6.0, torch.float32, "cpu"))
         for part in self.inputs:
-            self._row(f"naive Linear {method}", part, model, checkpoint.serialized_bytes(memory.part_state(model, part)),
-                      memory.part_weight_bytes(model, part),
-                      measure.embeddings(model, self.adapter, part, [self.inputs[part]]))
+            self._row(f"naive Linear {method}", part, model, checkpoint.serialized_bytes(counting.part_state(model, part)),
+                      counting.part_weight_bytes(model, part),
+                      embeddings(model, self.adapter, part, [self.inputs[part]]))
 
     def _row(self, method: str, part: str, model, ckpt: int, mem: int, out, fraction: float | None = None,
              **extra) -> None:
-        from mmopt import memory
-        from mmopt.measure import fidelity
+        from mmopt.fidelity import fidelity
+        from mmopt.memory import counting
 
         fid = fidelity(self.ref[part], out)
         latency = _latency(model, self.adapter, part, self.inputs[part]) if method != "fp32" else self.fp32[part]["latency"]
@@ -262,16 +264,16 @@ class Bench:
             "model": self.name, "part": part, "method": method,
             "ckpt_bytes": ckpt, "ckpt": round(ckpt / self.fp32[part]["ckpt"], 3),
             "mem": round(mem / self.fp32[part]["mem"], 3),
-            "qfrac": round(fraction if fraction is not None else memory.quantized_fraction(model, part), 4),
+            "qfrac": round(fraction if fraction is not None else counting.quantized_fraction(model, part), 4),
             "cos_mean": fid["mean_cosine"], "cos_min": fid["min_cosine"], "nn_agree": fid.get("neighbor_agreement"),
             "latency_ms": round(latency, 1), "lat": round(latency / self.fp32[part]["latency"], 2), **extra})
         print(f"  {self.name} {part} {method}: done", file=sys.stderr)
 
 
 def _latency(model, adapter, part, inputs) -> float:
-    from mmopt import memory
+    from mmopt.memory import tracing
 
-    return memory.latency_ms(lambda *a: adapter.run(model, part, a), inputs, repeats=3, slow_ms=5000)
+    return tracing.latency_ms(lambda *a: adapter.run(model, part, a), inputs, repeats=3, slow_ms=5000)
 
 
 def _fraction_by_modules(model, part: str, quantized: set) -> float:
@@ -290,7 +292,7 @@ def _tiny_bert(path: Path) -> None:
 
     from transformers import BertConfig, BertModel
 
-    from mmopt.adapters.base import local_path
+    from mmopt.paths import local_path
 
     BertModel(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
                          vocab_size=30522)).save_pretrained(path)

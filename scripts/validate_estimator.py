@@ -53,7 +53,7 @@ def _hf_folder(kind: str) -> str:
     return str(folder)
 
 
-# model key -> (spec for profiler.open_model or a callable giving it, parts, image part takes other sizes)
+# model key -> (spec for memory.profile.open_model or a callable giving it, parts, image part takes other sizes)
 MODELS = {
     "ViT-B-32": ("open_clip:ViT-B-32", ["visual", "text"], False),
     "ViT-B-16": ("open_clip:ViT-B-16", ["visual", "text"], False),
@@ -98,10 +98,10 @@ QUICK = [Case("resnet18", "visual", "inference", 1, image_size=224),
 def run_case(case: Case, models: dict, measure: bool) -> dict:
     import torch
 
-    from mmopt import measure as measure_mod
-    from mmopt.adapters.base import Shapes
-    from mmopt.estimate import Estimator
-    from mmopt.profiler import ProfileRequest, open_model
+    from mmopt.core import Shapes
+    from mmopt.memory import tracing
+    from mmopt.memory.estimator import Estimator
+    from mmopt.memory.profile import ProfileRequest, open_model
 
     key = (case.model, case.dtype)
     if key not in models:
@@ -111,7 +111,7 @@ def run_case(case: Case, models: dict, measure: bool) -> dict:
             from mmopt.passes import cast
             from mmopt.passes.base import Context
 
-            cast.apply(model, cast.Config(dtype=case.dtype), Context(adapter=adapter))
+            cast.Cast(cast.CastConfig(dtype=case.dtype)).apply(model, Context(adapter=adapter))
         if measure:
             model.module.to("cuda")
         models.clear()                          # one model in memory at a time
@@ -131,7 +131,7 @@ def run_case(case: Case, models: dict, measure: bool) -> dict:
     if measure:
         torch.cuda.empty_cache()
         if case.mode == "inference":
-            row["measured"] = measure_mod.part_runtime(model, adapter, case.part, shapes, latency=False)[
+            row["measured"] = tracing.part_runtime(model, adapter, case.part, shapes, latency=False)[
                 "peak_activation_bytes"]
         else:
             row["measured"] = est.training(shapes, measure=True)["peak_total_bytes"]

@@ -18,7 +18,7 @@ TINY_CLIP_CONFIG = {
 
 
 def minilm_folder() -> Path:
-    from mmopt.adapters.base import local_path
+    from mmopt.paths import local_path
 
     return local_path(MINILM, "test model")
 

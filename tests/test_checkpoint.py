@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from mmopt import checkpoint, registry
-from mmopt.adapters.base import Shapes
+from mmopt.core import ModelSpec, Shapes
 from mmopt.errors import IntegrityError, UserError
-from mmopt.recipe import ModelSpec
 
 
 def save_and_reload(source, tmp_path, parts=None, **kw):

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mmopt import api, memory, train_memory
-from mmopt.adapters.base import Shapes
-from mmopt.estimate import Estimator, search_batch
-from mmopt.model import Model
-from mmopt.profiler import ProfileRequest
+from mmopt import api
+from mmopt.core import Model, ModelSpec, Shapes
+from mmopt.memory import counting, tracing, training
+from mmopt.memory.estimator import Estimator, search_batch
+from mmopt.memory.profile import ProfileRequest
 from mmopt.registry import adapter_for
 
 
@@ -61,28 +61,28 @@ def estimator(model: Model, part: str = "visual", **options) -> Estimator:
 
 def test_linear_weight_bytes_by_hand():
     lin = nn.Linear(3, 4)
-    assert memory.module_weight_bytes(lin) == 64                      # (12 + 4) * 4
-    assert memory.quantized_weight_bytes(lin, "int8") == 12 + 4 * 4 + 16   # int8 weight, a scale per row, bias
+    assert counting.module_weight_bytes(lin) == 64                      # (12 + 4) * 4
+    assert counting.quantized_weight_bytes(lin, "int8") == 12 + 4 * 4 + 16   # int8 weight, a scale per row, bias
     # nf4: 12 half-bytes, one 8-bit absmax for the 64-block, one float32 for the 256-group; bias kept
-    assert memory.quantized_weight_bytes(lin, "nf4") == 6 + 1 + 4 + 16
-    assert memory.quantized_weight_bytes(lin, "nf4", keep_dtype="float16") == 6 + 1 + 4 + 8
-    assert memory.cast_weight_bytes(list(lin.parameters()), torch.float16) == 32
+    assert counting.quantized_weight_bytes(lin, "nf4") == 6 + 1 + 4 + 16
+    assert counting.quantized_weight_bytes(lin, "nf4", keep_dtype="float16") == 6 + 1 + 4 + 8
+    assert counting.cast_weight_bytes(list(lin.parameters()), torch.float16) == 32
 
 
 def test_inference_trace_of_a_known_sequence():
     seq = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     x = torch.randn(2, 3)
-    trace = memory.trace_forward(lambda m, t: m(t), seq, (x,), modules=[n for n, _ in seq.named_children()])
+    trace = tracing.trace_forward(lambda m, t: m(t), seq, (x,), modules=[n for n, _ in seq.named_children()])
     # Linear out (2x4 fp32 = 32 B) and ReLU out (32 B) are alive together; the last Linear's 16 B come after.
     assert trace.peak_bytes == 64
     assert trace.module_peaks == {"0": 32, "1": 32, "2": 16}
-    assert memory.trace_forward(lambda m, t: m[0](t), seq, (x,)).peak_bytes == 32
+    assert tracing.trace_forward(lambda m, t: m[0](t), seq, (x,)).peak_bytes == 32
     assert seq[0].weight.device.type == "cpu" and not isinstance(seq[0].weight, torch._subclasses.FakeTensor)
 
 
 def test_offload_trace_by_hand():
     seq = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
-    trace = memory.trace_forward(lambda m, t: m(t), seq, (torch.randn(1, 4),), blocks=["0", "1"])
+    trace = tracing.trace_forward(lambda m, t: m(t), seq, (torch.randn(1, 4),), blocks=["0", "1"])
     # During block 1: its weights (80 B) + block 0's output (16 B) + its own output (16 B).
     assert trace.offload_peak_bytes == 112
     assert trace.offload_block_bytes == 80 and trace.resident_bytes == 0
@@ -97,9 +97,9 @@ def test_adamw_exceeds_sgd_by_the_optimizer_state():
     def step(m, t):
         m(t).mean().backward()
 
-    adamw = memory.trace_train(step, lin, (x,), train_memory.make_optimizer("adamw"))
-    sgd = memory.trace_train(step, lin, (x,), train_memory.make_optimizer("sgd"))
-    extra = train_memory.optimizer_state_bytes(lin, "adamw") - train_memory.optimizer_state_bytes(lin, "sgd")
+    adamw = training.trace_train(step, lin, (x,), training.make_optimizer("adamw"))
+    sgd = training.trace_train(step, lin, (x,), training.make_optimizer("sgd"))
+    extra = training.optimizer_state_bytes(lin, "adamw") - training.optimizer_state_bytes(lin, "sgd")
     assert extra == 64 + 2 * 4                       # a second moment per weight + a float32 step per tensor
     assert adamw.peak_total_bytes - sgd.peak_total_bytes == extra
     assert adamw.breakdown["weights"] == 64 and adamw.breakdown["inputs"] == 12000
@@ -108,8 +108,6 @@ def test_adamw_exceeds_sgd_by_the_optimizer_state():
 
 def test_training_estimate_is_consistent_on_bert(bert_folder):
     adapter = adapter_for("hf")
-    from mmopt.recipe import ModelSpec
-
     model = adapter.load(ModelSpec(source="hf", path=str(bert_folder)))
     shapes = Shapes(batch_size=8, seq_len=64)
     est = estimator(model, "text", train=True)
@@ -117,9 +115,9 @@ def test_training_estimate_is_consistent_on_bert(bert_folder):
     sgd = est.training(shapes, optimizer="sgd")
     bf16 = est.training(shapes, amp="bf16")
     ckpt = est.training(shapes, grad_ckpt=True)
-    weights = memory.part_weight_bytes(model, "text")
+    weights = counting.part_weight_bytes(model, "text")
     assert base["breakdown"]["weights"] == weights
-    assert base["peak_total_bytes"] > weights + train_memory.optimizer_state_bytes(model.module, "adamw")
+    assert base["peak_total_bytes"] > weights + training.optimizer_state_bytes(model.module, "adamw")
     assert sgd["peak_total_bytes"] < base["peak_total_bytes"]
     assert bf16["amp"] == "bf16" and bf16["peak_total_bytes"] != base["peak_total_bytes"]
     assert ckpt["grad_ckpt"] and ckpt["breakdown"]["activations"] < base["breakdown"]["activations"]
@@ -141,7 +139,7 @@ def test_training_counts_only_the_part(bert_folder):
     model = tiny_clip()
     est = estimator(model, "visual", train=True)
     out = est.training(Shapes(batch_size=2))
-    assert out["breakdown"]["weights"] == memory.part_weight_bytes(model, "visual")
+    assert out["breakdown"]["weights"] == counting.part_weight_bytes(model, "visual")
 
 
 # --- budget ----------------------------------------------------------------------------------------------
@@ -231,13 +229,22 @@ def test_profile_api_train_json(bert_folder):
     json.dumps(out)
 
 
-def test_profile_api_stays_backward_compatible(bert_folder):
+def test_profile_reports_the_figures_optimize_measures(bert_folder):
     out = api.profile(str(bert_folder), batch_size=2, seq_len=16)
-    for key in ("model", "random_weights", "method", "dtype", "shapes", "weights_bytes", "peak_activation_bytes",
-                "parts"):
-        assert key in out
     part = out["parts"]["text"]
-    assert {"params", "weights_bytes", "peak_activation_bytes", "input_bytes", "method", "modules"} <= set(part)
+    assert out["model"] == str(bert_folder) and out["random_weights"] is False and out["dtype"] == "float32"
+    assert out["method"] == part["method"] == tracing.ESTIMATED
+    assert out["shapes"] == {"batch_size": 2, "image_size": None, "seq_len": 16}
+    # 22,368 float32 parameters: embeddings 4,224, two layers of 8,544 each, the pooler 1,056
+    assert part["params"] == 22_368 and part["weights_bytes"] == out["weights_bytes"] == 4 * 22_368
+    assert part["input_bytes"] == 2 * (2 * 16 * 8)              # token ids and attention mask, int64
+    assert [row["module"] for row in part["modules"]] == ["encoder", "embeddings", "pooler"]
+    # the peak optimize puts in its report for this part at these shapes: one tracer for both commands
+    adapter = adapter_for("hf")
+    model = adapter.load(ModelSpec(source="hf", path=str(bert_folder)))
+    runtime = tracing.part_runtime(model, adapter, "text", Shapes(batch_size=2, seq_len=16), latency=False)
+    assert part["peak_activation_bytes"] == runtime["peak_activation_bytes"] == out["peak_activation_bytes"] > 0
+    assert runtime["memory_how"] == "fake-tensor trace" and runtime["input_bytes"] == part["input_bytes"]
     assert out["peak_total_bytes"] == part["weights_bytes"] + part["input_bytes"] + part["peak_activation_bytes"]
 
 
@@ -331,4 +338,4 @@ def test_what_if_after_checkpointing_a_torchvision_model():
 
 
 def test_cuda_rounding():
-    assert memory.cuda_rounded(1) == 512 and memory.cuda_rounded(512) == 512 and memory.cuda_rounded(513) == 1024
+    assert counting.cuda_rounded(1) == 512 and counting.cuda_rounded(512) == 512 and counting.cuda_rounded(513) == 1024

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmopt import memory, runtime
+from mmopt import runtime
+from mmopt.memory import estimator
 from mmopt.errors import UserError
 
 
@@ -23,7 +24,7 @@ def test_offload_keeps_outputs_and_moves_whole_blocks():
     images, tokens = torch.randn(2, 3, 32, 32), torch.randint(0, 64, (2, 16))
     with torch.no_grad():
         before = module.encode_image(images), module.encode_text(tokens)
-    blocks = memory.offload_blocks(module)
+    blocks = estimator.offload_blocks(module)
     assert "visual.transformer.resblocks.0" in blocks and "transformer.resblocks.1" in blocks
     assert "visual.proj" not in blocks          # a bare parameter of the tower stays resident
     runtime.offload(module, "cpu")
@@ -51,7 +52,7 @@ def test_auto_batch_size_backs_off_on_cuda_oom():
 
 
 def test_encode_frames_matches_one_batch(tmp_path):
-    from mmopt.model import Model
+    from mmopt.core import Model
     from mmopt.adapters.open_clip import CLIP_TEXT
 
     module = tiny_clip()

@@ -1,1 +1,1 @@
-"""One adapter per model family; only this package imports open_clip, transformers and torchvision."""
+"""One adapter per model family: all family knowledge, and the only code that imports open_clip and transformers."""

@@ -8,13 +8,19 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from mmopt.adapters.base import (Shapes, check_patch_multiple, install_swapped, interpolate_positions, keep_in_list,
-                                 local_path, part_dtype, part_device, random_images, random_tokens, run_swapped,
-                                 save_parts)
-from mmopt.errors import ModelSpecError, UnsupportedError
-from mmopt.model import Model
+from mmopt.adapters.inputs import example_images, random_tokens
+from mmopt.adapters.structure import (check_patch_multiple, head_rows, install_swapped, interpolate_positions,
+                                      keep_in_list, run_swapped, slice_linear)
+from mmopt.core import Model, ModelSpec, PruneLayout, QuantLayout, Quantization, Shapes
+from mmopt.errors import ModelSpecError, UnsupportedError, UserError, first_line
+from mmopt.paths import local_path
+from mmopt.weights import save_parts, unique_state_dict
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                 "pytorch_model.bin.index.json")
@@ -31,12 +37,18 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-class Adapter:
+class HFAdapter:
     source: ClassVar[str] = "hf"
 
     # --- loading -----------------------------------------------------------------------------------------
 
-    def load(self, spec: Any) -> Model:
+    def parse_spec(self, text: str, weights: str | None) -> ModelSpec:
+        """``hf:PATH``: a local Hugging Face folder (or ``pkg://package/subfolder``)."""
+        if weights:
+            raise UserError("--weights is for open_clip and torchvision models; an hf folder holds its own")
+        return ModelSpec(source="hf", path=text)
+
+    def load(self, spec: ModelSpec) -> Model:
         folder = local_path(spec.path, "model path")
         if not folder.is_dir():
             raise ModelSpecError(f"model path must be a Hugging Face folder, got a file: {folder}")
@@ -48,7 +60,7 @@ class Adapter:
         try:
             config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
         except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
-            raise ModelSpecError(f"model folder {folder}: unreadable config.json ({_first(exc)})") from None
+            raise ModelSpecError(f"model folder {folder}: unreadable config.json ({first_line(exc)})") from None
         has_weights = any((folder / name).exists() for name in WEIGHT_FILES)
         try:
             if has_weights:
@@ -56,7 +68,7 @@ class Adapter:
             else:
                 module = AutoModel.from_config(config)
         except (ValueError, KeyError, OSError, RuntimeError) as exc:
-            raise ModelSpecError(f"model folder {folder}: transformers cannot load it ({_first(exc)})") from None
+            raise ModelSpecError(f"model folder {folder}: transformers cannot load it ({first_line(exc)})") from None
         return self._wrap(module, folder, random_weights=not has_weights)
 
     def build(self, arch: dict, preprocess: dict, info: dict) -> Model:
@@ -69,7 +81,7 @@ class Adapter:
                       preprocess=dict(preprocess), info=dict(info))
         return model
 
-    def _wrap(self, module: Any, folder: Path, random_weights: bool) -> Model:
+    def _wrap(self, module: nn.Module, folder: Path, random_weights: bool) -> Model:
         config = module.config
         model_type = getattr(config, "model_type", "")
         if model_type in DUAL_TOWER:
@@ -94,13 +106,11 @@ class Adapter:
 
     def example_inputs(self, model: Model, part: str, shapes: Shapes) -> tuple:
         model.check_part(part)
-        device = part_device(model, part)
         if part == "visual":
-            size = shapes.image_size or model.preprocess["image_size"]
-            return (random_images(shapes.batch_size, size, part_dtype(model, part), shapes.seed).to(device),)
+            return example_images(model, part, shapes)
         config = self._text_config(model)
         seq = min(shapes.seq_len, model.preprocess.get("max_length", shapes.seq_len))
-        ids = random_tokens(shapes.batch_size, seq, config.vocab_size, seed=shapes.seed).to(device)
+        ids = random_tokens(shapes.batch_size, seq, config.vocab_size, seed=shapes.seed).to(model.part_device(part))
         import torch
 
         return ids, torch.ones_like(ids)
@@ -111,10 +121,10 @@ class Adapter:
         tokenizer = self._tokenizer(model)
         seq = min(seq_len, model.preprocess.get("max_length", seq_len))
         enc = tokenizer(texts, padding=True, truncation=True, max_length=seq, return_tensors="pt")
-        device = part_device(model, "text")
+        device = model.part_device("text")
         return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
-    def _tokenizer(self, model: Model):
+    def _tokenizer(self, model: Model) -> Any:
         cached = model.info.get("_tokenizer")
         if cached is None:
             from transformers import AutoTokenizer
@@ -123,7 +133,7 @@ class Adapter:
             model.info["_tokenizer"] = cached
         return cached
 
-    def run(self, model: Model, part: str, inputs: tuple) -> Any:
+    def run(self, model: Model, part: str, inputs: tuple) -> torch.Tensor:
         swapped = run_swapped(model, part, inputs)
         if swapped is not None:
             return swapped
@@ -132,12 +142,12 @@ class Adapter:
         if model_type in DUAL_TOWER:
             vision, vproj, text, tproj = DUAL_TOWER[model_type]
             if part == "visual":
-                pixels = inputs[0].to(part_dtype(model, part))
+                pixels = inputs[0].to(model.part_dtype(part))
                 return getattr(module, vproj)(getattr(module, vision)(pixel_values=pixels).pooler_output)
             ids, mask = inputs
             return getattr(module, tproj)(getattr(module, text)(input_ids=ids, attention_mask=mask).pooler_output)
         if part == "visual":
-            out = module(pixel_values=inputs[0].to(part_dtype(model, part)))
+            out = module(pixel_values=inputs[0].to(model.part_dtype(part)))
             pooled = getattr(out, "pooler_output", None)
             return pooled if pooled is not None else out.last_hidden_state.mean(dim=1)
         ids, mask = inputs
@@ -147,7 +157,7 @@ class Adapter:
     def can_run_hidden(self, model: Model, part: str) -> bool:
         return part == "text" and part in model.parts
 
-    def run_hidden(self, model: Model, part: str, inputs: tuple) -> tuple:
+    def run_hidden(self, model: Model, part: str, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """The text part's last hidden states and their token mask (for token-level distillation)."""
         if part != "text":
             raise UnsupportedError(f"token-level outputs of part {part!r} are not supported; only text")
@@ -156,8 +166,7 @@ class Adapter:
         return module(input_ids=ids, attention_mask=mask).last_hidden_state, mask
 
     def _text_config(self, model: Model) -> Any:
-        config = model.module.config
-        return getattr(config, "text_config", config)
+        return _text_config_of(model.module.config)
 
     # --- structure ---------------------------------------------------------------------------------------
 
@@ -180,10 +189,8 @@ class Adapter:
 
     # --- structured pruning ------------------------------------------------------------------------------
 
-    def prune_layout(self, model: Model, part: str):
+    def prune_layout(self, model: Model, part: str) -> PruneLayout:
         """BERT-family encoders: FFN (intermediate.dense -> output.dense) and self-attention per layer."""
-        from mmopt.adapters.base import PruneLayout
-
         model.check_part(part)
         ffn, attention = [], {}
         for name, module in model.named_modules(part):
@@ -204,8 +211,6 @@ class Adapter:
 
     def slice_heads(self, model: Model, name: str, keep: list[int]) -> None:
         """Keep heads ``keep`` of a BERT attention layer (transformers 5 has no prune_heads)."""
-        from mmopt.adapters.base import head_rows, slice_linear
-
         att = model.module.get_submodule(name)
         s = att.self
         rows = head_rows(keep, s.attention_head_size)
@@ -239,7 +244,7 @@ class Adapter:
 
     # --- layer drop, resolution, swap --------------------------------------------------------------------
 
-    def _tower(self, model: Model, part: str) -> tuple[Any, Any]:
+    def _tower(self, model: Model, part: str) -> tuple[nn.Module, Any]:
         """(module, config) of the encoder behind ``part``."""
         model.check_part(part)
         if part in model.info.get("swapped", {}):
@@ -253,7 +258,7 @@ class Adapter:
             return tower, config
         return module, module.config
 
-    def _layers(self, model: Model, part: str) -> tuple[Any, str, Any, Any]:
+    def _layers(self, model: Model, part: str) -> tuple[nn.Module, str, nn.ModuleList, Any]:
         """(parent, attribute, ModuleList, config) of the part's transformer layers."""
         import torch.nn as nn
 
@@ -309,8 +314,8 @@ class Adapter:
         model.preprocess["image_size"] = size
         model.arch = {"config": model.module.config.to_dict()}
 
-    def swap_part(self, model: Model, part: str, module: Any) -> None:
-        """Replace ``part`` by ``module`` (inputs -> embedding); see ``base.install_swapped``."""
+    def swap_part(self, model: Model, part: str, module: nn.Module) -> None:
+        """Replace ``part`` by ``module`` (inputs -> embedding); see ``structure.install_swapped``."""
         model.check_part(part)
         model_type = model.info.get("model_type")
         if model_type in DUAL_TOWER:
@@ -324,19 +329,17 @@ class Adapter:
             copy_assets(model.assets, out)
         if not self.is_stock_folder(model):
             return save_parts(model, out)
-        from mmopt.adapters.base import unique_state_dict
         from safetensors.torch import save_file
 
         # transformers loads with dtype="auto" from this field: it must name the dtype actually stored.
-        model.module.config.dtype = part_dtype(model, model.parts[0])
+        model.module.config.dtype = model.part_dtype(model.parts[0])
         model.module.config.to_json_file(str(out / "config.json"))
         tensors = unique_state_dict(model.module)
-        quant = model.info.get("quantization")
-        if quant:
+        if model.quantization is not None:
             # A dropped head (the pooler) is rebuilt by transformers with fresh weights; it must stay a float module,
             # since transformers cannot initialise a bitsandbytes weight it has no data for.
             dropped = [name for name, child in model.module._modules.items() if child is None]
-            _add_quantization_config(out / "config.json", {**quant, "float_linear": quant["float_linear"] + dropped})
+            _add_quantization_config(out / "config.json", model.quantization, dropped)
         stock = _stock_tensors(model.module, tensors)
         save_file(stock, str(out / "model.safetensors"), metadata={"format": "pt"})
         if stock is tensors:
@@ -347,11 +350,14 @@ class Adapter:
         save_file(tensors, str(out / name), metadata={"format": "pt"})
         return {model.parts[0]: name}
 
-    def quantization_layout(self, model: Model) -> dict:
+    def quantization_layout(self, model: Model) -> QuantLayout:
         """No structural swaps: the folder must still rebuild in transformers (whose CLIP, e.g., reads
         ``patch_embedding.weight.dtype``); its Linear and Embedding modules are what gets quantized."""
-        return {"structural": False, "bare_weights": {}, "keep": {}}
+        return QuantLayout(structural=False)
 
+    def shares_text_inputs(self, model: Model, other: Model) -> bool:
+        """Another Hugging Face text encoder takes the same token ids (its tokenizer is assumed the same)."""
+        return other.source == self.source
 
     # --- training and what-if ----------------------------------------------------------------------------
 
@@ -373,38 +379,41 @@ class Adapter:
             raise UnsupportedError("this model has no image size to change")
         target["image_size"] = size
         rebuilt = self.build(arch, dict(model.preprocess, image_size=size), model.info)
-        rebuilt.module.to(part_dtype(model, "visual"))
+        rebuilt.module.to(model.part_dtype("visual"))
         rebuilt.random_weights = True
         return rebuilt
 
 
-def bnb_quantization_config(quant: dict) -> dict:
-    """transformers' ``BitsAndBytesConfig`` (as config.json stores it) for mmopt's quantization record."""
+def bnb_quantization_config(quant: Quantization, float_linear: list[str]) -> dict:
+    """transformers' ``BitsAndBytesConfig`` (as config.json stores it) for what the quantize pass did; the
+    ``float_linear`` modules stay in float."""
     import re
 
-    skip = [re.escape(name) for name in quant.get("float_linear", [])]
-    if quant["method"] == "int8":
+    skip = [re.escape(name) for name in float_linear]
+    if quant.method == "int8":
         return {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False,
-                "llm_int8_threshold": quant["int8_threshold"], "llm_int8_has_fp16_weight": False,
+                "llm_int8_threshold": quant.int8_threshold, "llm_int8_has_fp16_weight": False,
                 "llm_int8_skip_modules": skip}
     return {"quant_method": "bitsandbytes", "load_in_8bit": False, "load_in_4bit": True,
-            "bnb_4bit_quant_type": quant["method"], "bnb_4bit_compute_dtype": quant["compute_dtype"],
+            "bnb_4bit_quant_type": quant.method, "bnb_4bit_compute_dtype": quant.compute_dtype,
             "bnb_4bit_use_double_quant": False, "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": skip}
 
 
-def _add_quantization_config(file: Path, quant: dict) -> None:
+def _add_quantization_config(file: Path, quant: Quantization, dropped: list[str]) -> None:
     config = json.loads(file.read_text())
-    config["quantization_config"] = bnb_quantization_config(quant)
+    config["quantization_config"] = bnb_quantization_config(quant, quant.float_linear + dropped)
     file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _stock_tensors(module: Any, tensors: dict) -> dict:
-    """``tensors`` as transformers reads them: int8-row tables (mmopt modules with ``dequantized``) become float
-    tables under the stock ``weight`` key. Returns ``tensors`` itself when nothing changes.
+def _stock_tensors(module: nn.Module, tensors: dict) -> dict:
+    """``tensors`` as transformers reads them: int8-row tables (``Int8Embedding``) become float tables under the
+    stock ``weight`` key. Returns ``tensors`` itself when nothing changes.
 
     The tables are written in the dtype the model computes in, not float16: transformers keeps a tensor's stored
     dtype, and float16 embeddings would meet float32 layers downstream."""
-    tables = {name: sub for name, sub in module.named_modules() if hasattr(sub, "dequantized")}
+    from mmopt.modules.embedding import Int8Embedding
+
+    tables = {name: sub for name, sub in module.named_modules() if isinstance(sub, Int8Embedding)}
     if not tables:
         return tensors
     stock = dict(tensors)
@@ -416,13 +425,14 @@ def _stock_tensors(module: Any, tensors: dict) -> dict:
     return stock
 
 
-def _is_bert_layer(module: Any) -> bool:
+def _is_bert_layer(module: nn.Module) -> bool:
     att, inter, out = (getattr(module, n, None) for n in ("attention", "intermediate", "output"))
     return all(hasattr(x, "dense") for x in (inter, out)) and hasattr(getattr(att, "self", None), "query")
 
 
 def _text_config_of(config: Any) -> Any:
     return getattr(config, "text_config", config)
+
 
 def copy_assets(source: Path, out: Path) -> None:
     """Tokenizer, sentence-transformers modules and other small files travel with the checkpoint."""
@@ -436,7 +446,7 @@ def copy_assets(source: Path, out: Path) -> None:
             shutil.copy2(item, out / item.name)
 
 
-def _pool(hidden: Any, mask: Any, pooling: str, normalize: bool) -> Any:
+def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, normalize: bool) -> torch.Tensor:
     import torch
 
     mask_f = mask.unsqueeze(-1).to(hidden.dtype)
@@ -479,8 +489,3 @@ def _image_norm(folder: Path) -> dict:
     cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
     return {"mean": list(cfg.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
             "std": list(cfg.get("image_std", (0.26862954, 0.26130258, 0.27577711)))}
-
-
-def _first(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__

@@ -9,28 +9,37 @@ import copy
 import difflib
 import logging
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from mmopt.adapters.base import (Shapes, check_patch_multiple, checkpoint_blocks, install_swapped,
-                                 interpolate_positions, keep_in_list, load_weights_into, part_device, part_dtype,
-                                 random_images, random_tokens, read_state_dict, run_swapped, save_parts)
-from mmopt.errors import ModelSpecError, UnsupportedError
-from mmopt.model import Model
+from mmopt.adapters.inputs import example_images, random_tokens
+from mmopt.adapters.structure import (check_patch_multiple, checkpoint_blocks, head_rows, install_swapped,
+                                      interpolate_positions, keep_in_list, run_swapped)
+from mmopt.core import Model, ModelSpec, PruneLayout, QuantLayout, Shapes
+from mmopt.errors import ModelSpecError, UnsupportedError, first_line
+from mmopt.weights import load_weights_into, read_state_dict, save_parts
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 CLIP_TEXT = ["token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection", "attn_mask"]
 
 
-def _open_clip():
+def _open_clip() -> Any:
     logging.getLogger("root").setLevel(logging.ERROR)  # open_clip logs "initialized randomly" at WARNING
     import open_clip
 
     return open_clip
 
 
-class Adapter:
+class OpenClipAdapter:
     source: ClassVar[str] = "open_clip"
 
-    def load(self, spec: Any) -> Model:
+    def parse_spec(self, text: str, weights: str | None) -> ModelSpec:
+        """``open_clip:ARCH``, with an optional local checkpoint."""
+        return ModelSpec(source="open_clip", name=text, weights=weights)
+
+    def load(self, spec: ModelSpec) -> Model:
         open_clip = _open_clip()
         name = spec.name
         config = open_clip.get_model_config(name)
@@ -73,14 +82,12 @@ class Adapter:
 
     def example_inputs(self, model: Model, part: str, shapes: Shapes) -> tuple:
         model.check_part(part)
-        device = part_device(model, part)
         if part == "visual":
-            size = shapes.image_size or model.preprocess["image_size"]
-            return (random_images(shapes.batch_size, size, part_dtype(model, part), shapes.seed).to(device),)
+            return example_images(model, part, shapes)
         # open_clip's text towers add a positional embedding of fixed length: the context length is the shape.
         context = model.preprocess.get("context_length", 77)
         vocab = getattr(model.module, "vocab_size", None) or model.arch["config"]["text_cfg"].get("vocab_size", 49408)
-        return (random_tokens(shapes.batch_size, context, vocab, seed=shapes.seed).to(device),)
+        return (random_tokens(shapes.batch_size, context, vocab, seed=shapes.seed).to(model.part_device(part)),)
 
     def tokenize(self, model: Model, texts: list[str], seq_len: int) -> tuple:
         open_clip = _open_clip()
@@ -88,16 +95,22 @@ class Adapter:
             tokenizer = open_clip.get_tokenizer(model.arch["name"])
         except Exception as exc:  # an hf-hub tokenizer cannot be fetched offline
             raise UnsupportedError(f"open_clip tokenizer for {model.arch['name']} is not available offline "
-                                   f"({str(exc).splitlines()[0][:120]})") from None
-        return (tokenizer(texts).to(part_device(model, "text")),)
+                                   f"({first_line(exc, 120)})") from None
+        return (tokenizer(texts).to(model.part_device("text")),)
 
-    def run(self, model: Model, part: str, inputs: tuple) -> Any:
+    def run(self, model: Model, part: str, inputs: tuple) -> torch.Tensor:
         swapped = run_swapped(model, part, inputs)
         if swapped is not None:
             return swapped
         if part == "visual":
-            return model.module.encode_image(inputs[0].to(part_dtype(model, part)))
+            return model.module.encode_image(inputs[0].to(model.part_dtype(part)))
         return model.module.encode_text(inputs[0])
+
+    def can_run_hidden(self, model: Model, part: str) -> bool:
+        return False
+
+    def run_hidden(self, model: Model, part: str, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        raise UnsupportedError("token-level outputs of open_clip models are not supported")
 
     def drop_part(self, model: Model, part: str) -> None:
         model.check_part(part)
@@ -110,7 +123,7 @@ class Adapter:
 
     # --- structured pruning ------------------------------------------------------------------------------
 
-    def _blocks(self, model: Model, part: str) -> tuple[str, list]:
+    def _blocks(self, model: Model, part: str) -> tuple[str, list[nn.Module]]:
         """(resblocks module name, blocks) of a part's transformer, or ("", []) when it has none (ResNet towers)."""
         model.check_part(part)
         if part == "visual":
@@ -122,11 +135,9 @@ class Adapter:
         except AttributeError:
             return "", []
 
-    def prune_layout(self, model: Model, part: str):
+    def prune_layout(self, model: Model, part: str) -> PruneLayout:
         """ViT / text transformers: FFN c_fc -> c_proj and attention per block; width rounds to the head count."""
         import torch.nn as nn
-
-        from mmopt.adapters.base import PruneLayout
 
         name, blocks = self._blocks(model, part)
         if not blocks or not all(isinstance(getattr(b, "attn", None), nn.Module) for b in blocks):
@@ -156,8 +167,7 @@ class Adapter:
         """Replace an attention layer by one with heads ``keep`` only (q/k/v rows, out_proj columns)."""
         import torch
 
-        from mmopt.adapters.attention import HeadSlicedAttention
-        from mmopt.adapters.base import head_rows
+        from mmopt.modules.attention import HeadSlicedAttention
 
         old = model.module.get_submodule(name)
         weights = self.attention_weights(model, name)
@@ -202,14 +212,16 @@ class Adapter:
     def save(self, model: Model, out: Path) -> dict[str, str]:
         return save_parts(model, out)
 
-    def quantization_layout(self, model: Model) -> dict:
+    def quantization_layout(self, model: Model) -> QuantLayout:
         """CLIP's projections are bare (in, out) matrices used as ``x @ P``; positional embeddings are bare
         tables added to the tokens; the ResNet towers' attention pool passes its q/k/v weights to
-        ``F.multi_head_attention_forward`` directly, so they cannot become bitsandbytes modules."""
+        ``F.multi_head_attention_forward`` directly, so they cannot become bitsandbytes modules; open_clip's own
+        ``Attention`` (custom text towers, some ViTs) holds a fused ``in_proj_weight`` and is called as
+        ``(x, attn_mask)``."""
         import torch
 
         params = dict(model.module.named_parameters())
-        bare = {}
+        bare: dict = {}
         for name in ("visual.proj", "text_projection", "text.text_projection"):
             if isinstance(params.get(name), torch.Tensor) and params[name].dim() == 2:
                 bare[name] = "projection"
@@ -218,7 +230,10 @@ class Adapter:
                 bare[name] = "table"
         keep = {name: "open_clip's AttentionPool2d reads its q/k/v weights directly"
                 for name, module in model.module.named_modules() if type(module).__name__ == "AttentionPool2d"}
-        return {"structural": True, "bare_weights": bare, "keep": keep}
+        return QuantLayout(structural=True, bare_weights=bare, keep=keep, fused_attention=_is_open_clip_attention)
+
+    def shares_text_inputs(self, model: Model, other: Model) -> bool:
+        return False      # no other model is known to take open_clip's token ids
 
     def enable_grad_checkpointing(self, model: Model, part: str) -> str:
         model.check_part(part)
@@ -236,13 +251,13 @@ class Adapter:
         vision["image_size"] = size
         arch["config"]["vision_cfg"] = vision
         rebuilt = self._create(arch["name"], arch["config"], custom_text=arch.get("custom_text"))
-        rebuilt.module.to(part_dtype(model, "visual"))
+        rebuilt.module.to(model.part_dtype("visual"))
         rebuilt.random_weights = True
         return rebuilt
 
     # --- layer drop, resolution, swap --------------------------------------------------------------------
 
-    def _transformer(self, model: Model, part: str) -> tuple[Any, str]:
+    def _transformer(self, model: Model, part: str) -> tuple[nn.Module, str]:
         """(open_clip Transformer, config key) of a tower; the text tower hangs off the root unless custom."""
         model.check_part(part)
         if part in model.info.get("swapped", {}):
@@ -291,9 +306,16 @@ class Adapter:
         model.arch["config"].setdefault("vision_cfg", {})["image_size"] = size
         model.preprocess["image_size"] = size
 
-    def swap_part(self, model: Model, part: str, module: Any) -> None:
+    def swap_part(self, model: Model, part: str, module: nn.Module) -> None:
         model.check_part(part)
         custom = model.arch.get("custom_text")
         attrs = ["visual"] if part == "visual" else (["text"] if custom else [p.rstrip(".") for p in CLIP_TEXT])
         # Prefixes are recomputed from the family's layout, not read back from info, which may already be swapped.
         install_swapped(model, part, module, attrs, False)
+
+
+def _is_open_clip_attention(module: nn.Module) -> bool:
+    """open_clip's own ``Attention``: a fused ``in_proj_weight`` and an ``out_proj``, called as (x, attn_mask)."""
+    from open_clip.transformer import Attention
+
+    return isinstance(module, Attention)

@@ -3,22 +3,31 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from mmopt.adapters.base import (Shapes, check_patch_multiple, checkpoint_blocks, install_swapped,
-                                 interpolate_positions, load_weights_into, part_device, part_dtype, random_images,
-                                 read_state_dict, run_swapped, save_parts)
+from mmopt.adapters.inputs import example_images
+from mmopt.adapters.structure import (check_patch_multiple, checkpoint_blocks, install_swapped, interpolate_positions,
+                                      run_swapped)
+from mmopt.core import Model, ModelSpec, PruneLayout, QuantLayout, Shapes
 from mmopt.errors import ModelSpecError, UnsupportedError, UserError
-from mmopt.model import Model
+from mmopt.weights import load_weights_into, read_state_dict, save_parts
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 HEADS = ("fc", "classifier", "heads", "head")   # classifier attribute names across torchvision families
 
 
-class Adapter:
+class TorchvisionAdapter:
     source: ClassVar[str] = "torchvision"
 
-    def load(self, spec: Any) -> Model:
+    def parse_spec(self, text: str, weights: str | None) -> ModelSpec:
+        """``torchvision:NAME``, with an optional local checkpoint."""
+        return ModelSpec(source="torchvision", name=text, weights=weights)
+
+    def load(self, spec: ModelSpec) -> Model:
         model = self.build({"name": spec.name, "kwargs": {}}, {}, {})
         if spec.weights:
             load_weights_into(model.module, read_state_dict(Path(spec.weights)), f"weights {Path(spec.weights).name}")
@@ -41,17 +50,22 @@ class Adapter:
 
     def example_inputs(self, model: Model, part: str, shapes: Shapes) -> tuple:
         model.check_part(part)
-        size = shapes.image_size or model.preprocess["image_size"]
-        return (random_images(shapes.batch_size, size, part_dtype(model, part), shapes.seed).to(part_device(model, part)),)
+        return example_images(model, part, shapes)
 
     def tokenize(self, model: Model, texts: list[str], seq_len: int) -> tuple:
         raise UnsupportedError("torchvision models have no text part")
 
-    def run(self, model: Model, part: str, inputs: tuple) -> Any:
+    def run(self, model: Model, part: str, inputs: tuple) -> torch.Tensor:
         swapped = run_swapped(model, part, inputs)
         if swapped is not None:
             return swapped
-        return model.module(inputs[0].to(part_dtype(model, part)))
+        return model.module(inputs[0].to(model.part_dtype(part)))
+
+    def can_run_hidden(self, model: Model, part: str) -> bool:
+        return False
+
+    def run_hidden(self, model: Model, part: str, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        raise UnsupportedError("torchvision models have no token-level outputs")
 
     def drop_part(self, model: Model, part: str) -> None:
         model.check_part(part)
@@ -70,13 +84,11 @@ class Adapter:
                 return [name]
         return []
 
-    def prune_layout(self, model: Model, part: str):
+    def prune_layout(self, model: Model, part: str) -> PruneLayout:
         """Conv nets: channels of every conv (Torch-Pruning follows residual couplings); the classifier stays."""
-        from mmopt.adapters.base import PruneLayout
-
-        model.check_part(part)
         import torch.nn as nn
 
+        model.check_part(part)
         heads = [n for n in HEADS if isinstance(getattr(model.module, n, None), nn.Module)]
         return PruneLayout(targets=("channels",), ignore=heads)
 
@@ -84,13 +96,22 @@ class Adapter:
         return ("torchvision builders take no per-layer widths: the channel counts are recorded in the manifest "
                 "and re-applied by mmopt.load")
 
+    def attention_weights(self, model: Model, name: str) -> dict:
+        raise UnsupportedError("prune: heads of torchvision models are not supported")
+
+    def slice_heads(self, model: Model, name: str, keep: list[int]) -> None:
+        raise UnsupportedError("prune: heads of torchvision models are not supported")
+
     def save(self, model: Model, out: Path) -> dict[str, str]:
         return save_parts(model, out)
 
-    def quantization_layout(self, model: Model) -> dict:
+    def quantization_layout(self, model: Model) -> QuantLayout:
         """torchvision ViTs use nn.MultiheadAttention and a patch conv; their class/position tokens are 3-D
         parameters, left as they are."""
-        return {"structural": True, "bare_weights": {}, "keep": {}}
+        return QuantLayout(structural=True)
+
+    def shares_text_inputs(self, model: Model, other: Model) -> bool:
+        return False      # no text part
 
     def enable_grad_checkpointing(self, model: Model, part: str) -> str:
         model.check_part(part)
@@ -130,6 +151,6 @@ class Adapter:
             raise UserError(f"image_size {size} is too small for a CNN that downsamples 32x; use 32 or more")
         model.preprocess["image_size"] = size
 
-    def swap_part(self, model: Model, part: str, module) -> None:
+    def swap_part(self, model: Model, part: str, module: nn.Module) -> None:
         model.check_part(part)
         install_swapped(model, part, module, [], True)

@@ -1,1 +1,1 @@
-"""Passes: one file each, a ``Config`` (pydantic) plus ``apply`` and, when the structure changes, ``restore``."""
+"""Passes: one file each, a ``PassConfig`` and a ``Pass`` subclass (``base.py``); ``registry.PASSES`` names them."""

@@ -1,25 +1,43 @@
-"""What every pass shares: its config base class, the context it runs in and the result it returns.
+"""What every pass shares: the Pass base class, its config base, the context it runs in and the result it returns.
 
-A pass module defines ``Config`` (a PassConfig), ``apply(model, cfg, ctx) -> PassResult`` and, when it
-changes the module structure, ``restore(model, cfg, record, adapter)``: ``mmopt.load`` rebuilds the architecture,
-calls every pass's ``restore`` in order with the ``record`` its ``apply`` returned, then loads the weights. A
-pass whose weights need custom loading also defines ``load_state(model, cfg, record, state) -> state``, which
-loads what it owns and returns the rest. A pass that changes what a part outputs (a classifier dropped for features) defines
-``align_reference(teacher, cfg, record, adapter)``, which makes the original comparable for fidelity and
-distillation in later passes.
+A pass is a class constructed with its config (``Quantize(QuantizeConfig(method="nf4"))``) and a small
+lifecycle the runner calls directly, in this order:
+
+- ``apply(model, ctx) -> PassResult`` changes the model; the result's ``record`` (JSON-able) goes into the
+  manifest;
+- ``align_reference(teacher, record, adapter)`` makes the original comparable with the changed model, for
+  fidelity and distillation in later passes (a classifier dropped for features: drop it from the original too);
+- at load time, ``restore(model, record, adapter)`` re-applies the structural changes on the rebuilt
+  architecture, then ``load_state(model, record, state)`` loads the weights it owns and returns the rest;
+- ``brief(metrics)`` puts the pass's metrics for one part in a few words for the report table.
+
+``learns_from_calibration`` says whether the pass fits itself to calibration data (distillation, a fitted
+projection, a layer choice, activation-based importance); the runner then measures fidelity on samples held
+out from it. A pass whose answer depends on its options overrides it with a property reading ``self.config``.
 """
 from __future__ import annotations
 
 import fnmatch
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
 from mmopt.progress import NO_PROGRESS, Progress
 
+if TYPE_CHECKING:
+    import torch
+
+    from mmopt.adapters.base import Adapter
+    from mmopt.calibration import Calibration
+    from mmopt.core import Model
+
 
 class PassConfig(BaseModel):
+    """A pass's options: frozen, and unknown keys refused (a typo fails with its path)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -38,12 +56,13 @@ class Skip:
 
 @dataclass
 class PassResult:
-    """What a pass changed and skipped; ``record`` is handed back to ``restore`` at load time (JSON-able)."""
+    """What a pass changed and skipped; ``record`` is handed back to ``restore`` at load time (JSON-able);
+    ``metrics`` holds, per part, what the pass reports about it (under ``passes[i].metrics`` in report.json)."""
 
     changed: list[Change] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     record: dict = field(default_factory=dict)
-    metrics: dict[str, dict] = field(default_factory=dict)   # part -> extra report keys
+    metrics: dict[str, dict] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"changed": [vars(c) for c in self.changed], "skipped": [vars(s) for s in self.skipped],
@@ -54,14 +73,67 @@ class PassResult:
 class Context:
     """What a pass may use besides the model."""
 
-    adapter: Any
-    teacher: Any = None                 # the model as loaded, before any pass (for distillation)
-    calibration: Any = None             # mmopt.calibration.Calibration or None
+    adapter: Adapter
+    teacher: Model | None = None            # the model as loaded, before any pass (for distillation)
+    calibration: Calibration | None = None
     device: str = "cpu"
     seed: int = 0
     progress: Progress = NO_PROGRESS
-    history: list = field(default_factory=list)   # (pass name, config) of the passes applied before this one
-    base_dir: Any = None                # the recipe's folder: relative paths in pass options resolve against it
+    history: list[Pass] = field(default_factory=list)   # the passes applied before this one
+    base_dir: Path = Path(".")              # the recipe's folder: relative paths in pass options resolve against it
+
+
+class Pass(ABC):
+    """One step of a recipe. Subclasses set ``name`` (the YAML key), ``Config`` and implement ``apply``; the other
+    hooks default to doing nothing."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[PassConfig]]
+    learns_from_calibration: bool = False
+
+    def __init__(self, config: PassConfig) -> None:
+        if not isinstance(config, self.Config):
+            raise TypeError(f"{type(self).__name__} takes a {self.Config.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+    @abstractmethod
+    def apply(self, model: Model, ctx: Context) -> PassResult:
+        """Change ``model`` in place; say what changed, what was skipped and why."""
+
+    def align_reference(self, teacher: Model, record: dict, adapter: Adapter) -> None:
+        """Make the original ``teacher`` comparable with the changed model (default: nothing to do)."""
+
+    def restore(self, model: Model, record: dict, adapter: Adapter) -> None:
+        """Re-apply this pass's structural changes on a freshly built model, before its weights load (default:
+        nothing, for passes whose changes the rebuilt architecture already has)."""
+
+    def load_state(self, model: Model, record: dict, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Load the weights this pass rebuilds itself from ``state``; return the rest (default: all of it)."""
+        return state
+
+    def brief(self, metrics: dict) -> str:
+        """This pass's ``metrics`` for one part in a few words, for the report table (report.json has all of it).
+        The default lists each metric; ``{"before": a, "after": b}`` reads ``a -> b``."""
+        text = "; ".join(f"{key.replace('_', ' ')} {_words(value)}" for key, value in metrics.items())
+        return text if len(text) <= BRIEF_WIDTH else text[: BRIEF_WIDTH - 3] + "..."
+
+
+BRIEF_WIDTH = 90
+
+
+def _words(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        if set(value) == {"before", "after"}:
+            return f"{_words(value['before'])} -> {_words(value['after'])}"
+        return ", ".join(f"{key.replace('_', ' ')} {_words(item)}" for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_words(item) for item in value) + "]" if len(value) <= 4 else f"{len(value)} items"
+    return str(value)
 
 
 def excluded(name: str, globs: list[str]) -> str | None:
@@ -71,7 +143,7 @@ def excluded(name: str, globs: list[str]) -> str | None:
                 None)
 
 
-def target_parts(model: Any, parts: list[str] | None) -> list[str]:
+def target_parts(model: Model, parts: list[str] | None) -> list[str]:
     """The parts a pass works on: those named (each must exist) or all."""
     if parts is None:
         return list(model.parts)
@@ -80,8 +152,5 @@ def target_parts(model: Any, parts: list[str] | None) -> list[str]:
     return list(parts)
 
 
-def describe(tensor: Any) -> str:
+def describe(tensor: torch.Tensor) -> str:
     return f"{str(tensor.dtype).removeprefix('torch.')}{list(tensor.shape)}"
-
-
-Apply = Callable[[Any, PassConfig, Context], PassResult]

@@ -1,34 +1,42 @@
 """Store and run parts in float16 or bfloat16."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Iterator, Literal
 
 from pydantic import Field
 
-from mmopt.passes.base import Change, Context, PassConfig, PassResult, describe, target_parts
+from mmopt.passes.base import Change, Context, Pass, PassConfig, PassResult, describe, target_parts
+
+if TYPE_CHECKING:
+    from mmopt.adapters.base import Adapter
+    from mmopt.core import Model
 
 
-class Config(PassConfig):
+class CastConfig(PassConfig):
     dtype: Literal["float16", "bfloat16"] = Field("float16", description="the floating dtype to store and run in")
     parts: list[str] | None = Field(None, description="parts to cast (default: all)")
 
 
-def apply(model, cfg: Config, ctx: Context) -> PassResult:
-    result = PassResult()
-    for part in target_parts(model, cfg.parts):
-        for name, before, after in _cast(model, part, cfg.dtype):
-            result.changed.append(Change(name, before, after))
-    result.record = {"parts": target_parts(model, cfg.parts)}
-    return result
+class Cast(Pass):
+    name = "cast"
+    Config = CastConfig
+
+    def apply(self, model: Model, ctx: Context) -> PassResult:
+        result = PassResult()
+        parts = target_parts(model, self.config.parts)
+        for part in parts:
+            for name, before, after in _cast(model, part, self.config.dtype):
+                result.changed.append(Change(name, before, after))
+        result.record = {"parts": parts}
+        return result
+
+    def restore(self, model: Model, record: dict, adapter: Adapter) -> None:
+        for part in record["parts"]:
+            if part in model.parts:
+                list(_cast(model, part, self.config.dtype))
 
 
-def restore(model, cfg: Config, record: dict, adapter) -> None:
-    for part in record["parts"]:
-        if part in model.parts:
-            list(_cast(model, part, cfg.dtype))
-
-
-def _cast(model, part: str, dtype_name: str):
+def _cast(model: Model, part: str, dtype_name: str) -> Iterator[tuple[str, str, str]]:
     """Cast every floating parameter and buffer of ``part`` in place; yield (name, before, after) descriptions."""
     import torch
 

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from mmopt.distill import tokens_supported, use_tokens
+from mmopt.core import Model, PruneLayout, Shapes, is_text_part
+from mmopt.distill import describe_run, use_tokens
 from mmopt.errors import DataError, UnsupportedError
-from mmopt.passes.base import Change, Context, PassConfig, PassResult, Skip, excluded, target_parts
+from mmopt.passes.base import Change, Context, Pass, PassConfig, PassResult, Skip, excluded, target_parts
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from mmopt.adapters.base import Adapter
 
 EVAL_SEQ_LEN = 128
 # Module attributes that follow a module's tensor shapes; recorded for every module that pruning changed.
@@ -34,7 +41,7 @@ class Recover(PassConfig):
                             "(text parts of Hugging Face encoders) | auto: tokens where supported, else output")
 
 
-class Config(PassConfig):
+class PruneConfig(PassConfig):
     target: Literal["channels", "mlp", "heads", "width"] = Field(
         description="channels (conv nets) | mlp (transformer FFN hidden units) | heads | width (hidden size)")
     amount: float = Field(gt=0, lt=1, description="fraction removed, the same in every layer")
@@ -45,80 +52,94 @@ class Config(PassConfig):
     recover: Recover | None = Field(None, description="distill the pruned part from the original afterwards")
 
 
-def fits_calibration(cfg: Config) -> bool:
-    """Whether this pass learns from calibration data (the pipeline then measures fidelity on held-out samples)."""
-    return cfg.recover is not None or cfg.importance == "activation"
+class Prune(Pass):
+    name = "prune"
+    Config = PruneConfig
 
+    @property
+    def learns_from_calibration(self) -> bool:
+        """Recovery distils on calibration data; activation importance ranks on it."""
+        return self.config.recover is not None or self.config.importance == "activation"
 
-def apply(model, cfg: Config, ctx: Context) -> PassResult:
-    parts = target_parts(model, cfg.parts)
-    layouts = {part: _checked_layout(model, part, cfg, ctx) for part in parts}
-    teacher = ctx.teacher
-    if teacher is None and cfg.recover is not None:      # called outside the pipeline: the model as it is now
-        teacher = copy.deepcopy(model)
-    before = _shapes(model.module)
-    result = PassResult()
-    heads: dict[str, int] = {}
-    for part in parts:
-        kept: dict[str, list[int]] = {}
-        if cfg.target == "heads":
-            kept = _prune_heads(model, part, layouts[part], cfg, ctx)
-            heads.update({name: len(keep) for name, keep in kept.items()})
-        else:
-            _prune_with_torch_pruning(model, part, layouts[part], cfg, ctx)
-        reason = ctx.adapter.write_pruned_config(model, part, cfg.target)
-        layers = _changed_layers(before, _shapes(model.module), model, part)
-        if not layers:
-            result.skipped.append(Skip(part, f"nothing to prune: every {cfg.target} group is excluded or too small"))
-        for name, (b, a) in layers.items():
-            result.changed.append(Change(name, str(b), str(a)))
-        pruned = {"target": cfg.target, "amount": cfg.amount, "importance": cfg.importance,
-                  "layers": {name: [b, a] for name, (b, a) in layers.items()}, "stock_config": reason is None}
-        if kept:
-            pruned["kept_heads"] = kept
-        if reason is not None:
-            pruned["note"] = reason
-            result.skipped.append(Skip(part, f"not a stock config: {reason}"))
-        result.metrics[part] = {"pruned": pruned}
-        if cfg.recover is not None:
-            result.metrics[part].update(_recover(model, teacher, part, cfg.recover, ctx))
-    after = _shapes(model.module)
-    changed = {name: list(shape) for name, shape in after.items() if before.get(name) != shape}
-    result.record = {"heads": heads, "shapes": changed, "attrs": _attrs(model.module, changed)}
-    return result
+    def apply(self, model: Model, ctx: Context) -> PassResult:
+        cfg = self.config
+        parts = target_parts(model, cfg.parts)
+        layouts = {part: _checked_layout(model, part, cfg, ctx) for part in parts}
+        teacher = ctx.teacher
+        if teacher is None and cfg.recover is not None:      # called outside the pipeline: the model as it is now
+            teacher = copy.deepcopy(model)
+        before = _shapes(model.module)
+        result = PassResult()
+        heads: dict[str, int] = {}
+        for part in parts:
+            kept: dict[str, list[int]] = {}
+            if cfg.target == "heads":
+                kept = _prune_heads(model, part, layouts[part], cfg, ctx)
+                heads.update({name: len(keep) for name, keep in kept.items()})
+            else:
+                _prune_with_torch_pruning(model, part, layouts[part], cfg, ctx)
+            reason = ctx.adapter.write_pruned_config(model, part, cfg.target)
+            layers = _changed_layers(before, _shapes(model.module), model, part)
+            if not layers:
+                result.skipped.append(Skip(part, f"nothing to prune: every {cfg.target} group is excluded or too small"))
+            for name, (b, a) in layers.items():
+                result.changed.append(Change(name, str(b), str(a)))
+            pruned = {"target": cfg.target, "amount": cfg.amount, "importance": cfg.importance,
+                      "layers": {name: [b, a] for name, (b, a) in layers.items()}, "stock_config": reason is None}
+            if kept:
+                pruned["kept_heads"] = kept
+            if reason is not None:
+                pruned["note"] = reason
+                result.skipped.append(Skip(part, f"not a stock config: {reason}"))
+            result.metrics[part] = {"pruned": pruned}
+            if cfg.recover is not None:
+                result.metrics[part].update(_recover(model, teacher, part, cfg.recover, ctx))
+        after = _shapes(model.module)
+        changed = {name: list(shape) for name, shape in after.items() if before.get(name) != shape}
+        result.record = {"heads": heads, "shapes": changed, "attrs": _attrs(model.module, changed)}
+        return result
 
+    def restore(self, model: Model, record: dict, adapter: Adapter) -> None:
+        """Re-apply head counts and tensor shapes on a freshly built model (its weights are loaded afterwards)."""
+        import torch
 
-def restore(model, cfg: Config, record: dict, adapter) -> None:
-    """Re-apply head counts and tensor shapes on a freshly built model (its weights are loaded afterwards)."""
-    import torch
-
-    names = {name for name, _ in model.module.named_modules()}
-    for name, count in record.get("heads", {}).items():
-        if name in names:
-            adapter.slice_heads(model, name, list(range(count)))
-    for name, shape in record.get("shapes", {}).items():
-        owner, _, attr = name.rpartition(".")
-        if owner not in names:
-            continue            # a part that this load leaves out
-        module = model.module.get_submodule(owner)
-        old = getattr(module, attr)
-        if old is None or list(old.shape) == list(shape):
-            continue
-        new = torch.empty(shape, dtype=old.dtype, device=old.device)
-        if isinstance(old, torch.nn.Parameter):
-            setattr(module, attr, torch.nn.Parameter(new, requires_grad=old.requires_grad))
-        else:
-            module.register_buffer(attr, new)
-    for owner, attrs in record.get("attrs", {}).items():
-        if owner in names:
+        names = {name for name, _ in model.module.named_modules()}
+        for name, count in record.get("heads", {}).items():
+            if name in names:
+                adapter.slice_heads(model, name, list(range(count)))
+        for name, shape in record.get("shapes", {}).items():
+            owner, _, attr = name.rpartition(".")
+            if owner not in names:
+                continue            # a part that this load leaves out
             module = model.module.get_submodule(owner)
-            for key, value in attrs.items():
-                setattr(module, key, tuple(value) if isinstance(value, list) else value)
+            old = getattr(module, attr)
+            if old is None or list(old.shape) == list(shape):
+                continue
+            new = torch.empty(shape, dtype=old.dtype, device=old.device)
+            if isinstance(old, torch.nn.Parameter):
+                setattr(module, attr, torch.nn.Parameter(new, requires_grad=old.requires_grad))
+            else:
+                module.register_buffer(attr, new)
+        for owner, attrs in record.get("attrs", {}).items():
+            if owner in names:
+                module = model.module.get_submodule(owner)
+                for key, value in attrs.items():
+                    setattr(module, key, tuple(value) if isinstance(value, list) else value)
+
+    def brief(self, metrics: dict) -> str:
+        pruned = metrics["pruned"]
+        words = [f"{pruned['target']} -{pruned['amount']:.0%} ({pruned['importance']}) in {len(pruned['layers'])} "
+                 f"layers" + ("" if pruned["stock_config"] else ", not a stock config")]
+        recovery = metrics.get("recovery")
+        if recovery:
+            words.append(f"recovered {describe_run(recovery, last_key='last_loss')}")
+            words.append(f"cos before recovery {metrics['fidelity_before_recovery']['mean_cosine']:.4f}")
+        return "; ".join(words)
 
 
 # --- checks --------------------------------------------------------------------------------------------------
 
-def _checked_layout(model, part: str, cfg: Config, ctx: Context):
+def _checked_layout(model: Model, part: str, cfg: PruneConfig, ctx: Context) -> PruneLayout:
     """The adapter's layout for ``part``, after refusing what cannot be done (before anything changes)."""
     layout = ctx.adapter.prune_layout(model, part)
     if cfg.target not in layout.targets:
@@ -133,7 +154,7 @@ def _checked_layout(model, part: str, cfg: Config, ctx: Context):
                 raise UnsupportedError(
                     f"prune: amount {cfg.amount} of {count} heads in {name} is {removed:g} heads, not a whole number "
                     "below the head count", hint=f"use a multiple of 1/{count}, e.g. {round(count / 4) / count:g}")
-    if cfg.recover is not None and cfg.recover.match == "tokens" and not tokens_supported(ctx.adapter, model, part):
+    if cfg.recover is not None and cfg.recover.match == "tokens" and not ctx.adapter.can_run_hidden(model, part):
         raise UnsupportedError(f"prune: recover.match tokens is not supported for part {part!r} of this model",
                                hint="use match: output")
     if cfg.recover is not None or cfg.importance == "activation":
@@ -142,20 +163,20 @@ def _checked_layout(model, part: str, cfg: Config, ctx: Context):
     return layout
 
 
-def _require_data(model, ctx: Context, part: str, why: str) -> None:
+def _require_data(model: Model, ctx: Context, part: str, why: str) -> None:
     """Learning from synthetic inputs would fit noise: real calibration data (or the bundled texts) is required."""
     from mmopt.calibration import describe_inputs
 
     description, synthetic = describe_inputs(model, ctx.adapter, part, ctx.calibration)
     if synthetic:
-        what = "texts: a file, one text per line" if part == "text" else "images: a folder of images"
+        what = "texts: a file, one text per line" if is_text_part(part) else "images: a folder of images"
         raise DataError(f"prune: {why} on part {part!r} needs calibration data, got {description}",
                         hint=f"add calibration: {{{what}}} to the recipe")
 
 
 # --- channels, FFN units, width: Torch-Pruning -----------------------------------------------------------------
 
-def _prune_with_torch_pruning(model, part: str, layout, cfg: Config, ctx: Context) -> None:
+def _prune_with_torch_pruning(model: Model, part: str, layout: PruneLayout, cfg: PruneConfig, ctx: Context) -> None:
     import torch
     import torch_pruning as tp
     from torch import nn
@@ -173,7 +194,7 @@ def _prune_with_torch_pruning(model, part: str, layout, cfg: Config, ctx: Contex
                  if isinstance(root.get_submodule(n), nn.MultiheadAttention)}
     example = _example(model, part, ctx)
 
-    def forward(_module: Any, inputs: tuple) -> Any:
+    def forward(_module: nn.Module, inputs: tuple) -> torch.Tensor:
         return ctx.adapter.run(model, part, inputs)
 
     params = dict(root.named_parameters())
@@ -194,13 +215,11 @@ def _prune_with_torch_pruning(model, part: str, layout, cfg: Config, ctx: Contex
         pruner.step()
 
 
-def _example(model, part: str, ctx: Context) -> tuple:
-    from mmopt.adapters.base import Shapes
-
+def _example(model: Model, part: str, ctx: Context) -> tuple:
     return ctx.adapter.example_inputs(model, part, Shapes(batch_size=2, seq_len=16, seed=ctx.seed))
 
 
-def _one_batch(model, part: str, ctx: Context) -> tuple:
+def _one_batch(model: Model, part: str, ctx: Context) -> tuple:
     """All calibration samples as one batch (Torch-Pruning's activation hooks keep the last forward only)."""
     import dataclasses
 
@@ -214,7 +233,7 @@ def _one_batch(model, part: str, ctx: Context) -> tuple:
 
 # --- heads: sliced here ------------------------------------------------------------------------------------------
 
-def _prune_heads(model, part: str, layout, cfg: Config, ctx: Context) -> dict[str, list[int]]:
+def _prune_heads(model: Model, part: str, layout: PruneLayout, cfg: PruneConfig, ctx: Context) -> dict[str, list[int]]:
     """Keep the most important heads of every attention layer; return layer -> kept head indices."""
     scores = _activation_head_scores(model, part, layout, ctx) if cfg.importance == "activation" else {}
     kept = {}
@@ -231,7 +250,7 @@ def _prune_heads(model, part: str, layout, cfg: Config, ctx: Context) -> dict[st
     return kept
 
 
-def _magnitude_head_scores(w: dict) -> Any:
+def _magnitude_head_scores(w: dict) -> torch.Tensor:
     """Squared L2 norm of each head's q/k/v rows (and biases) and out-projection columns."""
     import torch
 
@@ -246,7 +265,7 @@ def _magnitude_head_scores(w: dict) -> Any:
     return total
 
 
-def _activation_head_scores(model, part: str, layout, ctx: Context) -> dict:
+def _activation_head_scores(model: Model, part: str, layout: PruneLayout, ctx: Context) -> dict[str, torch.Tensor]:
     """Mean norm of each head's value path through the out-projection, on calibration inputs.
 
     It leaves out the attention pattern (values are mixed across tokens by weights summing to one), which keeps
@@ -283,20 +302,18 @@ def _activation_head_scores(model, part: str, layout, ctx: Context) -> dict:
 
 # --- recovery --------------------------------------------------------------------------------------------------
 
-def _recover(model, teacher, part: str, recover: Recover, ctx: Context) -> dict:
+def _recover(model: Model, teacher: Model, part: str, recover: Recover, ctx: Context) -> dict:
     """Distil ``part`` from the teacher; return fidelity before recovery and the loss curve's ends."""
     import dataclasses
 
-    from mmopt import measure
     from mmopt.calibration import Calibration, inputs_for
     from mmopt.distill import distill
+    from mmopt.fidelity import embeddings, fidelity
 
     calib = ctx.calibration or Calibration()
-    ref = measure.embeddings(teacher, ctx.adapter, part, inputs_for(teacher, ctx.adapter, part, calib, EVAL_SEQ_LEN,
-                                                                     ctx.seed))
-    new = measure.embeddings(model, ctx.adapter, part, inputs_for(model, ctx.adapter, part, calib, EVAL_SEQ_LEN,
-                                                                  ctx.seed))
-    before = measure.fidelity(ref, new)
+    ref = embeddings(teacher, ctx.adapter, part, inputs_for(teacher, ctx.adapter, part, calib, EVAL_SEQ_LEN, ctx.seed))
+    new = embeddings(model, ctx.adapter, part, inputs_for(model, ctx.adapter, part, calib, EVAL_SEQ_LEN, ctx.seed))
+    before = fidelity(ref, new)
 
     def batches():
         return inputs_for(model, ctx.adapter, part, dataclasses.replace(calib, batch_size=recover.batch_size),
@@ -314,7 +331,7 @@ def _recover(model, teacher, part: str, recover: Recover, ctx: Context) -> dict:
 
 # --- shapes ------------------------------------------------------------------------------------------------------
 
-def _shapes(module) -> dict[str, tuple]:
+def _shapes(module: nn.Module) -> dict[str, tuple]:
     out = {}
     for name, tensor in list(module.named_parameters(remove_duplicate=False)) + \
             list(module.named_buffers(remove_duplicate=False)):
@@ -323,7 +340,7 @@ def _shapes(module) -> dict[str, tuple]:
     return out
 
 
-def _changed_layers(before: dict, after: dict, model, part: str) -> dict[str, tuple[int, int]]:
+def _changed_layers(before: dict, after: dict, model: Model, part: str) -> dict[str, tuple[int, int]]:
     """Modules of ``part`` whose weight lost output rows: name -> (rows before, rows after)."""
     out = {}
     for name, shape in after.items():
@@ -335,7 +352,7 @@ def _changed_layers(before: dict, after: dict, model, part: str) -> dict[str, tu
     return out
 
 
-def _attrs(module, changed: dict) -> dict[str, dict]:
+def _attrs(module: nn.Module, changed: dict) -> dict[str, dict]:
     """Size attributes of every module owning a changed tensor (JSON-able), for ``restore``."""
     out = {}
     for owner in sorted({name.rpartition(".")[0] for name in changed}):

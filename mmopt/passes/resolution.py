@@ -7,34 +7,43 @@ fidelity compares the new model at its size with the original at its own, on the
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pydantic import Field
 
+from mmopt.core import is_image_part
 from mmopt.errors import UnsupportedError
-from mmopt.adapters.base import IMAGE_PARTS
-from mmopt.passes.base import Change, Context, PassConfig, PassResult, Skip
+from mmopt.passes.base import Change, Context, Pass, PassConfig, PassResult, Skip
+
+if TYPE_CHECKING:
+    from mmopt.core import Model
 
 
-class Config(PassConfig):
+class ResolutionConfig(PassConfig):
     image_size: int = Field(gt=0, description="the new input side in pixels (a multiple of the patch size for ViTs)")
     part: str = Field("visual", description="the image part to resize")
 
 
-def apply(model: Any, cfg: Config, ctx: Context) -> PassResult:
-    model.check_part(cfg.part)
-    if cfg.part not in IMAGE_PARTS:
-        raise UnsupportedError(f"resolution: part {cfg.part!r} takes no images")
-    before = int(model.preprocess["image_size"])
-    result = PassResult()
-    if before == cfg.image_size:
-        ctx.adapter.set_image_size(model, cfg.part, cfg.image_size)   # still validates the size
-        result.skipped.append(Skip(cfg.part, f"already {before} px"))
-        result.record = {"part": cfg.part, "before": before, "after": before}
-        return result
-    ctx.adapter.set_image_size(model, cfg.part, cfg.image_size)
-    result.changed.append(Change(f"{cfg.part} input", f"{before}x{before}", f"{cfg.image_size}x{cfg.image_size}"))
-    result.record = {"part": cfg.part, "before": before, "after": cfg.image_size}
-    result.metrics[cfg.part] = {"image_size": {"before": before, "after": cfg.image_size}}
-    return result
+class Resolution(Pass):
+    name = "resolution"
+    Config = ResolutionConfig
 
+    def apply(self, model: Model, ctx: Context) -> PassResult:
+        part, size = self.config.part, self.config.image_size
+        model.check_part(part)
+        if not is_image_part(part):
+            raise UnsupportedError(f"resolution: part {part!r} takes no images")
+        before = int(model.preprocess["image_size"])
+        result = PassResult()
+        ctx.adapter.set_image_size(model, part, size)      # validates the size even when it does not change
+        result.record = {"part": part, "before": before, "after": size}
+        if before == size:
+            result.skipped.append(Skip(part, f"already {before} px"))
+            return result
+        result.changed.append(Change(f"{part} input", f"{before}x{before}", f"{size}x{size}"))
+        result.metrics[part] = {"image_size": {"before": before, "after": size}}
+        return result
+
+    def brief(self, metrics: dict) -> str:
+        size = metrics["image_size"]
+        return f"input {size['before']} -> {size['after']} px"

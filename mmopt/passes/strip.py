@@ -1,38 +1,47 @@
 """Keep only the parts a deployment uses, and drop output heads no embedding reads."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
-from mmopt.passes.base import Change, Context, PassConfig, PassResult
+from mmopt.passes.base import Change, Context, Pass, PassConfig, PassResult
+
+if TYPE_CHECKING:
+    from mmopt.adapters.base import Adapter
+    from mmopt.core import Model
 
 
-class Config(PassConfig):
+class StripConfig(PassConfig):
     keep: list[str] | None = Field(None, description="parts to keep (default: all)")
     heads: bool = Field(True, description="drop heads the part embeddings do not use (BERT pooler)")
     features: bool = Field(False, description="CNNs: drop the classifier, output pooled features")
 
 
-def apply(model, cfg: Config, ctx: Context) -> PassResult:
-    result = PassResult()
-    for part in cfg.keep or []:
-        model.check_part(part)
-    for part in [p for p in list(model.parts) if cfg.keep is not None and p not in cfg.keep]:
-        ctx.adapter.drop_part(model, part)
-        result.changed.append(Change(part, "present", "removed"))
-    if cfg.heads or cfg.features:
-        for name in ctx.adapter.drop_unused_heads(model, features=cfg.features):
-            result.changed.append(Change(name, "present", "removed"))
-    result.record = {"removed": [c.module for c in result.changed]}
-    return result
+class Strip(Pass):
+    name = "strip"
+    Config = StripConfig
 
+    def apply(self, model: Model, ctx: Context) -> PassResult:
+        cfg = self.config
+        result = PassResult()
+        for part in cfg.keep or []:
+            model.check_part(part)
+        for part in [p for p in list(model.parts) if cfg.keep is not None and p not in cfg.keep]:
+            ctx.adapter.drop_part(model, part)
+            result.changed.append(Change(part, "present", "removed"))
+        if cfg.heads or cfg.features:
+            for name in ctx.adapter.drop_unused_heads(model, features=cfg.features):
+                result.changed.append(Change(name, "present", "removed"))
+        result.record = {"removed": [c.module for c in result.changed]}
+        return result
 
-def restore(model, cfg: Config, record: dict, adapter) -> None:
-    """Heads are dropped again on the rebuilt model (parts not in the checkpoint are dropped by the loader)."""
-    if cfg.heads or cfg.features:
-        adapter.drop_unused_heads(model, features=cfg.features)
+    def restore(self, model: Model, record: dict, adapter: Adapter) -> None:
+        """Heads are dropped again on the rebuilt model (parts not in the checkpoint are dropped by the loader)."""
+        if self.config.heads or self.config.features:
+            adapter.drop_unused_heads(model, features=self.config.features)
 
-
-def align_reference(teacher, cfg: Config, record: dict, adapter) -> None:
-    """Without its classifier the model outputs features: compare against the original's features, not logits."""
-    if cfg.features:
-        adapter.drop_unused_heads(teacher, features=True)
+    def align_reference(self, teacher: Model, record: dict, adapter: Adapter) -> None:
+        """Without its classifier the model outputs features: compare against the original's features, not logits."""
+        if self.config.features:
+            adapter.drop_unused_heads(teacher, features=True)

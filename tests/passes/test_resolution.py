@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmopt import checkpoint, registry
-from mmopt.adapters.base import Shapes
+from mmopt.core import Shapes
 from mmopt.errors import UserError
 from mmopt.passes import resolution
 from mmopt.passes.base import Context
@@ -23,8 +23,8 @@ def tiny_open_clip():
 
 
 def resize(model, adapter, size: int):
-    cfg = resolution.Config(image_size=size)
-    result = resolution.apply(model, cfg, Context(adapter=adapter))
+    cfg = resolution.ResolutionConfig(image_size=size)
+    result = resolution.Resolution(cfg).apply(model, Context(adapter=adapter))
     return cfg, result
 
 
@@ -53,7 +53,7 @@ def test_open_clip_vit_positions_are_resampled_and_the_class_token_kept(tmp_path
 
 
 def test_a_grid_resampled_to_its_own_size_is_unchanged():
-    from mmopt.adapters.base import interpolate_positions
+    from mmopt.adapters.structure import interpolate_positions
 
     pos = torch.randn(1 + 16, 8)
     assert torch.allclose(interpolate_positions(pos, 4, 4), pos, atol=1e-5)
@@ -79,7 +79,7 @@ def test_hf_clip_vision_positions_are_resampled(tmp_path):
                         projection_dim=16)
     CLIPModel(config).save_pretrained(tmp_path / "clip")
     adapter = registry.adapter_for("hf")
-    from mmopt.recipe import ModelSpec
+    from mmopt.core import ModelSpec
 
     model = adapter.load(ModelSpec(source="hf", path=str(tmp_path / "clip")))
     cfg, result = resize(model, adapter, 48)
@@ -120,7 +120,7 @@ def test_optimize_compares_the_new_size_with_the_original_at_its_own(tmp_path):
                       "output: out\n")
     report = api.optimize(recipe)
     visual = report["parts"]["visual"]
-    assert visual["image_size"] == {"before": 224, "after": 64}
+    assert report["passes"][0]["metrics"]["visual"]["image_size"] == {"before": 224, "after": 64}
     assert visual["fidelity"]["inputs"] == "calibration images (3)" and visual["fidelity"]["samples"] == 3
     assert api.load(tmp_path / "out").mmopt_model.preprocess["image_size"] == 64
 

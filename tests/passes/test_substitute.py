@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mmopt import api, checkpoint, registry
-from mmopt.adapters.base import Shapes
+from mmopt.core import Shapes
 from mmopt.calibration import Calibration
 from mmopt.distill import distill
 from mmopt.errors import DataError, ModelSpecError, RecipeError, UserError
@@ -55,7 +55,7 @@ def images(tmp_path) -> Path:
 
 
 def load_hf(folder: Path):
-    from mmopt.recipe import ModelSpec
+    from mmopt.core import ModelSpec
 
     adapter = registry.adapter_for("hf")
     return adapter, adapter.load(ModelSpec(source="hf", path=str(folder)))
@@ -91,8 +91,8 @@ def test_layer_drop_keeps_every_kth_layer_and_loads_in_transformers(tiny_bert, t
 
     adapter, model = load_hf(tiny_bert)
     layer2 = copy.deepcopy(model.module.encoder.layer[2].state_dict())
-    cfg = substitute.Config(layer_drop={"keep_every": 2})
-    result = substitute.apply(model, cfg, context(model, adapter))
+    cfg = substitute.SubstituteConfig(layer_drop={"keep_every": 2})
+    result = substitute.Substitute(cfg).apply(model, context(model, adapter))
     assert len(model.module.encoder.layer) == 2 and model.arch["config"]["num_hidden_layers"] == 2
     assert all(torch.equal(v, layer2[k]) for k, v in model.module.encoder.layer[1].state_dict().items())
     assert result.metrics["text"]["substitute"]["layers"] == {"before": 4, "after": 2, "kept": [0, 2]}
@@ -110,8 +110,8 @@ def test_layer_drop_keeps_every_kth_layer_and_loads_in_transformers(tiny_bert, t
 def test_layer_drop_on_open_clip_towers_rewrites_layers_and_reports_agreement(tmp_path):
     adapter, model = tiny_clip()
     ctx = context(model, adapter, Calibration(num_samples=8, batch_size=4, num_workers=0))
-    cfg = substitute.Config(part="text", layer_drop={"keep_every": 2})
-    result = substitute.apply(model, cfg, ctx)
+    cfg = substitute.SubstituteConfig(part="text", layer_drop={"keep_every": 2})
+    result = substitute.Substitute(cfg).apply(model, ctx)
     assert len(model.module.transformer.resblocks) == 2 and model.arch["config"]["text_cfg"]["layers"] == 2
     agreement = result.metrics["text"]["substitute"]["image_text_agreement"]
     assert agreement["before"] == 1.0 and 0 <= agreement["after"] <= 1
@@ -119,8 +119,8 @@ def test_layer_drop_on_open_clip_towers_rewrites_layers_and_reports_agreement(tm
     assert len(reloaded.module.transformer.resblocks) == 2
     assert same_outputs(model, reloaded, adapter, "text", adapter.example_inputs(model, "text", Shapes(batch_size=2)))
 
-    visual = substitute.Config(part="visual", layer_drop={"keep_every": 2})
-    substitute.apply(model, visual, ctx)
+    visual = substitute.SubstituteConfig(part="visual", layer_drop={"keep_every": 2})
+    substitute.Substitute(visual).apply(model, ctx)
     assert len(model.module.visual.transformer.resblocks) == 2
     assert model.arch["config"]["vision_cfg"]["layers"] == 2
 
@@ -128,7 +128,8 @@ def test_layer_drop_on_open_clip_towers_rewrites_layers_and_reports_agreement(tm
 def test_keep_every_at_or_above_the_layer_count_is_a_user_error(tiny_bert):
     adapter, model = load_hf(tiny_bert)
     with pytest.raises(UserError) as err:
-        substitute.apply(model, substitute.Config(layer_drop={"keep_every": 4}), context(model, adapter))
+        substitute.Substitute(substitute.SubstituteConfig(layer_drop={"keep_every": 4})).apply(
+                      model, context(model, adapter))
     assert err.value.message == "substitute.layer_drop.keep_every: must be below the 4 layers of part 'text', got 4"
     assert len(model.module.encoder.layer) == 4
 
@@ -136,7 +137,8 @@ def test_keep_every_at_or_above_the_layer_count_is_a_user_error(tiny_bert):
 def test_layer_drop_keeps_exactly_the_listed_layers(tiny_bert):
     adapter, model = load_hf(tiny_bert)
     layer3 = copy.deepcopy(model.module.encoder.layer[3].state_dict())
-    result = substitute.apply(model, substitute.Config(layer_drop={"keep": [0, 3]}), context(model, adapter))
+    cfg = substitute.SubstituteConfig(layer_drop={"keep": [0, 3]})
+    result = substitute.Substitute(cfg).apply(model, context(model, adapter))
     assert result.metrics["text"]["substitute"]["layers"] == {"before": 4, "after": 2, "kept": [0, 3]}
     assert all(torch.equal(v, layer3[k]) for k, v in model.module.encoder.layer[1].state_dict().items())
 
@@ -160,8 +162,8 @@ def test_layer_drop_by_count_keeps_the_subset_closest_to_the_original(tiny_bert,
     scores = {keep: _subset_cosine(model, adapter, keep, texts) for keep in itertools.combinations(range(4), 2)}
     best = max(scores, key=scores.get)
     calib = Calibration(num_samples=32, batch_size=8, num_workers=0)
-    cfg = substitute.Config(layer_drop={"layers": 2})
-    result = substitute.apply(model, cfg, context(model, adapter, calib))
+    cfg = substitute.SubstituteConfig(layer_drop={"layers": 2})
+    result = substitute.Substitute(cfg).apply(model, context(model, adapter, calib))
     layers = result.metrics["text"]["substitute"]["layers"]
     assert layers["kept"] == list(best) and layers["choice"]["method"] == "exhaustive"
     assert layers["choice"]["scored"] == 6 and layers["choice"]["cosine"] == pytest.approx(scores[best], abs=1e-3)
@@ -196,7 +198,7 @@ def test_choosing_layers_leaves_the_model_as_it_was_and_goes_greedy_past_the_lim
 def test_keeping_layers_the_part_does_not_have_is_a_user_error(tiny_bert, layer_drop, message):
     adapter, model = load_hf(tiny_bert)
     with pytest.raises(UserError) as err:
-        substitute.apply(model, substitute.Config(layer_drop=layer_drop), context(model, adapter))
+        substitute.Substitute(substitute.SubstituteConfig(layer_drop=layer_drop)).apply(model, context(model, adapter))
     assert err.value.message == message
     assert len(model.module.encoder.layer) == 4
 
@@ -204,7 +206,8 @@ def test_keeping_layers_the_part_does_not_have_is_a_user_error(tiny_bert, layer_
 def test_choosing_image_layers_without_calibration_images_is_a_data_error():
     adapter, model = tiny_clip()
     with pytest.raises(DataError) as err:
-        substitute.apply(model, substitute.Config(part="visual", layer_drop={"layers": 2}), context(model, adapter))
+        substitute.Substitute(substitute.SubstituteConfig(part="visual", layer_drop={"layers": 2})).apply(
+                      model, context(model, adapter))
     assert err.value.message.startswith("substitute.layer_drop.layers: part 'visual' needs calibration data")
 
 
@@ -239,9 +242,9 @@ def test_swap_adds_a_least_squares_projection_and_reloads_without_pickling(image
     model = adapter.build({"name": "resnet18", "kwargs": {}}, {"image_size": 32}, {})
     adapter.drop_unused_heads(model, features=True)          # 512 features
     ctx = context(model, adapter, Calibration(images_dir=images, batch_size=3, num_workers=0))
-    cfg = substitute.Config(swap={"source": "torchvision", "name": "mobilenet_v3_small"},
-                            distill={"steps": 2, "batch_size": 3, "lr": 1e-4})
-    result = substitute.apply(model, cfg, ctx)
+    cfg = substitute.SubstituteConfig(swap={"source": "torchvision", "name": "mobilenet_v3_small"},
+                                      distill={"steps": 2, "batch_size": 3, "lr": 1e-4})
+    result = substitute.Substitute(cfg).apply(model, ctx)
     summary = result.metrics["visual"]["substitute"]
     assert summary["swap"]["projection"] == [576, 512] and summary["distill"]["steps"] == 2
     assert summary["swap"]["projection_fit"]["least_squares_cosine"] > 0.9      # 6 samples: the fit is near exact
@@ -258,13 +261,13 @@ def test_swap_in_a_clip_tower_keeps_its_width_and_reports_agreement(images, tmp_
     captions = tmp_path / "captions.tsv"
     captions.write_text("".join(f"{i}.png\ta picture number {i}\n" for i in range(6)))
     ctx = context(model, adapter, Calibration(images_dir=images, captions_file=captions, batch_size=3, num_workers=0))
-    cfg = substitute.Config(part="visual", swap={"source": "torchvision", "name": "resnet18"},
-                            distill={"steps": 1, "batch_size": 3})
-    result = substitute.apply(model, cfg, ctx)
+    cfg = substitute.SubstituteConfig(part="visual", swap={"source": "torchvision", "name": "resnet18"},
+                                                distill={"steps": 1, "batch_size": 3})
+    result = substitute.Substitute(cfg).apply(model, ctx)
     agreement = result.metrics["visual"]["substitute"]["image_text_agreement"]
     assert agreement["kind"] == "caption top-1 accuracy" and set(agreement) == {"kind", "before", "before_distill", "after"}
-    assert substitute.brief(result.metrics["visual"]["substitute"]).startswith("swapped for resnet18, projection 512->32; "
-                                                                                "distilled 1 steps")
+    assert substitute.Substitute(cfg).brief(result.metrics["visual"]).startswith(
+        "swapped for resnet18, projection 512->32; distilled 1 steps")
     inputs = adapter.example_inputs(model, "visual", Shapes(batch_size=2))
     assert adapter.run(model, "visual", inputs).shape == (2, 32)
     reloaded = save_and_reload(model, adapter, cfg, result, tmp_path / "out")
@@ -285,9 +288,9 @@ def test_a_swap_target_that_cannot_be_loaded_is_one_line_and_writes_nothing(tmp_
 def test_distilling_an_image_part_without_calibration_images_is_a_data_error():
     adapter = registry.adapter_for("torchvision")
     model = adapter.build({"name": "resnet18", "kwargs": {}}, {"image_size": 32}, {})
-    cfg = substitute.Config(swap={"source": "torchvision", "name": "resnet18"}, distill={"steps": 1})
+    cfg = substitute.SubstituteConfig(swap={"source": "torchvision", "name": "resnet18"}, distill={"steps": 1})
     with pytest.raises(DataError) as err:
-        substitute.apply(model, cfg, context(model, adapter))
+        substitute.Substitute(cfg).apply(model, context(model, adapter))
     assert err.value.message == ("substitute.distill: part 'visual' needs calibration data "
                                  "(calibration: {images: DIR}); it would learn from synthetic images")
 
@@ -373,7 +376,7 @@ def test_minilm_six_to_three_layers_loads_in_sentence_transformers(tmp_path):
                       "distill: {steps: 8, lr: 2.0e-4, batch_size: 16}}\n"
                       "output: out\n")
     report = api.optimize(recipe)
-    stats = report["parts"]["text"]["substitute"]["distill"]
+    stats = report["passes"][0]["metrics"]["text"]["substitute"]["distill"]
     assert stats["steps"] == 8 and stats["final_loss"] < stats["first_loss"]
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 3
     st = SentenceTransformer(str(tmp_path / "out"), device="cpu")
@@ -400,7 +403,7 @@ def test_fidelity_after_distillation_is_measured_on_held_out_samples(tiny_bert_d
     # 64 bundled sentences: every 5th (12) held out from distillation, the other 52 distilled on.
     assert fid["held_out"] is True and fid["samples"] == 12
     assert fid["inputs"] == "bundled sample texts (12), held out from what the passes fitted to"
-    assert distilled["parts"]["text"]["substitute"]["distill"]["inputs"] == "bundled sample texts (52)"
+    assert distilled["passes"][0]["metrics"]["text"]["substitute"]["distill"]["inputs"] == "bundled sample texts (52)"
     row = next(r for r in table_rows(distilled) if r[1] == "substitute")
     assert row[3].startswith("layers 2 -> 1, kept [1]; distilled 2 steps, loss ")
 

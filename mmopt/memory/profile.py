@@ -3,11 +3,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from mmopt import memory, registry
-from mmopt.adapters.base import IMAGE_PARTS, Shapes
+from mmopt import registry
+from mmopt.core import Model, Shapes, is_image_part
 from mmopt.errors import UnsupportedError, UserError
+from mmopt.memory import tracing, training
+from mmopt.memory.estimator import Estimator
+
+if TYPE_CHECKING:
+    from mmopt.adapters.base import Adapter
 
 
 @dataclass(frozen=True)
@@ -31,28 +36,22 @@ class ProfileRequest:
     measure: bool = False               # also run on CUDA and put the measurement beside the estimate
 
 
-def open_model(spec: str, weights: str | None = None) -> tuple[Any, Any]:
-    """(adapter, model) for ``open_clip:ARCH``, ``hf:PATH``, ``torchvision:NAME`` or a folder."""
+def open_model(spec: str, weights: str | None = None) -> tuple[Adapter, Model]:
+    """(adapter, model) for ``SOURCE:REST`` (``open_clip:ARCH``, ``hf:PATH``, ``torchvision:NAME``: the adapter
+    reads REST), an mmopt checkpoint folder, or a Hugging Face folder."""
     from mmopt import checkpoint
-    from mmopt.recipe import ModelSpec
 
     source, sep, rest = spec.partition(":")
     if sep and source in registry.ADAPTERS and not Path(spec).exists():
-        if source == "hf":
-            if weights:
-                raise UserError("--weights is for open_clip and torchvision models; an hf folder holds its own")
-            model_spec = ModelSpec(source="hf", path=rest)
-        else:
-            model_spec = ModelSpec(source=source, name=rest, weights=weights)
         adapter = registry.adapter_for(source)
-        return adapter, adapter.load(model_spec)
+        return adapter, adapter.load(adapter.parse_spec(rest, weights))
     path = Path(spec)
     if path.is_dir() and (path / checkpoint.MANIFEST).is_file():
         model = checkpoint.load_model(path)
         return registry.adapter_for(model.source), model
-    if path.is_dir() and (path / "config.json").is_file():
+    if path.is_dir() and (path / "config.json").is_file():     # a plain folder is a Hugging Face one
         adapter = registry.adapter_for("hf")
-        return adapter, adapter.load(ModelSpec(source="hf", path=str(path)))
+        return adapter, adapter.load(adapter.parse_spec(spec, weights))
     if path.exists():
         raise UserError(f"{spec}: not an mmopt checkpoint or Hugging Face folder (no mmopt.json or config.json)")
     raise UserError(f"model {spec!r}: give open_clip:ARCH, hf:PATH, torchvision:NAME or a local folder",
@@ -61,12 +60,11 @@ def open_model(spec: str, weights: str | None = None) -> tuple[Any, Any]:
 
 def check_request(req: ProfileRequest) -> int | None:
     """Reject bad option combinations before any model loads; return the budget in bytes (or None)."""
-    from mmopt import train_memory
     from mmopt.units import parse_bytes
 
     if req.dtype not in ("float32", "float16", "bfloat16"):
         raise UserError(f"--dtype: expected float32, float16 or bfloat16, got {req.dtype!r}")
-    train_memory.check_options(train_memory.TrainOptions(req.optimizer, req.amp, req.grad_ckpt))
+    training.check_options(training.TrainOptions(req.optimizer, req.amp, req.grad_ckpt))
     if req.batch_size < 1:
         raise UserError(f"--batch: expected a positive batch size, got {req.batch_size}")
     if req.grad_ckpt and not req.train:
@@ -106,35 +104,32 @@ def _cuda() -> bool:
 def profile(req: ProfileRequest) -> dict:
     """Profile ``req.model``: weights per module, inference (or training) peak at the shapes, and whatever of
     budget / offload / frames / what-if / measure the request asks for. Returns a JSON-able dict."""
-    from mmopt import estimate
-
     budget = check_request(req)
     adapter, model = open_model(req.model, req.weights)
     if req.dtype != "float32":
-        from mmopt.passes import cast
         from mmopt.passes.base import Context
+        from mmopt.passes.cast import Cast, CastConfig
 
-        cast.apply(model, cast.Config(dtype=req.dtype), Context(adapter=adapter))
+        Cast(CastConfig(dtype=req.dtype)).apply(model, Context(adapter=adapter))
     parts = [req.part] if req.part else list(model.parts)
     for part in parts:
         model.check_part(part)
     if req.frames is not None:
-        if req.part and req.part not in IMAGE_PARTS:
+        if req.part and not is_image_part(req.part):
             raise UnsupportedError(f"--frames needs an image part; {req.part!r} takes text")
-        if not any(p in IMAGE_PARTS for p in parts):
+        if not any(is_image_part(p) for p in parts):
             raise UnsupportedError("--frames needs an image part; this model has none")
     if _cuda():
         model.module.to("cuda")
     shapes = Shapes(batch_size=req.batch_size, image_size=req.image_size, seq_len=req.seq_len)
     out_parts = {}
     for part in parts:
-        est = estimate.Estimator(model, adapter, part, req)
-        out_parts[part] = est.describe(shapes, budget)
+        out_parts[part] = Estimator(model, adapter, part, req).describe(shapes, budget)
     methods = {p["method"] for p in out_parts.values()}
     result = {
         "model": req.model,
         "random_weights": bool(model.random_weights),
-        "method": memory.overall_method(methods),
+        "method": tracing.overall_method(methods),
         "mode": "train" if req.train else "inference",
         "dtype": req.dtype,
         "shapes": {"batch_size": req.batch_size, "image_size": req.image_size or model.preprocess.get("image_size"),

@@ -1,14 +1,22 @@
 """Memory estimates of one part at given shapes, and what ``profile`` builds on them: the per-module tree, the
-largest batch under a budget, block offload and frame windows. Bytes come from ``memory`` (inference) and
-``train_memory`` (training)."""
+largest batch under a budget, block offload and frame windows. Inference bytes come from ``tracing`` (the
+same fake-tensor trace ``optimize`` uses), training bytes from ``training``."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from types import EllipsisType
+from typing import TYPE_CHECKING, Callable
 
-from mmopt import memory
-from mmopt.adapters.base import IMAGE_PARTS, Shapes
+from mmopt.adapters.structure import holds_blocks
+from mmopt.core import Model, Shapes, is_image_part
 from mmopt.errors import UnsupportedError
+from mmopt.memory import counting, tracing, training, what_if
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from mmopt.adapters.base import Adapter
+    from mmopt.memory.profile import ProfileRequest
 
 MAX_BATCH = 1 << 20      # the budget search stops here: a budget this large is not a memory question
 
@@ -16,25 +24,15 @@ MAX_BATCH = 1 << 20      # the budget search stops here: a budget this large is 
 class Estimator:
     """Estimates for ``part`` of ``model`` under the options of a ProfileRequest (train, amp, offload, ...)."""
 
-    def __init__(self, model: Any, adapter: Any, part: str, req: Any) -> None:
+    def __init__(self, model: Model, adapter: Adapter, part: str, req: ProfileRequest) -> None:
         self.model, self.adapter, self.part, self.req = model, adapter, part, req
-        self.weights_bytes = memory.part_weight_bytes(model, part)
+        self.weights_bytes = counting.part_weight_bytes(model, part)
+
+    def for_model(self, model: Model) -> "Estimator":
+        """The same estimates for another model (a cast copy, a rebuild at another size): what-if rows."""
+        return Estimator(model, self.adapter, self.part, self.req)
 
     # --- one estimate ------------------------------------------------------------------------------------
-
-    def forward_fn(self, amp: str | None) -> Callable[..., Any]:
-        import torch
-
-        from mmopt.train_memory import AMP
-
-        def forward(model: Any, *inputs: Any) -> Any:
-            if amp:
-                device = "cuda" if any(getattr(t, "is_cuda", False) for t in inputs) else "cpu"
-                with torch.autocast(device, dtype=getattr(torch, AMP[amp])):
-                    return self.adapter.run(model, self.part, inputs)
-            return self.adapter.run(model, self.part, inputs)
-
-        return forward
 
     def inference(self, shapes: Shapes, amp: str | None = None, tree: bool = False,
                   offload: bool = False) -> dict:
@@ -44,20 +42,19 @@ class Estimator:
         modules = [name for name, _ in tree_modules(self.model, self.part)] if tree else None
         blocks = part_blocks(self.model, self.part) if offload else None
         scope = [t for _, t in self.model.named_tensors(self.part)]
-        trace = memory.trace_forward(self.forward_fn(amp), self.model, inputs, modules=modules, blocks=blocks,
-                                     scope=scope, batch=shapes.batch_size)
-        input_bytes = shapes.batch_size * sum(memory.tensor_bytes(t) for t in inputs if hasattr(t, "numel"))
+        trace = tracing.trace_forward(tracing.part_forward(self.adapter, self.part, amp), self.model, inputs,
+                                      modules=modules, blocks=blocks, scope=scope, batch=shapes.batch_size)
+        input_bytes = counting.input_bytes(inputs, shapes.batch_size)
         return {"trace": trace, "input_bytes": input_bytes, "peak_activation_bytes": trace.peak_bytes,
                 "peak_total_bytes": self.weights_bytes + input_bytes + trace.peak_bytes}
 
-    def training(self, shapes: Shapes, optimizer: str | None = None, amp: Any = ..., grad_ckpt: bool | None = None,
-                 measure: bool = False) -> dict:
-        from mmopt import train_memory
-
-        opts = train_memory.TrainOptions(optimizer or self.req.optimizer,
-                                         self.req.amp if amp is ... else amp,
-                                         self.req.grad_ckpt if grad_ckpt is None else grad_ckpt)
-        return train_memory.estimate(self.model, self.adapter, self.part, shapes, opts, measure=measure)
+    def training(self, shapes: Shapes, optimizer: str | None = None, amp: str | None | EllipsisType = ...,
+                 grad_ckpt: bool | None = None, measure: bool = False) -> dict:
+        """A training step's peak; options default to the request's (``amp=None`` turns autocast off)."""
+        opts = training.TrainOptions(optimizer or self.req.optimizer,
+                                     self.req.amp if amp is ... else amp,
+                                     self.req.grad_ckpt if grad_ckpt is None else grad_ckpt)
+        return training.estimate(self.model, self.adapter, self.part, shapes, opts, measure=measure)
 
     def total(self, shapes: Shapes) -> int:
         """Peak bytes at ``shapes`` in the request's mode (weights included): the budget search's measure."""
@@ -68,23 +65,21 @@ class Estimator:
     # --- what profile reports for a part -----------------------------------------------------------------
 
     def describe(self, shapes: Shapes, budget: int | None) -> dict:
-        from mmopt import measure as measure_mod
-
         req = self.req
         inf = self.inference(shapes, amp=req.amp, tree=True, offload=bool(req.offload))
         trace = inf["trace"]
-        out = {"params": memory.part_params(self.model, self.part), "weights_bytes": self.weights_bytes,
+        out = {"params": counting.part_params(self.model, self.part), "weights_bytes": self.weights_bytes,
                "peak_activation_bytes": trace.peak_bytes, "input_bytes": inf["input_bytes"],
-               "method": memory.ESTIMATED, "modules": memory.module_table(self.model, self.part),
+               "method": tracing.ESTIMATED, "modules": counting.module_table(self.model, self.part),
                "tree": module_tree(self.model, self.part, trace), "peak_total_bytes": inf["peak_total_bytes"]}
         on_cuda = any(t.is_cuda for _, t in self.model.named_tensors(self.part))
         if on_cuda and not req.train:
-            measured = measure_mod.part_runtime(self.model, self.adapter, self.part, shapes, latency=False)
+            measured = tracing.part_runtime(self.model, self.adapter, self.part, shapes, latency=False)
             if req.measure:
                 out["measured"] = {"peak_activation_bytes": measured["peak_activation_bytes"],
                                    "estimated_peak_activation_bytes": trace.peak_bytes,
                                    "relative_error": _rel(trace.peak_bytes, measured["peak_activation_bytes"])}
-            else:  # as before this issue: on CUDA the reported peak is the measured one
+            else:  # on CUDA the reported peak is the measured one; --measure puts the estimate beside it
                 out["peak_activation_bytes"] = measured["peak_activation_bytes"]
                 out["method"] = measured["memory_method"]
                 out["peak_total_bytes"] = self.weights_bytes + inf["input_bytes"] + out["peak_activation_bytes"]
@@ -99,13 +94,11 @@ class Estimator:
                                    "relative_error": _rel(train["peak_total_bytes"], real["peak_total_bytes"])}
         if req.offload:
             out["offload"] = offload_summary(self, inf)
-        if req.frames is not None and self.part in IMAGE_PARTS:
+        if req.frames is not None and is_image_part(self.part):
             out["frames"] = self.frames(shapes, req.frames, req.window)
         if budget is not None:
             out["budget"] = self.fit_budget(shapes, budget)
         if req.what_if:
-            from mmopt import what_if
-
             out["what_if"] = what_if.table(self, shapes, out)
         return out
 
@@ -113,7 +106,7 @@ class Estimator:
 
     def smallest_footprint(self) -> tuple[int, str]:
         """The fewest bytes this part's weights can take in mmopt, and how (nf4 quantization, fp16 rest)."""
-        nf4 = memory.part_quantized_bytes(self.model, self.part, "nf4", keep_dtype="float16")
+        nf4 = counting.part_quantized_bytes(self.model, self.part, "nf4", keep_dtype="float16")
         return nf4, "quantize pass method nf4 (Linear weights in 4 bits, the rest in float16)"
 
     def fit_budget(self, shapes: Shapes, budget: int) -> dict:
@@ -166,12 +159,12 @@ class Estimator:
 
         inputs = self.adapter.example_inputs(self.model, self.part, dataclasses.replace(shapes, batch_size=1))
         mode = FakeTensorMode(allow_non_fake_inputs=True)
-        copied = memory.measuring_copy(self.model, mode)
+        copied = tracing.measuring_copy(self.model, mode)
         with mode:
-            fake = tuple(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs)
+            fake = tracing.fake_inputs(mode, inputs, None)
             with torch.no_grad():
                 out = self.adapter.run(copied, self.part, fake)
-            return memory.tensor_bytes(out)
+            return counting.tensor_bytes(out)
 
 
 def search_batch(cost: Callable[[int], int], budget: int, guess: int = 1) -> tuple[int, int]:
@@ -215,7 +208,7 @@ def _rel(estimate: int, measured: int) -> float | None:
 
 # --- module tree and offload blocks ----------------------------------------------------------------------
 
-def _top_modules(model: Any, part: str) -> list[tuple[str, Any]]:
+def _top_modules(model: Model, part: str) -> list[tuple[str, nn.Module]]:
     """The part's first level: the children of its root module when one module holds the part (``visual.``
     or the whole model), else the modules its prefixes name."""
     root = model.module
@@ -230,7 +223,7 @@ def _top_modules(model: Any, part: str) -> list[tuple[str, Any]]:
     return [(p, named[p]) for p in module_prefixes]
 
 
-def tree_modules(model: Any, part: str) -> list[tuple[str, Any]]:
+def tree_modules(model: Model, part: str) -> list[tuple[str, nn.Module]]:
     """Modules of the tree: the first level and their children."""
     import torch.nn as nn
 
@@ -244,17 +237,19 @@ def tree_modules(model: Any, part: str) -> list[tuple[str, Any]]:
     return out
 
 
-def module_tree(model: Any, part: str, trace: Any) -> list[dict]:
+def module_tree(model: Model, part: str, trace: tracing.Trace) -> list[dict]:
     """Two levels of modules, each with params, weight bytes and its own activation peak (bytes alive above
     those at its entry while it ran) and that peak's share of the part's; sorted by weights + activations."""
+    import torch.nn as nn
+
     peak = trace.peak_bytes or 1
 
-    def node(name: str, mod: Any, children: bool) -> dict:
+    def node(name: str, mod: nn.Module, children: bool) -> dict:
         act = trace.module_peaks.get(name, 0)
-        if type(mod).__name__ == "ModuleList":   # the peak of its largest item
+        if type(mod) is nn.ModuleList:   # the peak of its largest item
             act = max((trace.module_peaks.get(f"{name}.{i}", 0) for i, _ in mod.named_children()), default=0)
-        row = {"module": name, "params": sum(memory.logical_numel(p) for p in mod.parameters()),
-               "weights_bytes": memory.module_weight_bytes(mod), "activation_bytes": act,
+        row = {"module": name, "params": sum(counting.logical_numel(p) for p in mod.parameters()),
+               "weights_bytes": counting.module_weight_bytes(mod), "activation_bytes": act,
                "activation_share": round(act / peak, 4)}
         if children:
             kids = [node(f"{name}.{n}", m, False) for n, m in mod.named_children()]
@@ -262,13 +257,13 @@ def module_tree(model: Any, part: str, trace: Any) -> list[dict]:
         return row
 
     rows = [node(name, mod, True) for name, mod in _top_modules(model, part)]
-    covered = {id(t) for _, mod in _top_modules(model, part) for t in memory.unique_tensors(mod)}
+    covered = {id(t) for _, mod in _top_modules(model, part) for t in counting.unique_tensors(mod)}
     loose = [(n, t) for n, t in model.named_tensors(part) if id(t) not in covered]
     if loose:
         rows.append({"module": "(tensors: " + ", ".join(n.rsplit(".", 1)[-1] for n, _ in loose[:4])
                      + (", ..." if len(loose) > 4 else "") + ")", "tensors": [n for n, _ in loose],
-                     "params": sum(memory.logical_numel(t) for _, t in loose if t.is_floating_point()),
-                     "weights_bytes": memory.unique_bytes(t for _, t in loose), "activation_bytes": 0,
+                     "params": sum(counting.logical_numel(t) for _, t in loose if t.is_floating_point()),
+                     "weights_bytes": counting.unique_bytes(t for _, t in loose), "activation_bytes": 0,
                      "activation_share": 0.0, "children": []})
     return sorted(rows, key=_order)
 
@@ -277,16 +272,35 @@ def _order(row: dict) -> tuple:
     return (-(row["weights_bytes"] + row["activation_bytes"]), row["module"])
 
 
-def part_blocks(model: Any, part: str) -> list[str]:
-    """Offload blocks (``memory.offload_blocks``) of the part's modules, names relative to the root."""
+def offload_blocks(module: nn.Module, prefix: str = "") -> list[str]:
+    """The blocks weights move in when offloaded, names prefixed by ``prefix``: each item of a list of blocks
+    (transformer layers, ResNet stages' blocks, MobileNet's feature blocks) and each other submodule with
+    weights; modules holding such lists are opened. Weights of an opened module itself (a class token, a
+    projection matrix) stay resident. ``mmopt.runtime.load_offloaded`` gives accelerate these same blocks."""
+    blocks = []
+    for name, child in module.named_children():
+        if next(child.parameters(), None) is None:
+            continue
+        full = prefix + name
+        if holds_blocks(child):
+            blocks += [f"{full}.{i}" for i, item in child.named_children()
+                       if next(item.parameters(), None) is not None]
+        elif any(holds_blocks(m) for m in child.modules()):
+            blocks += offload_blocks(child, full + ".")
+        else:
+            blocks.append(full)
+    return blocks
+
+
+def part_blocks(model: Model, part: str) -> list[str]:
+    """Offload blocks (``offload_blocks``) of the part's modules, names relative to the root."""
     import torch.nn as nn
 
     holder = nn.Module()
-    top = _top_modules(model, part)
     blocks = []
-    for name, mod in top:
+    for name, mod in _top_modules(model, part):
         holder.add_module("m", mod)
-        blocks += [name + b[1:] for b in memory.offload_blocks(holder, "")]
+        blocks += [name + b[1:] for b in offload_blocks(holder, "")]
     return blocks
 
 

@@ -3,17 +3,22 @@ pass or option that delivers it, sorted by saving.
 
 Rows are estimated by running the estimator on the transformed model or shapes (a float16 copy, a rebuild at
 a lower resolution, a smaller batch, autocast, checkpointing, offload, frame windows). int8 / nf4 are counted
-from element sizes (``memory.part_quantized_bytes``) with the float16 activations: "weights only", since the
+from element sizes (``counting.part_quantized_bytes``) with the float16 activations: "weights only", since the
 quantized kernels' own workspaces are not modelled.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Callable
 
-from mmopt import memory
-from mmopt.adapters.base import IMAGE_PARTS, Shapes
+from mmopt.adapters.structure import uncheckpoint_blocks
+from mmopt.core import Shapes, is_image_part
+from mmopt.errors import UnsupportedError, first_line
+from mmopt.memory import counting
+
+if TYPE_CHECKING:
+    from mmopt.memory.estimator import Estimator
 
 
 def _row(technique: str, how: str, total: int | None, baseline: int, note: str = "") -> dict:
@@ -23,33 +28,30 @@ def _row(technique: str, how: str, total: int | None, baseline: int, note: str =
             "how": how, "note": note}
 
 
-def _half_copy(est: Any, dtype: str) -> Any:
+def _half_copy(est: Estimator, dtype: str) -> Estimator:
     """An estimator for a copy of the model with ``est.part`` cast to ``dtype`` by the cast pass."""
-    from mmopt.estimate import Estimator
-    from mmopt.passes import cast
     from mmopt.passes.base import Context
-
-    from mmopt.adapters.base import uncheckpoint_blocks
+    from mmopt.passes.cast import Cast, CastConfig
 
     model = copy.deepcopy(est.model)
     uncheckpoint_blocks(model.module)      # the copy's training estimate re-wraps its own blocks
-    cast.apply(model, cast.Config(dtype=dtype, parts=[est.part]), Context(adapter=est.adapter))
-    return Estimator(model, est.adapter, est.part, est.req)
+    Cast(CastConfig(dtype=dtype, parts=[est.part])).apply(model, Context(adapter=est.adapter))
+    return est.for_model(model)
 
 
-def _lower_size(est: Any, shapes: Shapes) -> int:
+def _lower_size(est: Estimator, shapes: Shapes) -> int:
     side = shapes.image_size or est.model.preprocess.get("image_size") or 224
     return max(32, (side * 3 // 4) // 32 * 32)
 
 
-def table(est: Any, shapes: Shapes, described: dict) -> list[dict]:
+def table(est: Estimator, shapes: Shapes, described: dict) -> list[dict]:
     """The what-if rows for ``est``'s part, the baseline first, then by saving (rows that do not apply last)."""
     req = est.req
     base = described["peak_total_bytes"]
     train = req.train
     rows = []
-    
-    def half(dtype: str) -> tuple[int, Any]:
+
+    def half(dtype: str) -> tuple[int, Estimator]:
         e = _half_copy(est, dtype)
         return e.total(shapes), e
 
@@ -64,7 +66,7 @@ def table(est: Any, shapes: Shapes, described: dict) -> list[dict]:
     if not train:
         fp16_inf = fp16_est.inference(shapes)
         for method in ("int8", "nf4"):
-            weights = memory.part_quantized_bytes(est.model, est.part, method, keep_dtype="float16")
+            weights = counting.part_quantized_bytes(est.model, est.part, method, keep_dtype="float16")
             total = weights + fp16_inf["input_bytes"] + fp16_inf["peak_activation_bytes"]
             rows.append(_row(f"{method} weights", f"quantize pass {{method: {method}}}", total, base,
                              "weights only (activations as float16)"))
@@ -72,13 +74,10 @@ def table(est: Any, shapes: Shapes, described: dict) -> list[dict]:
         rows.append(_row("int8 / nf4 weights", "quantize pass", None, base,
                          "weights only; training through quantized weights (adapters) is not modelled"))
     side = shapes.image_size or est.model.preprocess.get("image_size") or 224
-    if est.part in IMAGE_PARTS and _lower_size(est, shapes) < side:
+    if is_image_part(est.part) and _lower_size(est, shapes) < side:
         size = _lower_size(est, shapes)
         try:
-            small = est.adapter.at_image_size(est.model, size)
-            from mmopt.estimate import Estimator
-
-            e = Estimator(small, est.adapter, est.part, req)
+            e = est.for_model(est.adapter.at_image_size(est.model, size))
             rows.append(_row(f"resolution {size}px", f"resolution pass (to {size}px; fine-tune after)",
                              e.total(dataclasses.replace(shapes, image_size=size)), base))
         except Exception as exc:  # an architecture fixed to its size: say so in the row, do not fail the table
@@ -113,7 +112,7 @@ def table(est: Any, shapes: Shapes, described: dict) -> list[dict]:
             rows.append(_row("CPU offload", "--offload cpu / runtime.load_offloaded",
                              inf["trace"].offload_peak_bytes + inf["input_bytes"], base,
                              "GPU peak; slower"))
-    if est.part in IMAGE_PARTS and not train:
+    if is_image_part(est.part) and not train:
         window = req.window or max(1, shapes.batch_size // 4)
         if window < shapes.batch_size:
             frames = est.frames(shapes, shapes.batch_size, window)
@@ -124,17 +123,15 @@ def table(est: Any, shapes: Shapes, described: dict) -> list[dict]:
     return [_row("as profiled", "-", base, base)] + rows
 
 
-def _attempt(fn: Any) -> tuple[int | None, str]:
+def _attempt(fn: Callable[[], int]) -> tuple[int | None, str]:
     """(value, "") or (None, why): a row the model cannot run at (batch norm at batch 1) says so."""
     try:
         return fn(), ""
     except (RuntimeError, ValueError) as exc:
-        return None, f"not estimated: {str(exc).splitlines()[0][:80]}"
+        return None, f"not estimated: {first_line(exc, 80)}"
 
 
-def _safe(fn: Any) -> int | None:
-    from mmopt.errors import UnsupportedError
-
+def _safe(fn: Callable[[], int]) -> int | None:
     try:
         return fn()
     except UnsupportedError:

@@ -2,20 +2,24 @@
 
 It is rebuilt at load time from a JSON record (the student's family, architecture, preprocessing and the
 projection's shape), so a checkpoint with a swapped part loads through ``mmopt.load`` without pickling.
-Imported only by the substitute pass (it imports torch at the top).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from mmopt.core import Model, is_image_part
+
+if TYPE_CHECKING:
+    from mmopt.adapters.base import Adapter
 
 
 class SwappedPart(nn.Module):
     """inputs of the original part -> student part's output -> projection to the original output width."""
 
-    def __init__(self, student: Any, adapter: Any, part: str, projection: tuple[int, int] | None):
+    def __init__(self, student: Model, adapter: Adapter, part: str, projection: tuple[int, int] | None):
         super().__init__()
         self.student = student.module
         self.proj = nn.Linear(*projection) if projection else None
@@ -30,7 +34,7 @@ class SwappedPart(nn.Module):
         self._student_model = student
         self._student_adapter = adapter
         self._student_part = part
-        self._image_size = student.preprocess.get("image_size") if part != "text" else None
+        self._image_size = student.preprocess.get("image_size") if is_image_part(part) else None
 
     def features(self, *inputs: Any) -> torch.Tensor:
         """The student part's own output, before the projection. Images come preprocessed for the original
@@ -62,7 +66,7 @@ class SwappedPart(nn.Module):
         return ((features * in_scale) @ weight.T + bias) * out_scale
 
 
-def build_student(record: dict) -> tuple[Any, Any]:
+def build_student(record: dict) -> tuple[Model, Adapter]:
     """(student Model, its adapter) from a swap record: architecture rebuilt, other parts and heads dropped."""
     from mmopt import registry
 
@@ -75,10 +79,10 @@ def build_student(record: dict) -> tuple[Any, Any]:
     return student, adapter
 
 
-def student_record(student: Any, part: str) -> dict:
+def student_record(student: Model, part: str) -> dict:
     """What ``build_student`` needs, JSON-able."""
     return {"source": student.source, "arch": student.arch, "preprocess": student.preprocess, "part": part,
-            "info": {k: v for k, v in student.info.items() if not k.startswith("_")}, "features": True}
+            "info": student.saved_info(), "features": True}
 
 
 def least_squares(features: torch.Tensor, targets: torch.Tensor, ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
