@@ -65,6 +65,14 @@ def check(recipe: str | Path, overrides: Overrides | None = None) -> dict:
     return pipeline.check(validate(recipe, overrides))
 
 
+def verify(path: str | Path) -> list[str]:
+    """Check every file of output ``path`` that a loader reads (weights, config, tokenizer, ...) against its sha256
+    in ``mmopt.json``; return the files checked. A missing or changed file raises ``IntegrityError`` naming it."""
+    from mmopt import checkpoint
+
+    return checkpoint.verify_folder(Path(path))
+
+
 def pass_catalog(name: str | None = None) -> list[dict]:
     """Every pass (or only ``name``): its one-line summary and its options with types, defaults, descriptions."""
     from mmopt import registry

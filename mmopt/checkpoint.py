@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 INTERRUPTED = threading.Event()
 
 MANIFEST = "mmopt.json"
+REPORT_FILES = ("report.json", "report.md", "report.png")     # written after the manifest: not hashed
 FORMAT = "mmopt-checkpoint/1"
 
 
@@ -102,10 +103,37 @@ def write_checkpoint(model: Model, adapter: Adapter, folder: Path, source: dict,
         "random_weights": model.random_weights,
         "files": {part: {"file": name, "sha256": sha256(folder / name), "bytes": (folder / name).stat().st_size}
                   for part, name in sorted(files.items())},
+        "assets": asset_hashes(folder, set(files.values())),
         "versions": versions(),
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
     return manifest
+
+
+def asset_hashes(folder: Path, weight_files: set[str]) -> dict:
+    """sha256 and size of every other file a loader may read (config, tokenizer, sentence-transformers modules),
+    by path relative to ``folder``; the manifest itself and the reports written after it are not listed."""
+    out = {}
+    for file in sorted(Path(folder).rglob("*")):
+        name = file.relative_to(folder).as_posix()
+        if file.is_file() and name not in weight_files and name not in (MANIFEST, *REPORT_FILES):
+            out[name] = {"sha256": sha256(file), "bytes": file.stat().st_size}
+    return out
+
+
+def verify_folder(path: Path, manifest: dict | None = None) -> list[str]:
+    """Check every file the manifest lists (weights and assets) against its sha256; return the names checked.
+    The first file missing or changed raises ``IntegrityError`` naming it."""
+    path = Path(path)
+    manifest = manifest if manifest is not None else read_manifest(path)
+    checked = []
+    for entry in manifest["files"].values():
+        verify_file(path, entry)
+        checked.append(entry["file"])
+    for name, entry in manifest.get("assets", {}).items():
+        verify_file(path, {"file": name, **entry})
+        checked.append(name)
+    return checked
 
 
 def serialized_bytes(tensors: dict) -> int:
@@ -141,7 +169,7 @@ def verify_file(path: Path, entry: dict) -> Path:
     if not file.is_file():
         raise IntegrityError(f"checkpoint file missing: {file}")
     if sha256(file) != entry["sha256"]:
-        raise IntegrityError(f"{file.name} does not match its sha256 in {MANIFEST}: the file was changed or corrupted")
+        raise IntegrityError(f"{entry['file']} does not match its sha256 in {MANIFEST}: the file was changed or corrupted")
     return file
 
 
@@ -160,6 +188,8 @@ def load_model(path: Path, parts: list[str] | None = None, device: str = "cpu") 
 
     path = Path(path)
     manifest = read_manifest(path)
+    for name, entry in manifest.get("assets", {}).items():      # weight files are checked as they are read
+        verify_file(path, {"file": name, **entry})
     adapter = registry.adapter_for(manifest["source"]["source"])
     info = dict(manifest["info"])
     # manifests before the typed field kept what the quantize pass did in info["quantization"]

@@ -104,6 +104,24 @@ def passes(name: Optional[str] = typer.Argument(None, help="One pass: show its o
 
 
 @app.command()
+def verify(
+    output: Path = typer.Argument(..., help="An mmopt output folder."),
+    json_: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Check every file of OUTPUT that a loader reads against its sha256 in mmopt.json.
+
+    A missing or changed file is bad input: one line naming it, exit 2."""
+    from mmopt import api
+
+    checked = api.verify(output)
+    if json_:
+        _print_json({"output": str(output), "ok": True, "files": checked})
+    else:
+        out, _ = _consoles()
+        out.print(f"ok: {len(checked)} files match mmopt.json ({', '.join(checked)})", soft_wrap=True)
+
+
+@app.command()
 def schema() -> None:
     """Print the JSON Schema of a recipe (for editors that check YAML as it is typed)."""
     from mmopt import api

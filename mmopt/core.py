@@ -126,6 +126,9 @@ class QuantLayout:
 
     structural: bool = False
     bare_weights: dict[str, Literal["projection", "table"]] = field(default_factory=dict)
+    # why bitsandbytes methods leave embedding tables float here (None: they may be int8); a stock Hugging Face
+    # folder is written in transformers' bitsandbytes format, which has no int8 tables
+    float_tables: str | None = None
     keep: dict[str, str] = field(default_factory=dict)
     fused_attention: Callable[[nn.Module], bool] = _no_module
 
@@ -135,17 +138,20 @@ class Quantization:
     """What the quantize pass tells the adapter's ``save`` (a Hugging Face folder writes it as transformers'
     ``quantization_config``, so the folder loads quantized without mmopt); recorded in the manifest."""
 
-    method: str                     # int8 | nf4 | fp4
+    method: str                     # int8 (torchao) | llm_int8 | nf4 | fp4 (bitsandbytes)
     int8_threshold: float
     blocksize: int
-    embeddings: str                 # int8 | keep
+    embeddings: str                 # int8 | int4 | keep
     compute_dtype: str              # the dtype the quantized layers compute in ("float32", "float16")
     float_linear: list[str] = field(default_factory=list)   # Linear modules left in float, by name
+    int8_modules: list[str] = field(default_factory=list)   # int8: modules whose weight is a torchao Int8Tensor
+    group_size: int = 64            # embeddings int4: values per group
 
     def to_json(self) -> dict:
         return {"method": self.method, "int8_threshold": self.int8_threshold, "blocksize": self.blocksize,
                 "embeddings": self.embeddings, "compute_dtype": self.compute_dtype,
-                "float_linear": list(self.float_linear)}
+                "float_linear": list(self.float_linear), "int8_modules": list(self.int8_modules),
+                "group_size": self.group_size}
 
 
 # --- the model ---------------------------------------------------------------------------------------------------

@@ -127,9 +127,7 @@ def check(recipe: Recipe) -> dict:
     import json
 
     out = recipe.output_path
-    manifest = checkpoint.read_manifest(out)
-    for entry in manifest["files"].values():
-        checkpoint.verify_file(out, entry)
+    checkpoint.verify_folder(out)
     report_file = out / "report.json"
     if not report_file.is_file():
         raise UserError(f"no report.json in {out}: run `mmopt optimize` first")

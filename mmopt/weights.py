@@ -51,20 +51,36 @@ def _looks_like_safetensors(path: Path, head: bytes) -> bool:
 
 
 def load_weights_into(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Strictly load ``state`` into ``module``: a missing or unexpected key or a wrong shape is an error."""
+    """Strictly load ``state`` into ``module``: a missing or unexpected key or a wrong shape is an error.
+
+    Tensor subclasses (torchao's ``Int8Tensor``) are put in place as they are: they cannot be copied into the
+    float parameter a freshly built module holds."""
+    subclass = {k: v for k, v in state.items() if is_wrapper(v)}
+    plain = {k: v for k, v in state.items() if k not in subclass}
     try:
-        result = module.load_state_dict(state, strict=False)
+        if subclass:
+            module.load_state_dict(subclass, strict=False, assign=True)
+        result = module.load_state_dict(plain, strict=False)
     except RuntimeError as exc:  # shape mismatches: torch lists every one, the first says enough
         lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
         raise ModelSpecError(f"{where}: weights do not fit this architecture: "
                              f"{lines[0][:300] if lines else first_line(exc)}") from None
-    if result.missing_keys or result.unexpected_keys:
+    missing = [k for k in result.missing_keys if k not in subclass]
+    if missing or result.unexpected_keys:
         detail = []
-        if result.missing_keys:
-            detail.append(f"{len(result.missing_keys)} missing (e.g. {result.missing_keys[0]})")
+        if missing:
+            detail.append(f"{len(missing)} missing (e.g. {missing[0]})")
         if result.unexpected_keys:
             detail.append(f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[0]})")
         raise ModelSpecError(f"{where}: weights do not fit this architecture: {', '.join(detail)}")
+
+
+def is_wrapper(tensor: object) -> bool:
+    """A traceable tensor subclass that holds its data in inner tensors (torchao's quantized tensors)."""
+    import torch
+
+    return isinstance(tensor, torch.Tensor) and type(tensor) not in (torch.Tensor, torch.nn.Parameter) \
+        and hasattr(tensor, "__tensor_flatten__") and not isinstance(tensor, torch._subclasses.FakeTensor)
 
 
 def unique_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -75,18 +91,44 @@ def unique_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
         if tensor is None:
             continue
         ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype) \
-            if tensor.device.type != "meta" else (key,)
+            if tensor.device.type != "meta" and not is_wrapper(tensor) else (key, id(tensor))
         if ident in seen and tensor.numel() > 0:
             continue
         seen[ident] = key
-        out[key] = tensor.detach().to("cpu").contiguous()
+        out[key] = tensor.detach().to("cpu") if is_wrapper(tensor) else tensor.detach().to("cpu").contiguous()
     return out
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """One safetensors file; torchao tensors are flattened into their inner tensors (``<module>._weight_qdata``,
+    ``._weight_scale``) with torchao's metadata, which transformers and ``mmopt.load`` rebuild them from.
+
+    The header is rewritten with the metadata keys sorted: safetensors writes its metadata map in hash order,
+    so the same weights would otherwise give different bytes from run to run."""
+    import json
+
+    from safetensors.torch import save
+
+    metadata = {"format": "pt"}
+    if any(is_wrapper(t) for t in tensors.values()):
+        from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+        tensors, extra = flatten_tensor_state_dict(tensors)
+        metadata.update(extra)
+    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    ordered = {"__metadata__": header.pop("__metadata__"), **dict(sorted(header.items()))}
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    if len(text) > size:       # cannot happen (same content, compact separators); keep safetensors' own bytes
+        Path(file).write_bytes(data)
+        return
+    Path(file).write_bytes(data[:8] + text + b" " * (size - len(text)) + data[8 + size:])
 
 
 def save_parts(model: Model, out: Path) -> dict[str, str]:
     """One ``<part>.safetensors`` per part, keys as in the root module's state dict; keys of no part -> shared."""
-    from safetensors.torch import save_file
-
     groups: dict[str, dict] = {}
     for key, tensor in unique_state_dict(model.module).items():
         part = model.part_of(key) or "shared"
@@ -94,8 +136,6 @@ def save_parts(model: Model, out: Path) -> dict[str, str]:
     files = {}
     for part, tensors in sorted(groups.items()):
         name = f"{part}.safetensors"
-        # one metadata key only: safetensors writes its metadata map in hash order, so two keys can swap between
-        # runs and the same weights would give different bytes (the manifest says which part a file holds)
-        save_file(tensors, str(out / name), metadata={"format": "pt"})
+        write_safetensors(tensors, out / name)
         files[part] = name
     return files

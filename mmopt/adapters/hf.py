@@ -16,7 +16,7 @@ from mmopt.adapters.structure import (check_patch_multiple, head_rows, install_s
 from mmopt.core import Model, ModelSpec, PruneLayout, QuantLayout, Quantization, Shapes
 from mmopt.errors import ModelSpecError, UnsupportedError, UserError, first_line
 from mmopt.paths import local_path
-from mmopt.weights import save_parts, unique_state_dict
+from mmopt.weights import save_parts, unique_state_dict, write_safetensors
 
 if TYPE_CHECKING:
     import torch
@@ -325,35 +325,31 @@ class HFAdapter:
             install_swapped(model, part, module, [], True)
 
     def save(self, model: Model, out: Path) -> dict[str, str]:
+        """One weight set: a stock Hugging Face folder (``model.safetensors`` + ``config.json``, quantized weights
+        in transformers' torchao or bitsandbytes format) that ``mmopt.load`` reads too; mmopt's own per-part files
+        when no stock format can carry the model (a swapped part, 4-bit embedding tables)."""
         if model.assets is not None:
             copy_assets(model.assets, out)
-        if not self.is_stock_folder(model):
+        quant = model.quantization
+        if not self.is_stock_folder(model) or (quant is not None and quant.embeddings == "int4"):
             return save_parts(model, out)
-        from safetensors.torch import save_file
-
-        # transformers loads with dtype="auto" from this field: it must name the dtype actually stored.
+        # transformers loads with dtype="auto" from this field: it must name the dtype actually stored (and a
+        # torchao Int8Tensor dequantizes to the dtype it was written in, so the folder runs in that dtype)
         model.module.config.dtype = model.part_dtype(model.parts[0])
         model.module.config.to_json_file(str(out / "config.json"))
-        tensors = unique_state_dict(model.module)
-        if model.quantization is not None:
+        if quant is not None:
             # A dropped head (the pooler) is rebuilt by transformers with fresh weights; it must stay a float module,
-            # since transformers cannot initialise a bitsandbytes weight it has no data for.
+            # since transformers cannot initialise a quantized weight it has no data for.
             dropped = [name for name, child in model.module._modules.items() if child is None]
-            _add_quantization_config(out / "config.json", model.quantization, dropped)
-        stock = _stock_tensors(model.module, tensors)
-        save_file(stock, str(out / "model.safetensors"), metadata={"format": "pt"})
-        if stock is tensors:
-            return {model.parts[0]: "model.safetensors"}
-        # transformers has no int8 embedding: model.safetensors holds those tables dequantized to the dtype the
-        # model computes in, and mmopt reads its own all-quantized copy (docs/quantization.md: the trade-off).
-        name = f"{model.parts[0]}.safetensors"
-        save_file(tensors, str(out / name), metadata={"format": "pt"})
-        return {model.parts[0]: name}
+            _add_quantization_config(out / "config.json", quant, dropped)
+        write_safetensors(unique_state_dict(model.module), out / "model.safetensors")
+        return {model.parts[0]: "model.safetensors"}
 
     def quantization_layout(self, model: Model) -> QuantLayout:
         """No structural swaps: the folder must still rebuild in transformers (whose CLIP, e.g., reads
         ``patch_embedding.weight.dtype``); its Linear and Embedding modules are what gets quantized."""
-        return QuantLayout(structural=False)
+        stock = "embedding table: transformers' bitsandbytes format has no int8 tables (method int8 has)"
+        return QuantLayout(structural=False, float_tables=stock if self.is_stock_folder(model) else None)
 
     def shares_text_inputs(self, model: Model, other: Model) -> bool:
         """Another Hugging Face text encoder takes the same token ids (its tokenizer is assumed the same)."""
@@ -390,7 +386,7 @@ def bnb_quantization_config(quant: Quantization, float_linear: list[str]) -> dic
     import re
 
     skip = [re.escape(name) for name in float_linear]
-    if quant.method == "int8":
+    if quant.method == "llm_int8":
         return {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False,
                 "llm_int8_threshold": quant.int8_threshold, "llm_int8_has_fp16_weight": False,
                 "llm_int8_skip_modules": skip}
@@ -399,30 +395,27 @@ def bnb_quantization_config(quant: Quantization, float_linear: list[str]) -> dic
             "bnb_4bit_use_double_quant": False, "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": skip}
 
 
+def torchao_quantization_config(quant: Quantization) -> dict:
+    """transformers' ``TorchAoConfig`` (as config.json stores it) for torchao int8 weights on exactly the modules
+    in ``quant.int8_modules``: one parameter-level regex. A module-name key would also match biases, and a plain
+    config with ``include_input_output_embeddings`` still leaves ``nn.Embedding`` float (torchao's default filter
+    takes Linear only); a matched ``weight`` is quantized whatever its module is."""
+    import re
+
+    from torchao.quantization import FqnToConfig, Int8WeightOnlyConfig
+    from transformers import TorchAoConfig
+
+    regex = "re:^(" + "|".join(re.escape(name) for name in quant.int8_modules) + r")\.weight$"
+    return TorchAoConfig(FqnToConfig({regex: Int8WeightOnlyConfig()})).to_dict()
+
+
 def _add_quantization_config(file: Path, quant: Quantization, dropped: list[str]) -> None:
     config = json.loads(file.read_text())
-    config["quantization_config"] = bnb_quantization_config(quant, quant.float_linear + dropped)
+    if quant.method == "int8":
+        config["quantization_config"] = torchao_quantization_config(quant)
+    else:
+        config["quantization_config"] = bnb_quantization_config(quant, quant.float_linear + dropped)
     file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def _stock_tensors(module: nn.Module, tensors: dict) -> dict:
-    """``tensors`` as transformers reads them: int8-row tables (``Int8Embedding``) become float tables under the
-    stock ``weight`` key. Returns ``tensors`` itself when nothing changes.
-
-    The tables are written in the dtype the model computes in, not float16: transformers keeps a tensor's stored
-    dtype, and float16 embeddings would meet float32 layers downstream."""
-    from mmopt.modules.embedding import Int8Embedding
-
-    tables = {name: sub for name, sub in module.named_modules() if isinstance(sub, Int8Embedding)}
-    if not tables:
-        return tensors
-    stock = dict(tensors)
-    for name, sub in tables.items():
-        prefix = f"{name}." if name else ""
-        for key in [k for k in stock if k.startswith(prefix) and "." not in k[len(prefix):]]:
-            del stock[key]
-        stock[f"{prefix}weight"] = sub.dequantized().detach().cpu().contiguous()
-    return stock
 
 
 def _is_bert_layer(module: nn.Module) -> bool:

@@ -47,20 +47,42 @@ def logical_numel(tensor: torch.Tensor) -> int:
     return tensor.numel()
 
 
+def inner_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold a tensor's data: itself, or for a tensor subclass that wraps others (torchao's
+    ``Int8Tensor``: int8 ``qdata`` + float ``scale``) those, recursively. Such a wrapper's own
+    ``untyped_storage().nbytes()`` reports the bytes of its logical (float) dtype, not what memory holds."""
+    from mmopt.weights import is_wrapper
+
+    if not is_wrapper(tensor):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    return [t for name in names for t in inner_tensors(getattr(tensor, name))]
+
+
 def unique_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (tied or viewed tensors count once)."""
+    """Bytes of the distinct storages behind ``tensors`` (tied or viewed tensors count once; tensor subclasses
+    by their inner tensors)."""
     seen: set = set()
     total = 0
-    for tensor in tensors:
-        if tensor is None:
+    for outer in tensors:
+        if outer is None:
             continue
-        storage = tensor.untyped_storage()
-        key = (storage.data_ptr(), tensor.device, storage.nbytes()) if tensor.device.type != "meta" else id(tensor)
-        if key in seen:
-            continue
-        seen.add(key)
-        total += storage.nbytes() if tensor.device.type != "meta" else tensor_bytes(tensor)
+        for tensor in inner_tensors(outer):
+            total += _new_bytes(tensor, seen)
     return total
+
+
+def _new_bytes(tensor: torch.Tensor, seen: set) -> int:
+    """Bytes of ``tensor``'s storage unless ``seen`` already holds it (then 0); adds it to ``seen``."""
+    if tensor.device.type == "meta":
+        key: object = id(tensor)
+    else:
+        storage = tensor.untyped_storage()
+        key = (storage.data_ptr(), tensor.device, storage.nbytes())
+    if key in seen:
+        return 0
+    seen.add(key)
+    return tensor.untyped_storage().nbytes() if tensor.device.type != "meta" else tensor_bytes(tensor)
 
 
 def unique_tensors(module: nn.Module) -> list[torch.Tensor]:
@@ -103,10 +125,10 @@ def part_sizes(model: Model, part: str) -> dict:
 
 
 def is_low_bit(tensor: torch.Tensor) -> bool:
-    """Whether a parameter is stored in 8 or 4 bits (int8 rows, bitsandbytes int8 or packed 4-bit)."""
+    """Whether a parameter is stored in 8 or 4 bits (int8 rows, torchao int8, bitsandbytes int8 or packed 4-bit)."""
     import torch
 
-    return tensor.dtype in (torch.int8, torch.uint8)
+    return inner_tensors(tensor)[0].dtype in (torch.int8, torch.uint8)
 
 
 def quantized_fraction(model: Model, part: str) -> float:

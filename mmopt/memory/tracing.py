@@ -109,10 +109,29 @@ def peak_activation(fn: Callable[..., Any], subject: nn.Module | Model, inputs: 
     first = next((t for t in _leaves(inputs) if isinstance(t, torch.Tensor)), None)
     if first is not None and first.device.type == "cuda":
         return Peak(cuda_peak(lambda *a: fn(subject, *a), inputs), MEASURED_CUDA, "torch.cuda.max_memory_allocated")
+    if has_llm_int8(root_of(subject)):
+        return Peak(trace_forward(fn, subject, inputs).peak_bytes, ESTIMATED,
+                    "fake-tensor trace, LLM.int8 as its CUDA allocations")
     try:
         return Peak(trace_forward(fn, subject, inputs).peak_bytes, ESTIMATED, "fake-tensor trace")
     except Exception:  # an op without a fake kernel (some quantized kernels): trace the real CPU run instead
         return Peak(trace_real(fn, subject, inputs), ESTIMATED, "CPU trace")
+
+
+def has_llm_int8(root: nn.Module) -> bool:
+    """Whether ``root`` holds bitsandbytes LLM.int8 layers (by type name: only the quantize pass imports it)."""
+    return any(type(m).__name__ == "Linear8bitLt" for m in root.modules())
+
+
+def _llm_int8_stand_ins(root: nn.Module) -> None:
+    """Replace each LLM.int8 layer of a fake copy by a module allocating what its CUDA kernels allocate: the
+    outlier split has a data-dependent shape and no fake-tensor kernel (``modules/alloc_models.py``)."""
+    from mmopt.modules.alloc_models import LLMInt8Allocations
+
+    for name, module in list(root.named_modules()):
+        if type(module).__name__ == "Linear8bitLt":
+            owner_name, _, attr = name.rpartition(".")
+            setattr(root.get_submodule(owner_name) if owner_name else root, attr, LLMInt8Allocations.like(module))
 
 
 def latency_ms(fn: Callable[..., Any], inputs: tuple, repeats: int = 3, slow_ms: float = 1000.0) -> float:
@@ -190,10 +209,14 @@ def _make_tracker() -> Any:
             return high - start
 
         def ignore(self, tensors: list) -> None:
-            """Storages that existed before the forward (weights, inputs): never counted."""
+            """Storages that existed before the forward (weights, inputs): never counted. A tensor subclass's
+            inner tensors too: a view of torchao's int8 ``qdata`` is not a new allocation."""
+            from mmopt.memory.counting import inner_tensors
+
             for t in tensors:
                 if isinstance(t, torch.Tensor):
-                    self.known.add(_storage_key(t))
+                    for x in {id(y): y for y in [t, *inner_tensors(t)]}.values():
+                        self.known.add(_storage_key(x))
 
         def _free(self, key: Any, nbytes: int) -> None:
             self.current -= nbytes
@@ -245,6 +268,8 @@ def measuring_copy(subject: Subject, mode: FakeTensorMode | None = None, require
 
     import torch.nn as nn
 
+    from mmopt.weights import is_wrapper
+
     root = root_of(subject)
     memo: dict[int, Any] = {}
     if mode is not None:
@@ -253,7 +278,7 @@ def measuring_copy(subject: Subject, mode: FakeTensorMode | None = None, require
                 for value in store.values():
                     if value is None or id(value) in memo:
                         continue
-                    if is_param and type(value) is not nn.Parameter:
+                    if is_param and type(value) is not nn.Parameter and not is_wrapper(value):
                         # quantized weights (bitsandbytes' Params4bit, Int8Params) carry their quantization
                         # state on the Parameter object: they are copied for real (they are small) and become
                         # fake as the forward reads them
@@ -371,6 +396,8 @@ def trace_forward(fn: Callable[..., Any], subject: nn.Module | Model, inputs: tu
     clone = measuring_copy(subject, mode)      # outside the mode: real tensors the copy holds are copied for real
     clone_root = root_of(clone)
     with mode:
+        if has_llm_int8(clone_root):
+            _llm_int8_stand_ins(clone_root)
         # hooks go on the copy, which is dropped afterwards: nothing to remove
         for name in modules:
             mod = clone_root.get_submodule(name)

@@ -1,28 +1,34 @@
-"""Store weights in 8 or 4 bits with bitsandbytes, covering every matrix multiply and the embedding tables.
+"""Store weights in 8 or 4 bits, covering every matrix multiply and the embedding tables.
 
-bitsandbytes quantizes ``nn.Linear`` only, so first every matrix multiply is made one (``mmopt/modules``):
-fused attention becomes four Linear projections, a ViT patch convolution a Linear over patches, a bare CLIP
-projection matrix a Linear; which modules those are is the adapter's word (``QuantLayout``). Then each Linear
-becomes ``Linear8bitLt`` (int8, one scale per output row) or ``Linear4bit`` (nf4/fp4, one absmax per
-``blocksize`` weights), and embedding tables become per-row int8. Convolutions other than patch embeddings,
-norms and biases stay in their dtype; the report lists them. The only module of mmopt that imports bitsandbytes.
+``method: int8`` (the default) stores every ``nn.Linear`` and ``nn.Embedding`` weight as torchao's
+``Int8Tensor`` (int8 + one float32 scale per row, weight-only: dequantize-then-matmul, no activation quantization,
+so no activation-memory penalty) inside the stock module, every other convolution as int8 per output channel (1x1
+convolutions are matrix multiplies), and bare tables (open_clip's positional embedding) as int8 rows. A Hugging
+Face folder written this way is the one weight set of the output and loads in transformers / sentence-transformers
+through ``TorchAoConfig``. ``embeddings: int4`` puts embedding tables in 4-bit groups instead (a mixed scheme:
+matmuls int8, tables 4-bit; mmopt's own format, not stock-loadable).
 
-The adapter's ``save`` learns what was done from ``model.quantization`` (a Hugging Face folder writes it as
-transformers' ``quantization_config``). Reloading (``mmopt.load``): ``restore`` replays the swaps on a freshly
-built model and puts empty bitsandbytes modules in place (an int8 one is moved to its device first, because
-``Linear8bitLt`` only accepts a quantized state once it is quantized itself); ``load_state`` rebuilds each 4-bit
-weight with ``Params4bit.from_prequantized`` from the saved packed data and quantization state.
+``method: llm_int8 | nf4 | fp4`` are bitsandbytes (LLM.int8 with outlier decomposition; 4-bit blocks): first
+every matrix multiply is made an ``nn.Linear`` (``mmopt/modules``: fused attention becomes four projections, a ViT
+patch convolution a Linear over patches, a bare CLIP projection matrix a Linear; which modules those are is the
+adapter's word, ``QuantLayout``), then each becomes ``Linear8bitLt`` / ``Linear4bit``. transformers' bitsandbytes
+format has no int8 tables, so on a stock Hugging Face folder the tables stay float (``QuantLayout.stock_tables``).
+The only module of mmopt that imports bitsandbytes.
+
+Reloading (``mmopt.load``): ``restore`` replays the swaps on a freshly built model and puts empty quantized
+modules in place; ``load_state`` rebuilds torchao tensors from their saved inner tensors and each 4-bit
+bitsandbytes weight with ``Params4bit.from_prequantized``.
 """
 from __future__ import annotations
 
 import fnmatch
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from mmopt.core import Model, QuantLayout, Quantization
-from mmopt.errors import UnsupportedError, UserError, first_line
-from mmopt.memory.counting import quantized_fraction
+from mmopt.errors import IntegrityError, UnsupportedError, UserError, first_line
+from mmopt.memory.counting import is_low_bit, quantized_fraction
 from mmopt.passes.base import Change, Context, Pass, PassConfig, PassResult, Skip, describe, excluded, target_parts
 
 if TYPE_CHECKING:
@@ -35,17 +41,24 @@ if TYPE_CHECKING:
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
+BNB_METHODS = ("llm_int8", "nf4", "fp4")
+
+
 class QuantizeConfig(PassConfig):
-    method: Literal["int8", "nf4", "fp4"] = Field(
-        "int8", description="int8: bitsandbytes LLM.int8 storage (per-row scales); nf4 | fp4: bitsandbytes 4-bit")
+    method: Literal["int8", "llm_int8", "nf4", "fp4"] = Field(
+        "int8", description="int8: torchao weight-only int8 rows (stock-loadable, no activation penalty); "
+                            "llm_int8: bitsandbytes LLM.int8 (outlier decomposition); nf4 | fp4: bitsandbytes 4-bit")
     parts: list[str] | None = Field(None, description="parts to quantize (default: all)")
-    embeddings: Literal["int8", "keep"] = Field(
-        "int8", description="int8: token/position embedding tables as per-row int8; keep: leave them as they are")
+    embeddings: Literal["int8", "int4", "keep"] = Field(
+        "int8", description="int8: embedding tables as per-row int8; int4 (method int8 only): tables in 4-bit "
+                            "groups of group_size (mixed scheme, mmopt's own format); keep: leave them as they are")
+    group_size: int = Field(64, ge=2, description="embeddings int4: values per 4-bit group (a table's width must "
+                                                   "be a multiple; others stay int8)")
     exclude: list[str] = Field(default_factory=list,
                                description="module-name globs kept in higher precision; each must match something")
     blocksize: int = Field(64, description=f"4-bit block size, one of {', '.join(map(str, BLOCKSIZES))}")
     int8_threshold: float = Field(
-        6.0, ge=0, description="int8: LLM.int8 outlier threshold, transformers' default (activation columns with a "
+        6.0, ge=0, description="llm_int8: LLM.int8 outlier threshold, transformers' default (activation columns with a "
                                "value above it run in float16); 0 = all int8")
 
     @field_validator("blocksize")
@@ -54,6 +67,12 @@ class QuantizeConfig(PassConfig):
         if value not in BLOCKSIZES:
             raise ValueError(f"bitsandbytes accepts blocksize {', '.join(map(str, BLOCKSIZES))}, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _int4_tables(self) -> "QuantizeConfig":
+        if self.embeddings == "int4" and self.method != "int8":
+            raise ValueError(f"embeddings int4 goes with method int8 (int8 matmuls, 4-bit tables), got {self.method}")
+        return self
 
 
 class Quantize(Pass):
@@ -66,25 +85,33 @@ class Quantize(Pass):
             raise UnsupportedError("quantize: the model is already quantized by an earlier quantize pass",
                                    hint="keep one quantize pass in the recipe")
         parts = target_parts(model, cfg.parts)
-        _check_kernel(cfg, ctx.device)
+        if cfg.method in BNB_METHODS:
+            _check_kernel(cfg, ctx.device)
+        else:
+            _torchao()
         layout = ctx.adapter.quantization_layout(model)
         _check_globs(model, parts, cfg.exclude)
         result = PassResult()
-        record: dict = {"parts": parts, "swaps": [], "linear": [], "embeddings": [], "tables": [],
-                        "compute_dtype": {}}
+        record: dict = {"parts": parts, "backend": backend_of(cfg.method), "swaps": [], "linear": [],
+                        "embeddings": [], "int4_embeddings": [], "convs": [], "tables": [], "compute_dtype": {}}
         float_linear: list[str] = []
         for part in parts:
             record["compute_dtype"][part] = str(model.part_dtype(part)).removeprefix("torch.")
             if layout.structural:
                 _swap_structures(model, part, cfg, layout, record, result)
-            _quantize_part(model, part, cfg, layout, record, result, float_linear)
+            if cfg.method in BNB_METHODS:
+                _quantize_part(model, part, cfg, layout, record, result, float_linear)
+            else:
+                _quantize_part_torchao(model, part, cfg, layout, record, result, float_linear)
             _note_uncovered(model, part, result)
             result.metrics[part] = {"quantized_fraction": round(quantized_fraction(model, part), 6),
                                     "high_precision": _summary([s for s in result.skipped
                                                                 if model.owns(part, s.module)])}
         model.quantization = Quantization(
             method=cfg.method, int8_threshold=cfg.int8_threshold, blocksize=cfg.blocksize, embeddings=cfg.embeddings,
-            compute_dtype=record["compute_dtype"][parts[0]] if parts else "float32", float_linear=sorted(float_linear))
+            compute_dtype=record["compute_dtype"][parts[0]] if parts else "float32", float_linear=sorted(float_linear),
+            int8_modules=sorted(record["linear"] + record["embeddings"]) if cfg.method == "int8" else [],
+            group_size=cfg.group_size)
         result.record = record
         return result
 
@@ -93,8 +120,11 @@ class Quantize(Pass):
         _restore(model, self.config, record)
 
     def load_state(self, model: Model, record: dict, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """4-bit weights: rebuild each ``Params4bit`` from its packed data and saved quantization state."""
+        """torchao weights: each ``Int8Tensor`` from its saved inner tensors; bitsandbytes 4-bit weights: each
+        ``Params4bit`` from its packed data and saved quantization state."""
         if self.config.method == "int8":
+            return _torchao_state(model, record, state)
+        if self.config.method == "llm_int8":
             return state
         bnb = _bnb()
         for name in record["linear"]:
@@ -108,6 +138,19 @@ class Quantize(Pass):
 
     def brief(self, metrics: dict) -> str:
         return f"{metrics['quantized_fraction']:.1%} of weights in 8/4 bits; kept: {metrics['high_precision']}"
+
+
+def backend_of(method: str) -> str:
+    return "torchao" if method == "int8" else "bitsandbytes"
+
+
+def _torchao() -> Any:
+    try:
+        import torchao
+    except ImportError as exc:
+        raise UnsupportedError(f"quantize: torchao cannot be imported ({first_line(exc, 120)})",
+                               hint="pip install torchao, or use method llm_int8 (bitsandbytes)") from None
+    return torchao
 
 
 # --- checks ------------------------------------------------------------------------------------------------
@@ -130,7 +173,7 @@ def _check_kernel(cfg: QuantizeConfig, device: str) -> None:
     failure = _probe(cfg.method, cfg.blocksize, device)
     if failure is None:
         return
-    working = [m for m in ("int8", "nf4", "fp4") if m != cfg.method and _probe(m, 64, device) is None]
+    working = [m for m in BNB_METHODS if m != cfg.method and _probe(m, 64, device) is None]
     hint = f"method {working[0]} works on {device}" if working else f"no bitsandbytes method works on {device}"
     raise UnsupportedError(f"quantize: the bitsandbytes {cfg.method} kernel is not available on {device} ({failure})",
                            hint=hint)
@@ -203,8 +246,17 @@ def _restore(model: Model, cfg: QuantizeConfig, record: dict) -> None:
     from mmopt.modules.attention import split_attention_from
     from mmopt.modules.embedding import Int8Embedding
     from mmopt.modules.linear import matmul_linear_from, patch_linear_from
+    from mmopt.modules.quantized import Int4Embedding, int8_channels_on
 
-    _bnb()
+    if cfg.method == "int8" and "backend" not in record:
+        # before torchao became the default, method int8 meant bitsandbytes LLM.int8 (and wrote no backend)
+        raise IntegrityError("this checkpoint was written by an older mmopt whose quantize method int8 was "
+                             "bitsandbytes LLM.int8", hint="re-run its recipe (method int8 is torchao now; "
+                                                           "method llm_int8 is the old format)")
+    if cfg.method in BNB_METHODS:
+        _bnb()
+    else:
+        _torchao()
     for swap in record["swaps"]:
         if not _present(model, swap["name"]):
             continue
@@ -220,11 +272,18 @@ def _restore(model: Model, cfg: QuantizeConfig, record: dict) -> None:
         if _present(model, name):
             part = model.part_of(name)
             dtype = getattr(torch, record["compute_dtype"].get(part, "float32"))
-            _set(model.module, name, quantized_linear(_get(model.module, name), cfg.method, cfg.blocksize,
-                                                       cfg.int8_threshold, dtype, "cpu"))
+            if cfg.method in BNB_METHODS:
+                _set(model.module, name, quantized_linear(_get(model.module, name), cfg.method, cfg.blocksize,
+                                                           cfg.int8_threshold, dtype, "cpu"))
     for name in record["embeddings"]:
-        if _present(model, name):
+        if _present(model, name) and cfg.method in BNB_METHODS:
             _set(model.module, name, Int8Embedding.from_embedding(_get(model.module, name)))
+    for name in record.get("int4_embeddings", []):
+        if _present(model, name):
+            _set(model.module, name, Int4Embedding.from_embedding(_get(model.module, name), cfg.group_size))
+    for name in record.get("convs", []):
+        if _present(model, name):
+            int8_channels_on(_get(model.module, name))
     for name in record["tables"]:
         if _present(model, name):
             _int8_table(model, name)
@@ -246,8 +305,8 @@ def _quantize_part(model: Model, part: str, cfg: QuantizeConfig, layout: QuantLa
         if type(module) not in _LINEAR_TYPES():
             if isinstance(module, torch.nn.Embedding) and cfg.embeddings == "int8":
                 glob = excluded(name, cfg.exclude)
-                if glob:
-                    result.skipped.append(Skip(name, f"excluded by {glob!r}"))
+                if glob or layout.float_tables:
+                    result.skipped.append(Skip(name, f"excluded by {glob!r}" if glob else layout.float_tables))
                     continue
                 _set(model.module, name, Int8Embedding.from_embedding(module))
                 record["embeddings"].append(name)
@@ -264,16 +323,87 @@ def _quantize_part(model: Model, part: str, cfg: QuantizeConfig, layout: QuantLa
         record["linear"].append(name)
         result.changed.append(Change(name, before, f"bnb {cfg.method}"))
     if cfg.embeddings == "int8":
-        for name, kind in layout.bare_weights.items():
-            if kind == "table" and model.owns(part, name):
-                glob = excluded(name, cfg.exclude)
-                if glob:
-                    result.skipped.append(Skip(name, f"excluded by {glob!r}"))
-                    continue
-                before = describe(_get(model.module, name))
-                _int8_table(model, name)
-                record["tables"].append(name)
-                result.changed.append(Change(name, before, "int8 rows"))
+        _quantize_tables(model, part, cfg, layout, record, result)
+
+
+def _quantize_part_torchao(model: Model, part: str, cfg: QuantizeConfig, layout: QuantLayout, record: dict,
+                           result: PassResult, float_linear: list[str]) -> None:
+    """``method: int8``: torchao Int8Tensor weights in the stock Linear / Embedding modules, int8 convolutions."""
+    import torch
+
+    from mmopt.modules.linear import PatchLinear
+    from mmopt.modules.quantized import Int4Embedding, int8_channels_on, int8_tensor
+
+    fused = {name: "inside a fused attention that reads this weight directly"
+             for name, module in model.named_modules(part) if _is_attention(module, layout)}
+    for name, module in list(model.named_modules(part)):
+        if isinstance(module, torch.nn.Embedding):
+            if cfg.embeddings == "keep":
+                continue
+            glob = excluded(name, cfg.exclude)
+            if glob:
+                result.skipped.append(Skip(name, f"excluded by {glob!r}"))
+                continue
+            before = describe(module.weight)
+            # tiny tables (BERT's 2-row token types) stay int8: groups of 4-bit zero points would cost more
+            if cfg.embeddings == "int4" and Int4Embedding.fits(module, cfg.group_size) and module.num_embeddings >= 8:
+                _set(model.module, name, Int4Embedding.from_embedding(module, cfg.group_size))
+                record["int4_embeddings"].append(name)
+                result.changed.append(Change(name, before, f"4-bit groups of {cfg.group_size}"))
+                continue
+            module.weight = torch.nn.Parameter(int8_tensor(module.weight.detach()), requires_grad=False)
+            record["embeddings"].append(name)
+            result.changed.append(Change(name, before, "int8 rows (torchao)"))
+        elif type(module) in _LINEAR_TYPES():
+            reason = _keep_reason(name, cfg.exclude, {**layout.keep, **fused})
+            if reason:
+                result.skipped.append(Skip(name, reason))
+                float_linear.append(name)
+                continue
+            before = describe(module.weight)
+            module.weight = torch.nn.Parameter(int8_tensor(module.weight.detach()), requires_grad=False)
+            record["linear"].append(name)
+            result.changed.append(Change(name, before, "int8 rows (torchao)"))
+        elif isinstance(module, torch.nn.modules.conv._ConvNd) and not isinstance(module, PatchLinear):
+            reason = _keep_reason(name, cfg.exclude, layout.keep)
+            if reason:
+                result.skipped.append(Skip(name, reason))
+                continue
+            before = describe(module.weight)
+            int8_channels_on(module)
+            record["convs"].append(name)
+            result.changed.append(Change(name, before, "int8 per output channel"))
+    if cfg.embeddings != "keep":
+        _quantize_tables(model, part, cfg, layout, record, result)
+
+
+def _torchao_state(model: Model, record: dict, state: dict) -> dict:
+    """Saved ``<module>._weight_qdata`` / ``._weight_scale`` pairs back into ``<module>.weight`` Int8Tensors."""
+    from mmopt.modules.quantized import int8_tensor_from
+
+    for name in record["linear"] + record["embeddings"]:
+        prefix = f"{name}._weight_"
+        if f"{prefix}qdata" not in state:
+            continue
+        dtype = _get(model.module, name).weight.dtype
+        state[f"{name}.weight"] = int8_tensor_from(state.pop(f"{prefix}qdata"), state.pop(f"{prefix}scale"), dtype)
+    return state
+
+
+def _quantize_tables(model: Model, part: str, cfg: QuantizeConfig, layout: QuantLayout, record: dict,
+                     result: PassResult) -> None:
+    """Bare tables (open_clip's positional embedding, class embedding) as int8 rows."""
+    for name, kind in layout.bare_weights.items():
+        if kind != "table" or not model.owns(part, name):
+            continue
+        glob = excluded(name, cfg.exclude)
+        if glob:
+            result.skipped.append(Skip(name, f"excluded by {glob!r}"))
+            continue
+        before = describe(_get(model.module, name))
+        _int8_table(model, name)
+        record["tables"].append(name)
+        result.changed.append(Change(name, before, "int8 rows"))
 
 
 def _LINEAR_TYPES() -> tuple:
@@ -298,7 +428,7 @@ def quantized_linear(linear: nn.Linear, method: str, blocksize: int, threshold: 
     bnb = _bnb()
     bias = linear.bias is not None
     weight = linear.weight.detach().to("cpu", dtype)
-    if method == "int8":
+    if method == "llm_int8":
         new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
                                   threshold=threshold)
         new.weight = bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False)
@@ -338,13 +468,15 @@ def _note_uncovered(model: Model, part: str, result: PassResult) -> None:
     """Convolutions, and any other float matrix no swap turned into a Linear, are listed as not covered."""
     import torch
 
-    convs = [name for name, m in model.named_modules(part) if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    convs = [name for name, m in model.named_modules(part) if isinstance(m, torch.nn.modules.conv._ConvNd)
+             and not torch.nn.utils.parametrize.is_parametrized(m, "weight")]
     for name in convs:
         result.skipped.append(Skip(name, "convolution: bitsandbytes has no quantized convolution (not covered)"))
     noted = {s.module for s in result.skipped}
     for name, tensor in model.named_tensors(part, buffers=False):
         owner = name.rpartition(".")[0]
-        if tensor.dim() < 2 or not tensor.is_floating_point() or owner in noted or name in noted:
+        if tensor.dim() < 2 or is_low_bit(tensor) or not tensor.is_floating_point() or owner in noted \
+                or name in noted:
             continue
         result.skipped.append(Skip(name, f"{describe(tensor)} left as it is: not a Linear or an embedding table"))
 

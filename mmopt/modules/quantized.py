@@ -1,0 +1,141 @@
+"""Weight-only quantized storage the quantize pass installs by default (``method: int8``):
+
+- ``int8_tensor``: torchao's ``Int8Tensor`` (int8 + one float32 scale per row) for an ``nn.Linear`` or
+  ``nn.Embedding`` weight. The module stays the stock one, so transformers (``TorchAoConfig``) rebuilds the
+  same model from the same file; torchao runs it as ``mm(x, q.t().to(x.dtype)) * scale`` (a float matmul
+  after a cast, the same ops on CPU and CUDA), and an embedding as a lookup in the dequantized table.
+- ``Int8Channels``: a parametrization storing a convolution weight as int8 with one scale per output channel
+  (1x1 convolutions are matrix multiplies; depthwise and the first conv are covered the same way).
+- ``Int4Embedding``: an embedding table in 4-bit groups (asymmetric, range chosen per group by a small clipping
+  search), two codes per byte; only the looked-up rows are dequantized.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mmopt.modules.embedding import quantize_rows
+
+
+def int8_tensor(weight: torch.Tensor) -> torch.Tensor:
+    """A torchao ``Int8Tensor`` for a 2-D ``weight``: per-row symmetric int8 (``max|row| / 127``), dequantizing
+    to ``weight.dtype`` (the dtype it will compute in: an Int8Tensor's output dtype is fixed when it is made)."""
+    from torchao.quantization import Int8Tensor
+
+    q, scale = quantize_rows(weight)
+    return Int8Tensor(q, scale.float(), block_size=[1, weight.shape[1]], dtype=weight.dtype)
+
+
+def int8_tensor_from(qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An ``Int8Tensor`` from its saved inner tensors (``<module>._weight_qdata`` / ``._weight_scale``)."""
+    from torchao.quantization import Int8Tensor
+
+    return Int8Tensor(qdata, scale, block_size=[1, qdata.shape[1]], dtype=dtype)
+
+
+def is_int8_tensor(tensor: object) -> bool:
+    return type(tensor).__name__ == "Int8Tensor"
+
+
+class Int8Channels(nn.Module):
+    """Parametrization storing a convolution weight (out, in/groups, kh, kw) as int8, one scale per output channel."""
+
+    def __init__(self, channels: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.ones(channels, 1, dtype=dtype))
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        flat = q.reshape(q.shape[0], -1).to(self.scale.dtype) * self.scale
+        return flat.reshape(q.shape)
+
+    def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor]:
+        q, scale = quantize_rows(weight.reshape(weight.shape[0], -1))
+        self.scale = scale.to(weight.device)
+        return (q.reshape(weight.shape),)     # a one-tuple: lets parametrize change the stored dtype
+
+
+def int8_channels_on(conv: nn.Module) -> None:
+    """Store ``conv.weight`` as int8 per output channel."""
+    from torch.nn.utils import parametrize
+
+    weight = conv.weight
+    weight.requires_grad_(False)
+    parametrize.register_parametrization(conv, "weight", Int8Channels(weight.shape[0], weight.dtype)
+                                         .to(weight.device), unsafe=True)
+
+
+# --- 4-bit groups ----------------------------------------------------------------------------------------------
+
+def quantize_groups4(weight: torch.Tensor, group_size: int, grid: int = 20, max_shrink: float = 0.25
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit codes (0..15) per ``group_size`` consecutive values of a row: (codes uint8, scale (rows,
+    groups), zero (rows, groups) uint8) with ``w ~ (q - zero) * scale``. Each group's range is shrunk by the factor
+    in ``1 - k/grid * max_shrink`` that minimises its squared error (GPTQ's ``mse`` search)."""
+    w = weight.detach().float()
+    rows, cols = w.shape
+    wg = w.reshape(rows, cols // group_size, group_size)
+    best = torch.full(wg.shape[:2], float("inf"))
+    scale = zero = None
+    for k in range(grid + 1):
+        shrink = 1 - k / grid * max_shrink
+        lo = (wg.amin(-1) * shrink).clamp(max=0)
+        hi = (wg.amax(-1) * shrink).clamp(min=0)
+        s = ((hi - lo) / 15).clamp(min=1e-10)
+        z = torch.round(-lo / s).clamp(0, 15)
+        q = torch.round(wg / s[..., None] + z[..., None]).clamp(0, 15)
+        err = ((q - z[..., None]) * s[..., None] - wg).pow(2).sum(-1)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = s if scale is None else torch.where(better, s, scale)
+        zero = z if zero is None else torch.where(better, z, zero)
+    q = torch.round(wg / scale[..., None] + zero[..., None]).clamp(0, 15)
+    return q.reshape(rows, cols).to(torch.uint8), scale, zero.to(torch.uint8)
+
+
+def pack4(codes: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes per byte along the last dim, low nibble first."""
+    return (codes[..., 0::2] & 0xF) | ((codes[..., 1::2] & 0xF) << 4)
+
+
+def unpack4(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 0xF, (packed >> 4) & 0xF], dim=-1).reshape(*packed.shape[:-1], -1)
+
+
+class Int4Embedding(nn.Module):
+    """``nn.Embedding`` with a 4-bit table: packed codes, a float16 scale and a uint8 zero point per group."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int, dtype: torch.dtype = torch.float32,
+                 padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.group_size, self.dtype = group_size, dtype
+        groups = embedding_dim // group_size
+        # packed codes as a frozen Parameter: counted among the part's parameters (as half the table's numel)
+        self.weight = nn.Parameter(torch.zeros(num_embeddings, embedding_dim // 2, dtype=torch.uint8),
+                                   requires_grad=False)
+        self.register_buffer("scale", torch.ones(num_embeddings, groups, dtype=torch.float16))
+        self.register_buffer("zero", torch.zeros(num_embeddings, groups, dtype=torch.uint8))
+
+    @staticmethod
+    def fits(emb: nn.Embedding, group_size: int) -> bool:
+        return emb.embedding_dim % group_size == 0 and emb.embedding_dim % 2 == 0
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, group_size: int) -> "Int4Embedding":
+        new = cls(emb.num_embeddings, emb.embedding_dim, group_size, emb.weight.dtype, emb.padding_idx)
+        codes, scale, zero = quantize_groups4(emb.weight, group_size)
+        device = emb.weight.device
+        new.weight.data = pack4(codes).to(device)
+        new.scale, new.zero = scale.to(torch.float16).to(device), zero.to(device)
+        return new
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, 4-bit groups of {self.group_size}"
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        codes = unpack4(F.embedding(ids, self.weight)).to(torch.float32)
+        groups = codes.reshape(*codes.shape[:-1], -1, self.group_size)
+        zero = F.embedding(ids, self.zero).to(torch.float32).unsqueeze(-1)
+        scale = F.embedding(ids, self.scale).to(torch.float32).unsqueeze(-1)
+        return ((groups - zero) * scale).reshape(codes.shape).to(self.dtype)
