@@ -20,14 +20,17 @@ class LLMInt8Allocations(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, outlier_columns: int = 0) -> None:
         super().__init__()
         self.in_features, self.out_features, self.k = in_features, out_features, outlier_columns
-        self.register_buffer("CB", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))   # bnb's CB
         self.register_buffer("SCB", torch.zeros(out_features, dtype=torch.float32))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=torch.float16), requires_grad=False) if bias \
             else None
 
     @classmethod
     def like(cls, layer: nn.Module) -> "LLMInt8Allocations":
-        return cls(layer.in_features, layer.out_features, layer.bias is not None)
+        new = cls(layer.in_features, layer.out_features, layer.bias is not None)
+        if hasattr(layer, "int8_original_dtype"):      # open_clip reads its compute dtype from there
+            new.int8_original_dtype = layer.int8_original_dtype
+        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -40,13 +43,12 @@ class LLMInt8Allocations(nn.Module):
         if self.k:
             idx = torch.arange(self.k, device=a.device)
             sub_a = a[:, idx].contiguous()
-            sub_b = (self.CB[:, idx].float() * (self.SCB / 127).unsqueeze(1)).to(a.dtype).t()
+            sub_b = (self.weight[:, idx].float() * (self.SCB / 127).unsqueeze(1)).to(a.dtype).t()
         out_i32 = torch.empty(n, self.out_features, dtype=torch.int32, device=a.device)
         out = torch.zeros_like(out_i32, dtype=torch.float16)
         del out_i32
         if self.k:
             out = out.addmm(sub_a, sub_b)
-        if self.bias is not None:
-            out = out + self.bias
+        # the bias is added by int8_mm_dequant into its own output: no further allocation
         del ca, row_stats
         return out.reshape(*shape[:-1], self.out_features).to(x.dtype)

@@ -139,16 +139,17 @@ def test_quantized_fraction_covers_tiny_clip():
     torch.manual_seed(0)
     wide = registry.adapter_for("open_clip").build({"name": "ViT-B-32", "config": tiny_clip_config(width=256)},
                                                    {}, {})
-    model, result = quantized(wide, method="int8", embeddings="int8")
-    for part in ("visual", "text"):
-        assert result.metrics[part]["quantized_fraction"] >= 0.99
-    swaps = {c.module: c.after for c in result.changed}
-    assert swaps["visual.conv1"] == "PatchLinear" and swaps["visual.proj"] == "MatmulLinear"
-    assert swaps["text_projection"] == "MatmulLinear"
-    assert model.module.visual.transformer.resblocks[0].attn.q_proj.weight.dtype == torch.int8
-    assert model.module.parametrizations.positional_embedding.original0.dtype == torch.int8
-    kept = quantized(wide, method="int8", embeddings="keep")[1].metrics["text"]["quantized_fraction"]
-    assert kept < result.metrics["text"]["quantized_fraction"]
+    for method in ("int8", "llm_int8"):
+        model, result = quantized(wide, method=method, embeddings="int8")
+        for part in ("visual", "text"):
+            assert result.metrics[part]["quantized_fraction"] >= 0.99
+        swaps = {c.module: c.after for c in result.changed}
+        assert swaps["visual.conv1"] == "PatchLinear" and swaps["visual.proj"] == "MatmulLinear"
+        assert swaps["text_projection"] == "MatmulLinear"
+        assert counting.is_low_bit(model.module.visual.transformer.resblocks[0].attn.q_proj.weight)
+        assert model.module.parametrizations.positional_embedding.original0.dtype == torch.int8
+        kept = quantized(wide, method=method, embeddings="keep")[1].metrics["text"]["quantized_fraction"]
+        assert kept < result.metrics["text"]["quantized_fraction"]
 
 
 def test_memory_counts_quantized_modules(clip):
@@ -160,45 +161,57 @@ def test_memory_counts_quantized_modules(clip):
     assert counting.part_weight_bytes(model, "visual") < counting.part_weight_bytes(clip, "visual") / 3
 
 
-@pytest.mark.parametrize("method", ["int8", "nf4", "fp4"])
+@pytest.mark.parametrize("method", ["int8", "llm_int8", "nf4", "fp4"])
 def test_save_and_load_on_cpu(clip, tmp_path, method):
     model, _ = apply_and_write(clip, tmp_path / "out", method=method, embeddings="int8", blocksize=32)
     reloaded = checkpoint.load_model(tmp_path / "out")
     for part, inputs in clip_inputs().items():
         torch.testing.assert_close(run(reloaded, part, inputs), run(model, part, inputs))
-        assert cosine(run(reloaded, part, inputs), run(clip, part, inputs)) > (0.99 if method == "int8" else 0.75)
+        assert cosine(run(reloaded, part, inputs), run(clip, part, inputs)) > (0.99 if "int8" in method else 0.75)
     linear = reloaded.module.visual.transformer.resblocks[0].mlp.c_fc
-    assert type(linear).__name__ == ("Linear8bitLt" if method == "int8" else "Linear4bit")
+    expected = {"int8": "Linear", "llm_int8": "Linear8bitLt"}.get(method, "Linear4bit")
+    assert type(linear).__name__ == expected
+    if method == "int8":
+        assert type(linear.weight).__name__ == "Int8Tensor" and linear.weight.qdata.dtype == torch.int8
     assert counting.quantized_fraction(reloaded, "visual") == counting.quantized_fraction(model, "visual")
 
 
-def test_same_recipe_gives_identical_files(clip, tmp_path):
-    apply_and_write(clip, tmp_path / "a", method="nf4")
-    apply_and_write(clip, tmp_path / "b", method="nf4")
+@pytest.mark.parametrize("method", ["int8", "nf4"])
+def test_same_recipe_gives_identical_files(clip, tmp_path, method):
+    apply_and_write(clip, tmp_path / "a", method=method)
+    apply_and_write(clip, tmp_path / "b", method=method)
     for name in ("visual.safetensors", "text.safetensors"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
-@pytest.mark.parametrize("method", ["int8", "nf4"])
-def test_hf_output_loads_in_transformers(bert_folder, tmp_path, method):
+@pytest.mark.parametrize("method", ["int8", "llm_int8", "nf4"])
+def test_hf_output_is_one_weight_set_that_transformers_loads(bert_folder, tmp_path, method):
+    import json
+
     from transformers import AutoModel
 
     adapter = registry.adapter_for("hf")
     bert = adapter.load(ModelSpec(source="hf", path=str(bert_folder)))
     model, _ = apply_and_write(bert, tmp_path / "out", method=method, embeddings="int8", exclude=["pooler.dense"])
+    manifest = json.loads((tmp_path / "out" / "mmopt.json").read_text())
+    weights = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert weights == ["model.safetensors"] and manifest["files"]["text"]["file"] == "model.safetensors"
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     inputs = (ids, torch.ones_like(ids))
     stock = AutoModel.from_pretrained(tmp_path / "out").eval()
-    assert type(stock.encoder.layer[0].attention.self.query).__name__ in ("Linear8bitLt", "Linear4bit")
-    assert type(stock.pooler.dense) is nn.Linear               # the excluded module stays float in transformers too
+    query, table = stock.encoder.layer[0].attention.self.query, stock.embeddings.word_embeddings
+    if method == "int8":        # every matmul and every table int8 in transformers too
+        assert type(query.weight).__name__ == "Int8Tensor" and type(table.weight).__name__ == "Int8Tensor"
+    else:                       # transformers' bitsandbytes format has no int8 tables: they stay float
+        assert type(query).__name__ in ("Linear8bitLt", "Linear4bit") and table.weight.dtype == torch.float32
+    assert type(stock.pooler.dense) is nn.Linear and stock.pooler.dense.weight.dtype == torch.float32
     with torch.inference_mode():
         hidden = stock(input_ids=ids, attention_mask=inputs[1]).last_hidden_state
     ours = checkpoint.load_model(tmp_path / "out")
     with torch.inference_mode():
         expected = ours.module(input_ids=ids, attention_mask=inputs[1]).last_hidden_state
-    # the same quantized weights; transformers reads the int8 tables as their dequantized float copies
-    assert cosine(hidden.flatten(1), expected.flatten(1)) > 0.999
-    assert isinstance(ours.module.embeddings.word_embeddings, Int8Embedding)
+    # the same file, the same quantized weights
+    assert cosine(hidden.flatten(1), expected.flatten(1)) > 0.9999
 
 
 def test_what_quantize_did_is_recorded_for_the_adapter_and_old_manifests_still_load(bert_folder, tmp_path):
@@ -206,8 +219,8 @@ def test_what_quantize_did_is_recorded_for_the_adapter_and_old_manifests_still_l
 
     adapter = registry.adapter_for("hf")
     bert = adapter.load(ModelSpec(source="hf", path=str(bert_folder)))
-    model, _ = apply_and_write(bert, tmp_path / "out", method="int8", exclude=["pooler.dense"])
-    assert model.quantization.method == "int8" and model.quantization.float_linear == ["pooler.dense"]
+    model, _ = apply_and_write(bert, tmp_path / "out", method="llm_int8", exclude=["pooler.dense"])
+    assert model.quantization.method == "llm_int8" and model.quantization.float_linear == ["pooler.dense"]
     manifest_file = tmp_path / "out" / "mmopt.json"
     manifest = json.loads(manifest_file.read_text())
     assert manifest["quantization"] == model.quantization.to_json() and "quantization" not in manifest["info"]
@@ -247,22 +260,25 @@ def cpu_feature(request, monkeypatch):
 def _tensors_of(model) -> dict:
     """Every tensor a quantized model holds, quantization state included, as plain CPU copies."""
     out = {}
-    for key, value in model.module.state_dict().items():
-        assert not isinstance(value, torch._subclasses.FakeTensor), f"{key} became a fake tensor"
-        out[key] = value.detach().clone()
+    for key, outer in model.module.state_dict().items():
+        for i, value in enumerate(counting.inner_tensors(outer)):      # torchao int8: qdata and scale
+            assert not isinstance(value, torch._subclasses.FakeTensor), f"{key} became a fake tensor"
+            out[f"{key}:{i}"] = value.detach().clone()
     return out
 
 
-@pytest.mark.parametrize("method, how", [("int8", "CPU trace"), ("nf4", "fake-tensor trace")])
+@pytest.mark.parametrize("method, how", [("int8", "fake-tensor trace"),
+                                         ("llm_int8", "fake-tensor trace, LLM.int8 as its CUDA allocations"),
+                                         ("nf4", "fake-tensor trace")])
 def test_peak_activation_of_quantized_parts(clip, cpu_feature, method, how):
     inputs = clip_inputs()["visual"]
     model, _ = quantized(clip, method=method)
     peak = tracing.peak_activation(lambda m, x: run(m, "visual", (x,)), model, inputs)
-    assert peak.how == how            # int8's outlier split has a data-dependent shape: no fake kernel
+    assert peak.how == how            # LLM.int8's outlier split has a data-dependent shape: no fake kernel
     assert 0 < peak.peak_bytes < 10 * 2**20
 
 
-@pytest.mark.parametrize("method", ["int8", "nf4"])
+@pytest.mark.parametrize("method", ["int8", "llm_int8", "nf4"])
 def test_measuring_never_changes_the_model(clip, cpu_feature, method):
     from mmopt.core import Shapes
 
@@ -313,6 +329,7 @@ def test_traces_run_on_a_copy_of_a_self_modifying_layer():
     ("{method: int4}", "passes[0].quantize.method"),
     ("{blocksize: 48}", "bitsandbytes accepts blocksize 32, 64"),
     ("{embedings: int8}", "passes[0].quantize.embedings"),
+    ("{method: nf4, embeddings: int4}", "embeddings int4 goes with method int8"),
 ])
 def test_bad_options_fail_in_the_recipe(options, message):
     text = f"model: {{source: open_clip, name: ViT-B-32}}\noutput: out\npasses:\n  - quantize: {options}\n"
@@ -333,15 +350,16 @@ def test_bad_input_at_apply(clip):
 
 
 def test_missing_kernel_names_the_method_that_works(clip, monkeypatch):
-    monkeypatch.setattr(quantize, "_probe", lambda method, blocksize, device: "no kernel" if method == "int8" else None)
+    monkeypatch.setattr(quantize, "_probe", lambda method, blocksize, device: "no kernel" if method == "llm_int8" else None)
     with pytest.raises(UnsupportedError) as err:
-        quantized(clip, method="int8")
-    assert "bitsandbytes int8 kernel is not available on cpu" in err.value.message
+        quantized(clip, method="llm_int8")
+    assert "bitsandbytes llm_int8 kernel is not available on cpu" in err.value.message
     assert err.value.hint == "method nf4 works on cpu"
 
 
-def test_exclude_keeps_modules_in_float(clip):
-    model, result = quantized(clip, method="int8",
+@pytest.mark.parametrize("method", ["int8", "llm_int8"])
+def test_exclude_keeps_modules_in_float(clip, method):
+    model, result = quantized(clip, method=method,
                               exclude=["visual.proj", "*.mlp.c_fc", "visual.transformer.resblocks.0.attn"])
     assert type(model.module.visual.transformer.resblocks[1].mlp.c_fc) is nn.Linear
     assert isinstance(model.module.visual.proj, nn.Parameter)
@@ -416,3 +434,89 @@ def test_four_bit_layers_of_any_width_run_on_both_cpu_paths(cpu_feature, in_feat
     x = torch.randn(3, in_features)
     with torch.inference_mode():
         assert float(nn.functional.cosine_similarity(layer(x), linear(x)).min()) > 0.98
+
+
+# --- torchao int8: storage, estimates, the mixed 4-bit-table scheme ------------------------------------------
+
+def test_torchao_weights_count_their_int8_bytes_not_their_logical_dtype():
+    from mmopt.modules.quantized import int8_tensor
+
+    linear = nn.Linear(3, 4)
+    linear.weight = nn.Parameter(int8_tensor(linear.weight.detach()), requires_grad=False)
+    # int8 weight 12 + float32 scale per row 16 + float32 bias 16 (the wrapper itself reports 48 float bytes)
+    assert counting.module_weight_bytes(linear) == 12 + 16 + 16
+    assert counting.is_low_bit(linear.weight) and not counting.is_low_bit(linear.bias)
+
+
+def test_torchao_trace_counts_the_dequantized_weight_but_not_a_view_of_the_int8_one():
+    from mmopt.modules.quantized import int8_tensor
+
+    linear = nn.Linear(8, 4, bias=False)
+    linear.weight = nn.Parameter(int8_tensor(linear.weight.detach()), requires_grad=False)
+    peak = tracing.peak_activation(lambda m, x: m(x), linear, (torch.randn(2, 8),))
+    # torchao: mm(x, q.t().to(float32)) * scale. The cast weight 8*4*4 = 128 B and the product 2*4*4 = 32 B are
+    # alive together (the cast is freed before the scaling); q.t() is a view of a weight (counted, it would add
+    # the int8 weight's 32 B).
+    assert peak.how == "fake-tensor trace" and peak.peak_bytes == 128 + 32
+
+
+def test_llm_int8_estimate_follows_its_cuda_allocations(clip):
+    layer = nn.Sequential(quantize.quantized_linear(nn.Linear(384, 384), "llm_int8", 64, 6.0, torch.float16, "cpu"))
+    peak = tracing.peak_activation(lambda m, x: m(x), layer, (torch.randn(64, 384, dtype=torch.float16),))
+    # int8 activations N*K + row statistics N*4, then an int32 product N*M*4 and the float16 output N*M*2
+    assert peak.how == "fake-tensor trace, LLM.int8 as its CUDA allocations"
+    assert peak.peak_bytes == 64 * 384 + 64 * 4 + 64 * 384 * 6
+
+
+def test_four_bit_tables_with_int8_matmuls_save_and_load(bert_folder, tmp_path):
+    from mmopt.modules.quantized import Int4Embedding
+
+    bert = registry.adapter_for("hf").load(ModelSpec(source="hf", path=str(bert_folder)))
+    model, result = apply_and_write(bert, tmp_path / "out", method="int8", embeddings="int4", group_size=32)
+    assert isinstance(model.module.embeddings.word_embeddings, Int4Embedding)
+    assert type(model.module.embeddings.token_type_embeddings.weight).__name__ == "Int8Tensor"   # 2 rows: int8
+    # no stock format carries 4-bit tables next to int8 rows: mmopt's own file, and no second copy
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == ["text.safetensors"]
+    reloaded = checkpoint.load_model(tmp_path / "out")
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    inputs = (ids, torch.ones_like(ids))
+    torch.testing.assert_close(run(reloaded, "text", inputs), run(model, "text", inputs))
+    assert cosine(run(reloaded, "text", inputs), run(bert, "text", inputs)) > 0.99
+
+
+def test_int4_table_rows_are_close():
+    from mmopt.modules.quantized import Int4Embedding
+
+    from mmopt.modules.quantized import quantize_groups4
+
+    torch.manual_seed(0)
+    emb = nn.Embedding(16, 64)
+    table = Int4Embedding.from_embedding(emb, 32)
+    assert table.weight.dtype == torch.uint8 and table.weight.shape == (16, 32)     # two codes a byte
+    ids = torch.arange(16)
+    searched = (table(ids) - emb(ids)).detach().reshape(16, 2, 32).pow(2).sum(-1)
+    # without the clipping search (full min..max range) each value is within half a step of its code
+    codes, scale, zero = quantize_groups4(emb.weight, 32, max_shrink=0.0)
+    plain = ((codes.float().reshape(16, 2, 32) - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+             - emb.weight.detach().reshape(16, 2, 32))
+    assert bool((plain.abs() <= scale.unsqueeze(-1) / 2 + 1e-6).all())
+    # the search only picks a range when it lowers a group's squared error (float16 scales: a little slack)
+    assert bool((searched <= plain.pow(2).sum(-1) * 1.01 + 1e-6).all())
+
+
+def test_convolutions_are_int8_per_output_channel():
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    from mmopt.core import Model
+
+    torch.manual_seed(0)
+    adapter = registry.adapter_for("torchvision")
+    module = ResNet(BasicBlock, [1, 1, 1, 1]).eval()
+    model = Model(module=module, source="torchvision", arch={}, parts=["visual"], preprocess={},
+                  info={"part_prefixes": {"visual": [""]}})
+    ctx = Context(adapter=adapter)
+    result = quantize.Quantize(quantize.QuantizeConfig(method="int8")).apply(model, ctx)
+    assert module.conv1.parametrizations.weight.original0.dtype == torch.int8
+    assert type(module.fc.weight).__name__ == "Int8Tensor"
+    assert result.metrics["visual"]["quantized_fraction"] > 0.99
+    assert not any("convolution" in s.reason for s in result.skipped)
