@@ -76,6 +76,39 @@ def test_tampered_weights_are_refused(tmp_path):
         checkpoint.load_model(out)
 
 
+def test_every_file_a_loader_reads_is_hashed_and_verified(tiny_bert_dir, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from mmopt import api, cli
+
+    _, _, out, _ = save_and_reload("hf", tmp_path, path=str(tiny_bert_dir))
+    manifest = json.loads((out / "mmopt.json").read_text())
+    listed = {entry["file"] for entry in manifest["files"].values()} | set(manifest["assets"])
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"mmopt.json"}
+    assert listed == on_disk and {"config.json", "tokenizer.json", "1_Pooling/config.json"} <= listed
+    assert set(api.verify(out)) == listed
+
+    def verify_cli() -> tuple:
+        monkeypatch.setattr(sys, "argv", ["mmopt", "verify", str(out)])
+        with pytest.raises(SystemExit) as info:
+            cli.main()
+        return info.value.code, *capsys.readouterr()
+
+    code, stdout, _ = verify_cli()
+    assert code == 0 and stdout.startswith(f"ok: {len(listed)} files match mmopt.json")
+    pooling = out / "1_Pooling" / "config.json"
+    pooling.write_text(pooling.read_text().replace("true", "false", 1))
+    code, stdout, stderr = verify_cli()
+    assert code == 2 and stdout == ""
+    assert stderr.splitlines()[0] == ("error: 1_Pooling/config.json does not match its sha256 in mmopt.json: "
+                                      "the file was changed or corrupted")
+    with pytest.raises(IntegrityError, match="1_Pooling/config.json does not match"):
+        checkpoint.load_model(out)
+    pooling.unlink()
+    with pytest.raises(IntegrityError, match="checkpoint file missing: .*1_Pooling/config.json"):
+        api.verify(out)
+
+
 def test_atomic_folder_leaves_nothing_on_failure_and_keeps_previous_output(tmp_path):
     target = tmp_path / "out"
     with pytest.raises(RuntimeError):
