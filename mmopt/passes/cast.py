@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING, Iterator, Literal
 
 from pydantic import Field
 
+from mmopt.errors import UnsupportedError
 from mmopt.passes.base import Change, Context, Pass, PassConfig, PassResult, describe, target_parts
 
 if TYPE_CHECKING:
@@ -22,6 +23,10 @@ class Cast(Pass):
     Config = CastConfig
 
     def apply(self, model: Model, ctx: Context) -> PassResult:
+        if any(earlier.name == "quantize" for earlier in ctx.history):
+            # quantized weights fix the dtype they compute in when they are made (torchao's Int8Tensor, bitsandbytes)
+            raise UnsupportedError("cast: the model is already quantized; its quantized weights keep their dtype",
+                                   hint="put cast before quantize in the recipe")
         result = PassResult()
         parts = target_parts(model, self.config.parts)
         for part in parts:

@@ -564,3 +564,13 @@ def test_convolutions_are_int8_per_output_channel():
     assert type(module.fc.weight).__name__ == "Int8Tensor"
     assert result.metrics["visual"]["quantized_fraction"] > 0.99
     assert not any("convolution" in s.reason for s in result.skipped)
+
+
+def test_cast_after_quantize_is_refused(clip):
+    from mmopt.passes.cast import Cast, CastConfig
+
+    model, _ = quantized(clip)
+    ctx = Context(adapter=registry.adapter_for("open_clip"), history=[quantize.Quantize(quantize.QuantizeConfig())])
+    with pytest.raises(UnsupportedError, match="already quantized") as err:
+        Cast(CastConfig(dtype="float16")).apply(model, ctx)
+    assert err.value.hint == "put cast before quantize in the recipe"
