@@ -41,6 +41,9 @@ def cuda_rounded(nbytes: int) -> int:
 
 def logical_numel(tensor: torch.Tensor) -> int:
     """Parameters a tensor stands for: a packed 4-bit weight stands for its unpacked shape."""
+    shape = getattr(tensor, "logical_shape", None)       # mmopt's 4-bit tables (modules/quantized.py)
+    if shape is not None:
+        return math.prod(shape)
     state = getattr(tensor, "quant_state", None)
     if state is not None and getattr(state, "shape", None) is not None:
         return math.prod(state.shape)

@@ -102,6 +102,22 @@ def unpack4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 0xF, (packed >> 4) & 0xF], dim=-1).reshape(*packed.shape[:-1], -1)
 
 
+class Packed4bit(nn.Parameter):
+    """A frozen uint8 Parameter holding two 4-bit codes per byte; ``logical_shape`` is the table it stands for
+    (``memory.counting.logical_numel`` counts parameters by it). Kept through copies, which plain attributes of a
+    Parameter are not."""
+
+    def __new__(cls, data: torch.Tensor, logical_shape: tuple[int, ...]) -> "Packed4bit":
+        param = super().__new__(cls, data, requires_grad=False)
+        param.logical_shape = tuple(logical_shape)
+        return param
+
+    def __deepcopy__(self, memo: dict) -> "Packed4bit":
+        new = Packed4bit(self.data.clone(), self.logical_shape)
+        memo[id(self)] = new
+        return new
+
+
 class Int4Embedding(nn.Module):
     """``nn.Embedding`` with a 4-bit table: packed codes, a float16 scale and a uint8 zero point per group."""
 
@@ -111,9 +127,9 @@ class Int4Embedding(nn.Module):
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.group_size, self.dtype = group_size, dtype
         groups = embedding_dim // group_size
-        # packed codes as a frozen Parameter: counted among the part's parameters (as half the table's numel)
-        self.weight = nn.Parameter(torch.zeros(num_embeddings, embedding_dim // 2, dtype=torch.uint8),
-                                   requires_grad=False)
+        # packed codes as a frozen Parameter: counted among the part's parameters, as the table it stands for
+        self.weight = Packed4bit(torch.zeros(num_embeddings, embedding_dim // 2, dtype=torch.uint8),
+                                 (num_embeddings, embedding_dim))
         self.register_buffer("scale", torch.ones(num_embeddings, groups, dtype=torch.float16))
         self.register_buffer("zero", torch.zeros(num_embeddings, groups, dtype=torch.uint8))
 

@@ -518,6 +518,7 @@ def test_four_bit_tables_with_int8_matmuls_save_and_load(bert_folder, tmp_path):
     bert = registry.adapter_for("hf").load(ModelSpec(source="hf", path=str(bert_folder)))
     model, result = apply_and_write(bert, tmp_path / "out", method="int8", embeddings="int4", group_size=32)
     assert isinstance(model.module.embeddings.word_embeddings, Int4Embedding)
+    assert counting.part_params(model, "text") == counting.part_params(bert, "text")     # packed tables count whole
     assert type(model.module.embeddings.token_type_embeddings.weight).__name__ == "Int8Tensor"   # 2 rows: int8
     # no stock format carries 4-bit tables next to int8 rows: mmopt's own file, and no second copy
     assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == ["text.safetensors"]
@@ -526,6 +527,7 @@ def test_four_bit_tables_with_int8_matmuls_save_and_load(bert_folder, tmp_path):
     inputs = (ids, torch.ones_like(ids))
     torch.testing.assert_close(run(reloaded, "text", inputs), run(model, "text", inputs))
     assert cosine(run(reloaded, "text", inputs), run(bert, "text", inputs)) > 0.99
+    assert counting.part_params(reloaded, "text") == counting.part_params(bert, "text")
 
 
 def test_int4_table_rows_are_close():
