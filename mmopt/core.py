@@ -119,7 +119,7 @@ class QuantLayout:
     ``structural``: whether modules may be swapped for equivalent Linear-based ones (a Hugging Face folder must
     still rebuild in transformers, so there they may not); ``bare_weights``: parameter name -> "projection" for
     an (in, out) matrix used as ``x @ P``, or "table" for an embedding table read as a tensor; ``keep``: module
-    name -> why its Linear weights must stay as they are; ``fused_attention``: a filter (torchao's
+    name -> why its weights (Linear, convolution) must stay as they are; ``fused_attention``: a filter (torchao's
     ``filter_fn``) telling the family's own self-attention modules that hold a fused ``in_proj_weight`` and are
     called as ``(x, attn_mask) -> out``, batch first (``nn.MultiheadAttention`` is recognised without it).
     """

@@ -348,8 +348,17 @@ class HFAdapter:
     def quantization_layout(self, model: Model) -> QuantLayout:
         """No structural swaps: the folder must still rebuild in transformers (whose CLIP, e.g., reads
         ``patch_embedding.weight.dtype``); its Linear and Embedding modules are what gets quantized."""
-        stock = "embedding table: transformers' bitsandbytes format has no int8 tables (method int8 has)"
-        return QuantLayout(structural=False, float_tables=stock if self.is_stock_folder(model) else None)
+        import torch
+
+        if not self.is_stock_folder(model):
+            return QuantLayout(structural=False)
+        # the folder stays stock: transformers' torchao loader quantizes Linear / Embedding weights, not convolutions
+        convs = {name: "convolution: kept float so transformers can load the folder (its torchao format holds "
+                       "Linear and Embedding weights)"
+                 for name, module in model.module.named_modules() if isinstance(module, torch.nn.modules.conv._ConvNd)}
+        return QuantLayout(structural=False, keep=convs,
+                           float_tables="embedding table: transformers' bitsandbytes format has no int8 tables "
+                                        "(method int8 has)")
 
     def shares_text_inputs(self, model: Model, other: Model) -> bool:
         """Another Hugging Face text encoder takes the same token ids (its tokenizer is assumed the same)."""

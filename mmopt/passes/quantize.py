@@ -468,11 +468,12 @@ def _note_uncovered(model: Model, part: str, result: PassResult) -> None:
     """Convolutions, and any other float matrix no swap turned into a Linear, are listed as not covered."""
     import torch
 
+    noted = {s.module for s in result.skipped}
     convs = [name for name, m in model.named_modules(part) if isinstance(m, torch.nn.modules.conv._ConvNd)
-             and not torch.nn.utils.parametrize.is_parametrized(m, "weight")]
+             and not torch.nn.utils.parametrize.is_parametrized(m, "weight") and name not in noted]
     for name in convs:
         result.skipped.append(Skip(name, "convolution: bitsandbytes has no quantized convolution (not covered)"))
-    noted = {s.module for s in result.skipped}
+    noted |= set(convs)
     for name, tensor in model.named_tensors(part, buffers=False):
         owner = name.rpartition(".")[0]
         if tensor.dim() < 2 or is_low_bit(tensor) or not tensor.is_floating_point() or owner in noted \

@@ -576,3 +576,22 @@ def test_cast_after_quantize_is_refused(clip):
     with pytest.raises(UnsupportedError, match="already quantized") as err:
         Cast(CastConfig(dtype="float16")).apply(model, ctx)
     assert err.value.hint == "put cast before quantize in the recipe"
+
+
+def test_hf_vision_folder_stays_stock_with_its_convolution_float(tmp_path):
+    from transformers import AutoModel, ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8)).save_pretrained(tmp_path / "vit")
+    vit = registry.adapter_for("hf").load(ModelSpec(source="hf", path=str(tmp_path / "vit")))
+    _, result = apply_and_write(vit, tmp_path / "out", method="int8")
+    conv = "embeddings.patch_embeddings.projection"
+    assert [s.reason.split(":")[0] for s in result.skipped if s.module == conv] == ["convolution"]
+    stock = AutoModel.from_pretrained(tmp_path / "out").eval()
+    assert type(stock.layers[0].attention.q_proj.weight).__name__ == "Int8Tensor"
+    pixels = torch.randn(2, 3, 32, 32)
+    reloaded = checkpoint.load_model(tmp_path / "out")
+    with torch.inference_mode():
+        assert torch.allclose(stock(pixel_values=pixels).last_hidden_state,
+                              reloaded.module(pixel_values=pixels).last_hidden_state, atol=1e-5)
