@@ -18,6 +18,11 @@ THIRD_PARTY_LOGGERS = ("bitsandbytes", "transformers", "sentence_transformers", 
                        "accelerate", "open_clip", "timm", "torchao", "huggingface_hub", "PIL")
 
 
+# Said by torch (>= 2.14) each time torchao (0.18) is imported, which transformers does whenever torchao is installed:
+# nothing a user of mmopt can act on, so not even counted.
+IMPORT_NOISE = ("register_constant() on Enum subclasses is deprecated",)
+
+
 @dataclass
 class Held:
     """Warnings held back, per source: how many and the first message."""
@@ -36,18 +41,37 @@ class Held:
                 for source, count in sorted(self.counts.items())]
 
 
+class _ErrorsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
 class _Holding(logging.Handler):
     def __init__(self, held: Held) -> None:
         super().__init__(level=logging.DEBUG)
         self.held = held
         self.passthrough = logging.StreamHandler()
         self.passthrough.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        self.errors_only = _ErrorsOnly()
+        self.muted: list[logging.Handler] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.levelno >= logging.ERROR:
             self.passthrough.emit(record)
         elif record.levelno >= logging.WARNING:
-            self.held.add(record.name.split(".")[0], record.getMessage())
+            self._mute_others(logging.getLogger(record.name.split(".")[0]))
+            if not any(noise in record.getMessage() for noise in IMPORT_NOISE):
+                self.held.add(record.name.split(".")[0], record.getMessage())
+
+    def _mute_others(self, logger: logging.Logger) -> None:
+        """torch installs its own stderr handler on the ``torch`` logger when it is imported, which happens after
+        this handler took the logger over (mmopt imports torch lazily); it comes after this one in the list, so
+        it is told to pass errors only before it sees the record this handler holds back (torchao's import prints
+        two such warnings through it)."""
+        for other in logger.handlers:
+            if other is not self and self.errors_only not in other.filters:
+                other.addFilter(self.errors_only)
+                self.muted.append(other)
 
 
 @contextmanager
@@ -80,6 +104,8 @@ def quiet_third_party(enabled: bool = True) -> Iterator[Held]:
             warnings.showwarning = show         # the usual filters still decide what is raised at all
             yield held
     finally:
+        for other in handler.muted:
+            other.removeFilter(handler.errors_only)
         for logger, handlers, propagate in saved:
             logger.handlers = handlers
             logger.propagate = propagate

@@ -272,3 +272,24 @@ def test_third_party_warnings_are_summarised_once(capsys, monkeypatch):
                    "--verbose shows them",
                    "note: 1 warning from torch hidden (first: 'odd'); --verbose shows them"]
     assert logging.getLogger("bitsandbytes").handlers == [] and logging.getLogger("bitsandbytes").propagate
+
+
+def test_a_handler_a_library_installs_while_held_is_held_too(capsys, monkeypatch):
+    """torch adds its own stderr handler to the ``torch`` logger when it is imported, which mmopt does lazily, after
+    the warnings were taken over; torchao's import then logs through it."""
+    import logging
+    import sys
+
+    from mmopt.warnings_filter import quiet_third_party
+
+    logger = logging.getLogger("torch")
+    monkeypatch.setattr(logger, "handlers", [])
+    late = logging.StreamHandler(sys.stderr)
+    with quiet_third_party():
+        logger.addHandler(late)               # what importing torch does
+        logging.getLogger("torch.utils._pytree").warning("a warning of torch's own")
+        logging.getLogger("torch.utils._pytree").warning("<enum 'X'> ... register_constant() on Enum subclasses is "
+                                                         "deprecated")
+    assert capsys.readouterr().err.splitlines() == [
+        "note: 1 warning from torch hidden (first: \"a warning of torch's own\"); --verbose shows them"]
+    assert late.filters == []                 # restored afterwards
