@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -71,9 +71,17 @@ class ModelSpec(BaseModel):
     path: str | None = Field(None, description="hf: a local Hugging Face folder, or pkg://package/subfolder")
     name: str | None = Field(None, description="open_clip architecture (ViT-B-32) or torchvision name (resnet50)")
     weights: str | None = Field(None, description="open_clip / torchvision: a local checkpoint file")
+    num_classes: int | None = Field(None, gt=0, description="torchvision: outputs of the classifier head (default: "
+                                                              "read from the weights' head)")
+    kwargs: dict[str, Any] = Field({}, description="torchvision: other keyword arguments of the model builder "
+                                                   "(e.g. dropout, representation_size)")
 
     @model_validator(mode="after")
     def _needs_what_source_needs(self) -> "ModelSpec":
+        if self.source != "torchvision" and (self.num_classes is not None or self.kwargs):
+            raise ValueError(f"num_classes and kwargs are for torchvision models, not source {self.source}")
+        if "num_classes" in self.kwargs or "weights" in self.kwargs:
+            raise ValueError("kwargs: give num_classes as its own key, and weights as a local file in weights")
         if self.source == "hf":
             if not self.path:
                 raise ValueError("source hf needs path: a local Hugging Face folder")

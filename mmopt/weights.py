@@ -33,6 +33,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated, pickled-object or text files
+        pickled = _pickled_class(str(exc))
+        if pickled:
+            raise ModelSpecError(
+                f"weights {path.name}: holds a whole pickled model ({pickled}), which mmopt does not unpickle",
+                hint="save its state dict instead: torch.save(model.state_dict(), PATH), or "
+                     "safetensors.torch.save_file(model.state_dict(), PATH)") from None
         raise ModelSpecError(f"weights {path.name}: not a safetensors or weights-only torch checkpoint "
                              f"({first_line(exc)})") from None
     for key in ("state_dict", "model", "model_state_dict"):
@@ -41,6 +47,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelSpecError(f"weights {path.name}: holds no state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _pickled_class(message: str) -> str | None:
+    """The class a weights-only load refused (``Unsupported global: GLOBAL torchvision.models.resnet.ResNet``)."""
+    import re
+
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    return found.group(1) if found else None
 
 
 def _looks_like_safetensors(path: Path, head: bytes) -> bool:
