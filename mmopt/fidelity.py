@@ -22,8 +22,10 @@ def embeddings(model: Model, adapter: Adapter, part: str, batches: Iterable[tupl
     return torch.cat(outs)
 
 
-def fidelity(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
-    """Mean and min cosine of paired rows, and the share of rows whose nearest neighbour is unchanged."""
+def fidelity(reference: torch.Tensor, candidate: torch.Tensor, logits: bool = False) -> dict:
+    """Mean and min cosine of paired rows, and the share of rows whose nearest neighbour is unchanged. For a
+    classifier's ``logits``, also the share of rows whose top-1 class is unchanged (for a one-output head, whose
+    sign is: cosine of one number says nothing)."""
     import torch
 
     if reference.shape != candidate.shape:
@@ -31,6 +33,11 @@ def fidelity(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
     cos = torch.nn.functional.cosine_similarity(reference, candidate, dim=-1)
     out = {"mean_cosine": round(float(cos.mean()), 6), "min_cosine": round(float(cos.min()), 6),
            "samples": int(reference.shape[0])}
+    if logits and reference.shape[-1] == 1:
+        same = torch.sign(reference[..., 0]) == torch.sign(candidate[..., 0])
+        out["sign_agreement"] = round(float(same.float().mean()), 6)
+    elif logits:
+        out["top1_agreement"] = round(float((reference.argmax(-1) == candidate.argmax(-1)).float().mean()), 6)
     if reference.shape[0] >= 3:
         out["neighbor_agreement"] = round(float((_neighbours(reference) == _neighbours(candidate)).float().mean()), 6)
     return out

@@ -284,7 +284,8 @@ def _fidelity(state: Run, reloaded: Model, reference: dict[str, dict], calib: Ca
             image_size = reloaded.preprocess.get("image_size") if is_image_part(part) else None
             new = embeddings(reloaded, adapter, part,
                              inputs_for(reloaded, adapter, part, calib, seq_len, seed, image_size))
-            row = {**fidelity(ref["outputs"], new), **{k: v for k, v in ref.items() if k != "outputs"}}
+            logits = reloaded.info.get("outputs") == "logits"       # a classifier's scores, as the adapter says
+            row = {**fidelity(ref["outputs"], new, logits), **{k: v for k, v in ref.items() if k != "outputs"}}
             row.pop("original_compute")
             if compute or ref["original_compute"]:
                 row["compute"] = compute or ref["original_compute"]

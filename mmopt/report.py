@@ -82,8 +82,10 @@ def table_rows(report: dict) -> list[list[str]]:
         fid = data.get("fidelity")
         if fid:
             rows.append([part, "cosine mean / min", "1", f"{fid['mean_cosine']:.4f} / {fid['min_cosine']:.4f}", ""])
-            if "neighbor_agreement" in fid:
-                rows.append([part, "neighbour agreement", "1", f"{fid['neighbor_agreement']:.3f}", ""])
+            for key, label in (("top1_agreement", "top-1 agreement"), ("sign_agreement", "sign agreement"),
+                               ("neighbor_agreement", "neighbour agreement")):
+                if key in fid:
+                    rows.append([part, label, "1", f"{fid[key]:.3f}", ""])
         for row in report.get("passes", []):
             metrics = row.get("metrics", {}).get(part)
             if metrics:
