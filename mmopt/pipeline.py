@@ -85,8 +85,8 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
     state = _start(recipe, progress, stages=stages)
     state.latency = "full" if latency or state.device != "cpu" else "quick"
     with state.stage("measure original"):
-        before = _measure(state, state.model, "measuring original")
-        original = _original_files(state.model)
+        before = measure_parts(state, state.model, "measuring original")
+        original = original_files(state.model)
     fit_calib, eval_calib, held_out = _split_calibration(recipe, calib, list(state.model.parts))
     with state.stage("passes"):
         applied, pass_rows = _apply_passes(state, fit_calib)
@@ -102,12 +102,12 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
         with state.stage("reload"):
             reloaded = checkpoint.load_model(tmp, device=state.device)
         with state.stage("measure optimized"):
-            after = _measure(state, reloaded, "measuring optimized")
+            after = measure_parts(state, reloaded, "measuring optimized")
         with state.stage("fidelity"):
             fidelity = _fidelity(state, reloaded, reference, eval_calib)
-        report = _report(state, recipe_path, manifest, before, original, after, fidelity, pass_rows,
+        report = build_report(state, recipe_path, manifest, before, original, after, fidelity, pass_rows,
                          random_weights)
-        _judge(recipe, report)
+        judge(recipe, report)
         report["seconds"] = round(time.perf_counter() - started, 2)
         report["stages"] = dict(state.stages)
         from mmopt import report as report_io
@@ -122,7 +122,7 @@ def plan(recipe: Recipe, progress: Progress = NO_PROGRESS, recipe_path: str | No
     calib = Calibration.from_recipe(recipe)
     state = _start(recipe, progress, keep_teacher=False)
     state.latency = "off"
-    before = _measure(state, state.model, "measuring original")
+    before = measure_parts(state, state.model, "measuring original")
     target = recipe.output_path
     return {
         "recipe": recipe_path, "model": source_record(recipe), "random_weights": bool(state.model.random_weights),
@@ -180,7 +180,7 @@ def check(recipe: Recipe) -> dict:
     if report.get("report_version") not in READABLE_REPORT_VERSIONS:
         raise UserError(f"{report_file}: report version {report.get('report_version')!r}, expected one of "
                         f"{', '.join(map(str, READABLE_REPORT_VERSIONS))}")
-    _judge(recipe, report)
+    judge(recipe, report)
     return report
 
 
@@ -196,7 +196,7 @@ def _load(recipe: Recipe, adapter: Adapter) -> Model:
     return model
 
 
-def _measure(state: Run, model: Model, what: str) -> dict[str, dict]:
+def measure_parts(state: Run, model: Model, what: str) -> dict[str, dict]:
     """Sizes, peak activation and latency (as ``state.latency`` says) of each part of ``model`` at the recipe's
     shapes."""
     out = {}
@@ -294,20 +294,21 @@ def _fidelity(state: Run, reloaded: Model, reference: dict[str, dict], calib: Ca
     return out
 
 
-def _original_files(model: Model) -> dict:
+def original_files(model: Model) -> dict:
     """Serialized bytes of each part of the original and of its shared tensors: the "before" checkpoint, taken
     before any pass so that it is the original whole (a classifier a pass drops included)."""
     return {"parts": {part: checkpoint.serialized_bytes(counting.part_state(model, part)) for part in model.parts},
             "shared": shared_bytes(model)}
 
 
-def _report(state: Run, recipe_path: str | None, manifest: dict, before: dict, original: dict, after: dict,
-            fidelity: dict, pass_rows: list[dict], random_weights: bool) -> dict:
+def build_report(state: Run, recipe_path: str | None, manifest: dict, before: dict, original: dict, after: dict,
+                 fidelity: dict, pass_rows: list[dict], random_weights: bool) -> dict:
+    """The report of a run: per part before / after / fidelity (None where it was not measured), totals, passes."""
     files = manifest["files"]
     parts = {}
     for part in before:
         before_row = {**_public(before[part]), "checkpoint_bytes": original["parts"][part]}
-        if part not in fidelity:
+        if part not in manifest["parts"]:
             after_row = {"params": 0, "weight_bytes": 0, "checkpoint_bytes": 0, "removed": True}
         else:
             after_row = {**_public(after[part]), "checkpoint_bytes": files[part]["bytes"] if part in files else None}
@@ -334,7 +335,7 @@ def _report(state: Run, recipe_path: str | None, manifest: dict, before: dict, o
     }
 
 
-def _judge(recipe: Recipe, report: dict) -> None:
+def judge(recipe: Recipe, report: dict) -> None:
     """Evaluate the recipe's gates on ``report`` and record the verdict in it."""
     report["gates"] = gates.evaluate(recipe.gates, report)
     report["passed"] = all(row["passed"] for row in report["gates"])

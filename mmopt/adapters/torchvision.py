@@ -42,6 +42,17 @@ class TorchvisionAdapter:
         model.random_weights = not spec.weights
         return model
 
+    def load_empty(self, spec: ModelSpec, shapes: dict[str, tuple[int, ...]]) -> Model:
+        import torch
+
+        kwargs = dict(spec.kwargs)
+        if spec.num_classes is not None:
+            kwargs["num_classes"] = spec.num_classes
+        else:
+            kwargs.update(head_size(spec.name, kwargs, {k: torch.empty(v, device="meta") for k, v in shapes.items()}))
+        with torch.device("meta"):
+            return self.build({"name": spec.name, "kwargs": kwargs}, {}, {})
+
     def build(self, arch: dict, preprocess: dict, info: dict) -> Model:
         import torchvision
 

@@ -272,7 +272,7 @@ def measuring_copy(subject: Subject, mode: FakeTensorMode | None = None, require
                         # state on the Parameter object: they are copied for real (they are small) and become
                         # fake as the forward reads them
                         continue
-                    fake = mode.from_tensor(value.detach())
+                    fake = fake_of(mode, value.detach())
                     if is_param:
                         fake = nn.Parameter(fake, requires_grad=requires_grad and value.requires_grad
                                             and value.is_floating_point())
@@ -306,6 +306,17 @@ def trace_real(fn: Callable[..., Any], subject: nn.Module | Model, inputs: tuple
     return tracker.peak
 
 
+def fake_of(mode: FakeTensorMode, tensor: torch.Tensor) -> torch.Tensor:
+    """A fake copy of ``tensor``; a meta tensor (a model built without memory, for streaming) becomes a fake CPU
+    tensor, so that it is traced through the same kernels as the loaded model would be."""
+    import torch
+
+    if tensor.device.type != "meta":
+        return mode.from_tensor(tensor)
+    with mode:
+        return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="cpu")
+
+
 def fake_inputs(mode: FakeTensorMode, inputs: tuple, batch: int | None) -> tuple:
     """Fake copies of ``inputs``; with ``batch``, inputs given at batch 1 are grown to ``batch`` rows on fake
     tensors, so a budget search at batch 4096 allocates nothing real."""
@@ -316,7 +327,7 @@ def fake_inputs(mode: FakeTensorMode, inputs: tuple, batch: int | None) -> tuple
         if not isinstance(t, torch.Tensor):
             out.append(t)
             continue
-        fake = mode.from_tensor(t)
+        fake = fake_of(mode, t)
         if batch is not None and batch != t.shape[0]:
             fake = fake[:1].expand(batch, *fake.shape[1:]).contiguous()
         out.append(fake)
