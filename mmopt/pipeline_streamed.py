@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING
 
 from mmopt import checkpoint, registry
 from mmopt.core import Shapes
-from mmopt.errors import ModelSpecError, UserError
+from mmopt.errors import UserError
 from mmopt.memory import counting
 from mmopt.passes.base import Context
 from mmopt.paths import resolve_spec
 from mmopt.pipeline import Run, build_report, judge, measure_parts, original_files, source_record
 from mmopt.progress import NO_PROGRESS, Progress
+from mmopt.weights import check_fit, is_safetensors_file, weight_shapes
 
 if TYPE_CHECKING:
     from mmopt.core import Model, ModelSpec
@@ -41,7 +42,7 @@ def why_not(recipe: Recipe) -> str | None:
     spec = resolve_spec(recipe.model, recipe.base_dir)
     if spec.source == "hf":
         return "it takes open_clip and torchvision models with a safetensors weights file, not Hugging Face folders"
-    if not spec.weights or not _is_safetensors(Path(spec.weights)):
+    if not spec.weights or not Path(spec.weights).is_file() or not is_safetensors_file(Path(spec.weights)):
         return "it reads the model's weights from a safetensors file (model.weights)"
     return None
 
@@ -109,41 +110,16 @@ def _empty_model(recipe: Recipe, spec: ModelSpec) -> Model:
     """The recipe's model on the meta device with only its parts, checked against the weights file's tensors."""
     adapter = registry.adapter_for(spec.source)
     weights = Path(spec.weights)
-    shapes = _file_shapes(weights)
+    shapes = {k: tuple(v.shape) for k, v in weight_shapes(weights).items()}
     model = adapter.load_empty(spec, shapes)
-    expected = {k: tuple(v.shape) for k, v in model.module.state_dict().items() if v is not None}
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k])
-    if missing or unexpected or wrong:
-        detail = (f"{len(missing)} missing (e.g. {missing[0]})" if missing else
-                  f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else
-                  f"{wrong[0]} is {shapes[wrong[0]]} in the file, {expected[wrong[0]]} in the model")
-        raise ModelSpecError(f"weights {weights.name}: weights do not fit this architecture: {detail}")
+    check_fit(shapes, {k: tuple(v.shape) for k, v in model.module.state_dict().items() if v is not None},
+              f"weights {weights.name}")
     model.info["_stream_from"] = weights
     for part in recipe.parts or []:
         model.check_part(part)
     for part in [p for p in list(model.parts) if recipe.parts and p not in recipe.parts]:
         adapter.drop_part(model, part)
     return model
-
-
-def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as reader:
-            return {key: tuple(reader.get_slice(key).get_shape()) for key in reader.keys()}
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise ModelSpecError(f"weights {path.name}: not a readable safetensors file ({exc})") from None
-
-
-def _is_safetensors(path: Path) -> bool:
-    if not path.is_file():
-        return False
-    with open(path, "rb") as fh:
-        head = fh.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
 def _available_memory() -> int | None:

@@ -49,6 +49,86 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def weight_shapes(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file as meta tensors (names, dtypes, shapes; no data): for a safetensors file read
+    from its header alone, for a torch checkpoint by loading it."""
+    import torch
+
+    path = local_path(path, "weights")
+    if not is_safetensors_file(path):
+        return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in read_state_dict(path).items()}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as reader:
+            out = {}
+            for key in reader.keys():
+                piece = reader.get_slice(key)
+                out[key] = torch.empty(piece.get_shape(), dtype=_torch_dtype(piece.get_dtype()), device="meta")
+            return out
+    except ModelSpecError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise ModelSpecError(f"weights {path.name}: not a readable safetensors file ({first_line(exc)})") from None
+
+
+def load_weights_file(module: nn.Module, path: str | Path, where: str) -> None:
+    """Strictly load the weights file ``path`` into ``module``. A safetensors file is copied in tensor by tensor,
+    so loading holds the model plus one tensor, not the model twice."""
+    import torch
+
+    path = local_path(path, "weights")
+    if not is_safetensors_file(path):
+        load_weights_into(module, read_state_dict(path), where)
+        return
+    from safetensors import safe_open
+
+    shapes = weight_shapes(path)
+    targets = module.state_dict(keep_vars=True)
+    check_fit({k: tuple(v.shape) for k, v in shapes.items()},
+               {k: tuple(v.shape) for k, v in targets.items() if v is not None}, where)
+    with torch.no_grad():
+        for key, target in targets.items():
+            if target is None:
+                continue
+            # Opened per tensor: safetensors memory-maps the file, and pages a read touched stay resident while
+            # the map is open.
+            with safe_open(str(path), framework="pt") as reader:
+                target.copy_(reader.get_tensor(key))
+
+
+def check_fit(found: dict[str, tuple], expected: dict[str, tuple], where: str) -> None:
+    """One line when the file's tensors are not the architecture's: missing, unexpected, or of another shape."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    detail = []
+    if missing:
+        detail.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        detail.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if wrong and not detail:
+        detail.append(f"size mismatch for {wrong[0]}: copying a param with shape {list(found[wrong[0]])} from "
+                      f"checkpoint, the shape in current model is {list(expected[wrong[0]])}")
+    if detail:
+        raise ModelSpecError(f"{where}: weights do not fit this architecture: {', '.join(detail)}")
+
+
+def is_safetensors_file(path: Path) -> bool:
+    if path.is_dir():
+        raise ModelSpecError(f"weights must be a file, got a folder: {path}")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    return path.suffix == ".safetensors" or _looks_like_safetensors(path, head)
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    by_name = {spec[0]: dtype for dtype, spec in SAFETENSORS_DTYPES.items()}
+    return getattr(torch, by_name[name])
+
+
 def _pickled_class(message: str) -> str | None:
     """The class a weights-only load refused (``Unsupported global: GLOBAL torchvision.models.resnet.ResNet``)."""
     import re
@@ -99,8 +179,6 @@ def unique_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_parts(model: Model, out: Path) -> dict[str, str]:
     """One ``<part>.safetensors`` per part, keys as in the root module's state dict; keys of no part -> shared."""
-    from safetensors.torch import save_file
-
     groups: dict[str, dict] = {}
     for key, tensor in unique_state_dict(model.module).items():
         part = model.part_of(key) or "shared"
@@ -116,7 +194,10 @@ def save_parts(model: Model, out: Path) -> dict[str, str]:
                 raise RuntimeError("a model on the meta device has no source to stream its weights from")
             stream_part(out / name, tensors, source)
         else:
-            save_file(tensors, str(out / name), metadata={"format": "pt"})
+            # safetensors' save_file first copies every tensor into a bytes object: the model twice in memory.
+            # write_streamed writes the same bytes one tensor at a time.
+            write_streamed(out / name, {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()},
+                           tensors.__getitem__, metadata={"format": "pt"})
         files[part] = name
     return files
 

@@ -16,7 +16,7 @@ from mmopt.adapters.structure import (check_patch_multiple, checkpoint_blocks, h
                                       interpolate_positions, keep_in_list, run_swapped)
 from mmopt.core import Model, ModelSpec, PruneLayout, QuantLayout, Shapes
 from mmopt.errors import ModelSpecError, UnsupportedError, first_line
-from mmopt.weights import load_weights_into, read_state_dict, save_parts
+from mmopt.weights import load_weights_file, save_parts
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +42,7 @@ class OpenClipAdapter:
     def load(self, spec: ModelSpec) -> Model:
         model = self._create(spec.name, _known_config(spec.name))
         if spec.weights:
-            load_weights_into(model.module, read_state_dict(Path(spec.weights)), f"weights {Path(spec.weights).name}")
+            load_weights_file(model.module, spec.weights, f"weights {Path(spec.weights).name}")
         model.random_weights = not spec.weights
         return model
 

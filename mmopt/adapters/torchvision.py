@@ -10,7 +10,7 @@ from mmopt.adapters.structure import (check_patch_multiple, checkpoint_blocks, i
                                       run_swapped)
 from mmopt.core import Model, ModelSpec, PruneLayout, QuantLayout, Shapes
 from mmopt.errors import ModelSpecError, UnsupportedError, UserError
-from mmopt.weights import load_weights_into, read_state_dict, save_parts
+from mmopt.weights import load_weights_file, save_parts, weight_shapes
 
 if TYPE_CHECKING:
     import torch
@@ -28,7 +28,7 @@ class TorchvisionAdapter:
         return ModelSpec(source="torchvision", name=text, weights=weights)
 
     def load(self, spec: ModelSpec) -> Model:
-        state = read_state_dict(Path(spec.weights)) if spec.weights else None
+        state = weight_shapes(spec.weights) if spec.weights else None
         kwargs = dict(spec.kwargs)
         if spec.num_classes is not None:
             kwargs["num_classes"] = spec.num_classes
@@ -38,7 +38,7 @@ class TorchvisionAdapter:
         if state is not None:
             where = f"weights {Path(spec.weights).name}"
             check_head(model.module, state, where)
-            load_weights_into(model.module, state, where)
+            load_weights_file(model.module, spec.weights, where)
         model.random_weights = not spec.weights
         return model
 
@@ -222,7 +222,7 @@ def check_head(module: nn.Module, state: dict[str, torch.Tensor], where: str) ->
         return
     ours = sorted(k for k in module.state_dict() if k.split(".")[0] == head)
     theirs = sorted(k for k in state if k.split(".")[0] == head)
-    if ours != theirs:
+    if theirs and ours != theirs:       # no head at all: the general check names the missing keys
         raise ModelSpecError(
             f"{where}: the classifier head is not this architecture's: the checkpoint has "
             f"{', '.join(theirs) or 'no head'} where the model has {', '.join(ours)}",
