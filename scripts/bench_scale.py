@@ -27,18 +27,21 @@ STAGES = ("load", "measure original", "passes", "write", "reference outputs", "r
 
 
 def vit_l_14_weights(cache: Path) -> Path:
-    """Random open_clip ViT-L-14 weights in a safetensors file (made once)."""
+    """Random open_clip ViT-L-14 weights in a safetensors file (made once, tensor by tensor)."""
     path = cache / "open_clip_vit_l_14_random.safetensors"
     if not path.exists():
         import open_clip
         import torch
-        from safetensors.torch import save_file
 
-        torch.manual_seed(0)
-        model = open_clip.create_model("ViT-L-14")
+        from mmopt.weights import write_streamed
+
+        with torch.device("meta"):
+            shapes = open_clip.create_model("ViT-L-14", device="meta").state_dict()
+        generator = torch.Generator().manual_seed(0)
         cache.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        write_streamed(tmp, {k: (v.dtype, tuple(v.shape)) for k, v in shapes.items()},
+                       lambda key: torch.randn(shapes[key].shape, generator=generator) * 0.02)
         tmp.rename(path)
     return path
 
