@@ -41,7 +41,7 @@ def why_not(recipe: Recipe) -> str | None:
                f"{' and '.join(STREAMING_PASSES)}"
     spec = resolve_spec(recipe.model, recipe.base_dir)
     if spec.source == "hf":
-        return "it takes open_clip and torchvision models with a safetensors weights file, not Hugging Face folders"
+        return "it takes open_clip, torchvision and timm models with a safetensors weights file, not Hugging Face folders"
     if not spec.weights or not Path(spec.weights).is_file() or not is_safetensors_file(Path(spec.weights)):
         return "it reads the model's weights from a safetensors file (model.weights)"
     return None
