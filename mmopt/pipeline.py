@@ -8,7 +8,7 @@ import copy
 import gc
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Iterator
 
 from mmopt import checkpoint, gates, registry
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from mmopt.adapters.base import Adapter
 
 REPORT_VERSION = 2
+FIDELITY_BUDGET_S = 60        # seconds of forwards (original + optimized) per image part when the inputs are ours
+MIN_FIDELITY_SAMPLES = 16
 READABLE_REPORT_VERSIONS = (1, 2)     # `optimize --check` reads both: gates use no pass metrics
 
 
@@ -88,6 +90,7 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
         before = measure_parts(state, state.model, "measuring original")
         original = original_files(state.model)
     fit_calib, eval_calib, held_out = _split_calibration(recipe, calib, list(state.model.parts))
+    eval_calibs = fidelity_inputs(recipe, eval_calib, before)
     with state.stage("passes"):
         applied, pass_rows = _apply_passes(state, fit_calib)
     random_weights = bool(state.model.random_weights)
@@ -97,14 +100,14 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
         state.model = None          # written: free it before the original and the output are loaded
         gc.collect()
         with state.stage("reference outputs"):
-            reference = _reference_outputs(state, applied, manifest["parts"], eval_calib, held_out)
+            reference = _reference_outputs(state, applied, manifest["parts"], eval_calibs, held_out)
         # Everything "after" is measured on the model reloaded from what was written, not on the one in memory.
         with state.stage("reload"):
             reloaded = checkpoint.load_model(tmp, device=state.device)
         with state.stage("measure optimized"):
             after = measure_parts(state, reloaded, "measuring optimized")
         with state.stage("fidelity"):
-            fidelity = _fidelity(state, reloaded, reference, eval_calib)
+            fidelity = _fidelity(state, reloaded, reference, eval_calibs)
         report = build_report(state, recipe_path, manifest, before, original, after, fidelity, pass_rows,
                          random_weights)
         judge(recipe, report)
@@ -237,7 +240,24 @@ def _apply_passes(state: Run, calib: Calibration) -> tuple[list[dict], list[dict
     return applied, rows
 
 
-def _reference_outputs(state: Run, applied: list[dict], kept: list[str], calib: Calibration,
+def fidelity_inputs(recipe: Recipe, calib: Calibration, before: dict[str, dict]) -> dict[str, Calibration]:
+    """The calibration fidelity runs on, per part. Where the inputs are synthetic images and the recipe left their
+    number at its default, it is cut so that the original's and the optimized model's forwards take about
+    FIDELITY_BUDGET_S (from the latency just measured): 128 images through ViT-L-14 twice took minutes on a CPU."""
+    out = {}
+    chosen = recipe.calibration is not None and "num_samples" in recipe.calibration.model_fields_set
+    for part, measures in before.items():
+        out[part] = calib
+        if chosen or not is_image_part(part) or calib.image_files() or not measures.get("latency_ms"):
+            continue
+        seconds_each = measures["latency_ms"] / 1000 / measures["batch_size"]
+        affordable = max(MIN_FIDELITY_SAMPLES, int(FIDELITY_BUDGET_S / (2 * seconds_each)))
+        if affordable < calib.num_samples:
+            out[part] = replace(calib, num_samples=affordable, capped_from=calib.num_samples)
+    return out
+
+
+def _reference_outputs(state: Run, applied: list[dict], kept: list[str], calibs: dict[str, Calibration],
                        held_out: bool | None) -> dict[str, dict]:
     """The original's outputs on the fidelity inputs, for each part the output kept, with how they were obtained.
 
@@ -259,7 +279,11 @@ def _reference_outputs(state: Run, applied: list[dict], kept: list[str], calib: 
     out = {}
     with state.progress.task("original outputs", total=len(kept)) as task:
         for part in [p for p in teacher.parts if p in kept]:
+            calib = calibs[part]
             description, synthetic = describe_inputs(teacher, adapter, part, calib)
+            if calib.capped_from:
+                description += (f", {calib.num_samples} of {calib.capped_from} to keep the forwards near "
+                                f"{FIDELITY_BUDGET_S} s (calibration.num_samples sets it)")
             if held_out is not None:
                 description += (", held out from what the passes fitted to" if held_out
                                 else ", the same samples the passes fitted to: too few to hold any out")
@@ -271,7 +295,8 @@ def _reference_outputs(state: Run, applied: list[dict], kept: list[str], calib: 
     return out
 
 
-def _fidelity(state: Run, reloaded: Model, reference: dict[str, dict], calib: Calibration) -> dict[str, dict]:
+def _fidelity(state: Run, reloaded: Model, reference: dict[str, dict],
+              calibs: dict[str, Calibration]) -> dict[str, dict]:
     """Outputs of the reloaded model against the original's, per part it kept."""
     from mmopt.fidelity import compute_in_float32_on_cpu, embeddings, fidelity
 
@@ -283,7 +308,7 @@ def _fidelity(state: Run, reloaded: Model, reference: dict[str, dict], calib: Ca
             # the same inputs, preprocessed for each model at its own image size
             image_size = reloaded.preprocess.get("image_size") if is_image_part(part) else None
             new = embeddings(reloaded, adapter, part,
-                             inputs_for(reloaded, adapter, part, calib, seq_len, seed, image_size))
+                             inputs_for(reloaded, adapter, part, calibs[part], seq_len, seed, image_size))
             logits = reloaded.info.get("outputs") == "logits"       # a classifier's scores, as the adapter says
             row = {**fidelity(ref["outputs"], new, logits), **{k: v for k, v in ref.items() if k != "outputs"}}
             row.pop("original_compute")

@@ -130,3 +130,25 @@ def test_report_gives_stage_times_and_says_how_latency_was_had(tiny_bert_dir, re
 
     measured = api.optimize(path, force=True, latency=True)
     assert measured["parts"]["text"]["after"]["latency_how"] == "measured at batch 4"
+
+
+VISUAL = """
+model: {{source: open_clip, name: {name}}}
+parts: [visual]
+profile: {{batch_size: 2}}
+{calibration}passes:
+  - cast: {{dtype: bfloat16}}
+output: out
+"""
+
+
+def test_synthetic_fidelity_images_are_cut_to_a_time_budget_unless_the_recipe_sets_their_number(
+        tiny_clip_name, recipe_file, monkeypatch):
+    monkeypatch.setattr(pipeline, "FIDELITY_BUDGET_S", 1e-9)      # every model is too slow for it
+    report = mmopt.optimize(recipe_file(VISUAL.format(name=tiny_clip_name, calibration="")))
+    fid = report["parts"]["visual"]["fidelity"]
+    assert fid["samples"] == pipeline.MIN_FIDELITY_SAMPLES and "16 of 128" in fid["inputs"]
+
+    chosen = VISUAL.format(name=tiny_clip_name, calibration="calibration: {num_samples: 40, batch_size: 8}\n")
+    report = mmopt.optimize(recipe_file(chosen, "chosen.yaml"), force=True)
+    assert report["parts"]["visual"]["fidelity"]["samples"] == 40
