@@ -5,13 +5,12 @@ Each arrow is one function below; ``Run`` carries what they share.
 from __future__ import annotations
 
 import copy
-import gc
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Iterator
 
-from mmopt import checkpoint, gates, registry
+from mmopt import checkpoint, gates, host_memory, registry
 from mmopt.calibration import Calibration, describe_inputs, fit_and_holdout, inputs_for
 from mmopt.core import Model, Shapes, is_image_part
 from mmopt.errors import UserError
@@ -83,6 +82,7 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
     checkpoint.check_output(recipe.output_path, force)
     calib = Calibration.from_recipe(recipe)
     torch.manual_seed(recipe.seed)
+    host_memory.fix_mmap_threshold()
     stages: dict[str, float] = {}
     state = _start(recipe, progress, stages=stages)
     state.latency = "full" if latency or state.device != "cpu" else "quick"
@@ -98,7 +98,7 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
         with state.stage("write"), progress.task("writing checkpoint", total=None):
             manifest = checkpoint.write_checkpoint(state.model, state.adapter, tmp, source_record(recipe), applied)
         state.model = None          # written: free it before the original and the output are loaded
-        gc.collect()
+        host_memory.release()
         with state.stage("reference outputs"):
             reference = _reference_outputs(state, applied, manifest["parts"], eval_calibs, held_out)
         # Everything "after" is measured on the model reloaded from what was written, not on the one in memory.
@@ -292,6 +292,8 @@ def _reference_outputs(state: Run, applied: list[dict], kept: list[str], calibs:
             out[part] = {"outputs": embeddings(teacher, adapter, part, batches), "inputs": description,
                          "synthetic": synthetic, "held_out": held_out, "original_compute": compute}
             task.advance()
+    del teacher
+    host_memory.release()
     return out
 
 
