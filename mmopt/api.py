@@ -39,15 +39,23 @@ def validate(recipe: str | Path, overrides: Overrides | None = None) -> Recipe:
 
 
 def optimize(recipe: str | Path, force: bool = False, progress: Progress = NO_PROGRESS,
-             overrides: Overrides | None = None) -> dict:
+             overrides: Overrides | None = None, latency: bool = False, stream: bool | None = None) -> dict:
     """Carry out a recipe file; return the report dict (also written into the output folder).
+
+    ``latency``: time forwards at the recipe's batch even on a CPU (otherwise a batch-1 run, scaled).
+    ``stream``: write a cast / strip tensor by tensor without loading the model (True), never (False), or when
+    the weights would not fit in memory (None).
 
     A failed gate does not raise: the output is written and ``report["passed"]`` is False.
     """
     from mmopt import pipeline
 
     parsed = validate(recipe, overrides)
-    return pipeline.run(parsed, force=force, progress=progress, recipe_path=str(recipe))
+    from mmopt import pipeline_streamed
+
+    if pipeline_streamed.wanted(parsed, stream):
+        return pipeline_streamed.run(parsed, force=force, progress=progress, recipe_path=str(recipe))
+    return pipeline.run(parsed, force=force, progress=progress, recipe_path=str(recipe), latency=latency)
 
 
 def plan(recipe: str | Path, overrides: Overrides | None = None, progress: Progress = NO_PROGRESS) -> dict:

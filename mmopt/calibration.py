@@ -48,6 +48,7 @@ class Calibration:
     cache: bool = True
     num_workers: int = DEFAULT_WORKERS      # DataLoader workers decoding images ahead of use (0: in-process)
     split: str = "all"                      # "all", "fit" (what passes learn from) or "holdout" (for fidelity)
+    capped_from: int | None = None          # num_samples before a time budget cut it (synthetic fidelity inputs)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> "Calibration":

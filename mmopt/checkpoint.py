@@ -137,10 +137,11 @@ def verify_folder(path: Path, manifest: dict | None = None) -> list[str]:
 
 
 def serialized_bytes(tensors: dict) -> int:
-    """Exact size of ``tensors`` as a safetensors file."""
-    from safetensors.torch import save
+    """Exact size of ``tensors`` as a safetensors file, from their dtypes and shapes (no copy of the data: this
+    runs on models as large as memory, and on meta tensors)."""
+    from mmopt.weights import safetensors_size
 
-    return len(save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+    return safetensors_size({k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()})
 
 
 # --- reading ---------------------------------------------------------------------------------------------

@@ -57,6 +57,12 @@ def optimize(
                                                                  "(relative to the current folder)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate, load the model, print the plan and the memory "
                                                           "before any pass; write nothing."),
+    latency: bool = typer.Option(False, "--latency", help="On a CPU, time the forward at the recipe's batch (slow "
+                                                          "for float16); by default a batch-1 run is scaled."),
+    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream",
+                                          help="Cast / strip tensor by tensor from a safetensors weights file "
+                                               "without loading the model (fidelity is not measured). Default: "
+                                               "when the weights would not fit in memory."),
 ) -> None:
     """Apply RECIPE: load the model, run its passes, write the checkpoint and the before/after report."""
     from mmopt import api, report
@@ -70,7 +76,8 @@ def optimize(
     if check:
         result = api.check(recipe, overrides=overrides)
     else:
-        result = api.optimize(recipe, force=force, progress=report.progress_for(err), overrides=overrides)
+        result = api.optimize(recipe, force=force, progress=report.progress_for(err), overrides=overrides,
+                              latency=latency, stream=stream)
     if json_:
         _print_json(result)
     elif check:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-Source = Literal["hf", "open_clip", "torchvision"]
+Source = Literal["hf", "open_clip", "torchvision", "timm"]
 
 
 # --- parts ---------------------------------------------------------------------------------------------------
@@ -67,18 +67,27 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    source: Source = Field(description="hf | open_clip | torchvision")
+    source: Source = Field(description="hf | open_clip | torchvision | timm")
     path: str | None = Field(None, description="hf: a local Hugging Face folder, or pkg://package/subfolder")
-    name: str | None = Field(None, description="open_clip architecture (ViT-B-32) or torchvision name (resnet50)")
-    weights: str | None = Field(None, description="open_clip / torchvision: a local checkpoint file")
+    name: str | None = Field(None, description="open_clip architecture (ViT-B-32), torchvision name (resnet50) or "
+                                                "timm model name (convnext_tiny)")
+    weights: str | None = Field(None, description="open_clip / torchvision / timm: a local checkpoint file")
+    num_classes: int | None = Field(None, ge=0, description="torchvision / timm: outputs of the classifier head "
+                                                              "(default: read from the weights' head)")
+    kwargs: dict[str, Any] = Field({}, description="torchvision / timm: other keyword arguments of the model "
+                                                   "builder (e.g. dropout, representation_size, drop_path_rate)")
 
     @model_validator(mode="after")
     def _needs_what_source_needs(self) -> "ModelSpec":
+        if self.source not in ("torchvision", "timm") and (self.num_classes is not None or self.kwargs):
+            raise ValueError(f"num_classes and kwargs are for torchvision and timm models, not source {self.source}")
+        if {"num_classes", "weights", "pretrained"} & set(self.kwargs):
+            raise ValueError("kwargs: give num_classes as its own key, and weights as a local file in weights")
         if self.source == "hf":
             if not self.path:
                 raise ValueError("source hf needs path: a local Hugging Face folder")
             if self.name or self.weights:
-                raise ValueError("source hf takes path only (name and weights are for open_clip / torchvision)")
+                raise ValueError("source hf takes path only (name and weights are for open_clip / torchvision / timm)")
         else:
             if not self.name:
                 raise ValueError(f"source {self.source} needs name: the architecture")

@@ -22,8 +22,10 @@ def embeddings(model: Model, adapter: Adapter, part: str, batches: Iterable[tupl
     return torch.cat(outs)
 
 
-def fidelity(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
-    """Mean and min cosine of paired rows, and the share of rows whose nearest neighbour is unchanged."""
+def fidelity(reference: torch.Tensor, candidate: torch.Tensor, logits: bool = False) -> dict:
+    """Mean and min cosine of paired rows, and the share of rows whose nearest neighbour is unchanged. For a
+    classifier's ``logits``, also the share of rows whose top-1 class is unchanged (for a one-output head, whose
+    sign is: cosine of one number says nothing)."""
     import torch
 
     if reference.shape != candidate.shape:
@@ -31,6 +33,11 @@ def fidelity(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
     cos = torch.nn.functional.cosine_similarity(reference, candidate, dim=-1)
     out = {"mean_cosine": round(float(cos.mean()), 6), "min_cosine": round(float(cos.min()), 6),
            "samples": int(reference.shape[0])}
+    if logits and reference.shape[-1] == 1:
+        same = torch.sign(reference[..., 0]) == torch.sign(candidate[..., 0])
+        out["sign_agreement"] = round(float(same.float().mean()), 6)
+    elif logits:
+        out["top1_agreement"] = round(float((reference.argmax(-1) == candidate.argmax(-1)).float().mean()), 6)
     if reference.shape[0] >= 3:
         out["neighbor_agreement"] = round(float((_neighbours(reference) == _neighbours(candidate)).float().mean()), 6)
     return out
@@ -43,3 +50,29 @@ def _neighbours(emb: torch.Tensor) -> torch.Tensor:
     sim = unit @ unit.T
     sim.fill_diagonal_(-float("inf"))
     return sim.argmax(dim=-1)
+
+
+def compute_in_float32_on_cpu(model: Model, part: str) -> str | None:
+    """On a CPU, turn ``part``'s float16/bfloat16 weights into float32 in place, and say so (None when nothing
+    was changed).
+
+    Half-precision matrix products run about ten times slower than float32 on a CPU, so comparing a float16
+    model's outputs there took most of an optimize run. Computing in float32 keeps the weights' rounding (what
+    the cast changed) and leaves out the activations' rounding, which the GPU the model is deployed on decides.
+    Parts holding quantized or other special tensors are left as they are: their kernels fix the compute dtype.
+    """
+    import torch
+
+    half = (torch.float16, torch.bfloat16)
+    if model.part_device(part).type != "cpu":
+        return None
+    tensors = [t for _, t in model.named_tensors(part) if t.is_floating_point()]
+    plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) for _, t in model.named_tensors(part))
+    dtypes = {t.dtype for t in tensors if t.dtype in half}
+    if not dtypes or not plain:
+        return None
+    for tensor in tensors:
+        if tensor.dtype in half:
+            tensor.data = tensor.data.float()
+    names = "/".join(str(d).removeprefix("torch.") for d in sorted(dtypes, key=str))
+    return f"{names} weights computed in float32 on the CPU (their rounding counts; activation rounding does not)"

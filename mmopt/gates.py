@@ -11,10 +11,15 @@ if TYPE_CHECKING:
 _PART_GATES = {
     "min_cosine": (lambda p: (p.get("fidelity") or {}).get("mean_cosine"), ">="),
     "min_neighbor_agreement": (lambda p: (p.get("fidelity") or {}).get("neighbor_agreement"), ">="),
+    "min_top1_agreement": (lambda p: _class_agreement(p.get("fidelity") or {}), ">="),
     "max_weight_bytes": (lambda p: p["after"].get("weight_bytes"), "<="),
     "max_peak_bytes": (lambda p: _peak_total(p["after"]), "<="),
 }
 _TOTAL_GATES = ("max_weight_bytes", "max_peak_bytes")
+
+
+def _class_agreement(fidelity: dict) -> float | None:
+    return fidelity.get("top1_agreement", fidelity.get("sign_agreement"))
 
 
 def _peak_total(measures: dict) -> int | None:

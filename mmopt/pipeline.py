@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Iterator
 
-from mmopt import checkpoint, gates, registry
+from mmopt import checkpoint, gates, host_memory, registry
 from mmopt.calibration import Calibration, describe_inputs, fit_and_holdout, inputs_for
 from mmopt.core import Model, Shapes, is_image_part
 from mmopt.errors import UserError
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from mmopt.adapters.base import Adapter
 
 REPORT_VERSION = 2
+FIDELITY_BUDGET_S = 60        # seconds of forwards (original + optimized) per image part when the inputs are ours
+MIN_FIDELITY_SAMPLES = 16
 READABLE_REPORT_VERSIONS = (1, 2)     # `optimize --check` reads both: gates use no pass metrics
 
 
@@ -35,8 +38,20 @@ class Run:
     device: str
     shapes: Shapes
     progress: Progress
-    teacher: Model          # the model as loaded (its kept parts): the reference for fidelity and distillation
-    model: Model            # the model the passes change
+    # The model as loaded (its kept parts), held beside the changed one only when a pass needs it (distillation);
+    # otherwise the reference for fidelity is reloaded from the source once the changed model is written and freed.
+    teacher: Model | None
+    model: Model | None     # the model the passes change; None once written
+    latency: str = "full"   # tracing.LATENCY_MODES
+    stages: dict[str, float] = field(default_factory=dict)    # seconds per stage, for the report
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] = round(self.stages.get(name, 0.0) + time.perf_counter() - started, 3)
 
 
 def pick_device(choice: str) -> str:
@@ -54,29 +69,50 @@ def source_record(recipe: Recipe) -> dict:
     return resolve_spec(recipe.model, recipe.base_dir).model_dump(exclude_none=True)
 
 
-def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, recipe_path: str | None = None) -> dict:
-    """Carry out ``recipe``; return the report (also written as report.json / report.md in the output)."""
+def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, recipe_path: str | None = None,
+        latency: bool = False) -> dict:
+    """Carry out ``recipe``; return the report (also written as report.json / report.md in the output).
+
+    ``latency``: time the forward at the recipe's shapes even on a CPU (on CUDA it always is; on a CPU the
+    default is a batch-1 run scaled to the batch, labelled as an estimate).
+    """
     import torch
 
     started = time.perf_counter()
     checkpoint.check_output(recipe.output_path, force)
     calib = Calibration.from_recipe(recipe)
     torch.manual_seed(recipe.seed)
-    state = _start(recipe, progress)
-    model, adapter, device = state.model, state.adapter, state.device
-    before = _measure(state, state.teacher, "measuring original")
-    fit_calib, eval_calib, held_out = _split_calibration(recipe, calib, list(model.parts))
-    applied, pass_rows = _apply_passes(state, fit_calib)
+    host_memory.fix_mmap_threshold()
+    stages: dict[str, float] = {}
+    state = _start(recipe, progress, stages=stages)
+    state.latency = "full" if latency or state.device != "cpu" else "quick"
+    with state.stage("measure original"):
+        before = measure_parts(state, state.model, "measuring original")
+        original = original_files(state.model)
+    fit_calib, eval_calib, held_out = _split_calibration(recipe, calib, list(state.model.parts))
+    eval_calibs = fidelity_inputs(recipe, eval_calib, before)
+    with state.stage("passes"):
+        applied, pass_rows = _apply_passes(state, fit_calib)
+    random_weights = bool(state.model.random_weights)
     with checkpoint.atomic_folder(recipe.output_path, force) as tmp:
-        with progress.task("writing checkpoint", total=None):
-            manifest = checkpoint.write_checkpoint(model, adapter, tmp, source_record(recipe), applied)
+        with state.stage("write"), progress.task("writing checkpoint", total=None):
+            manifest = checkpoint.write_checkpoint(state.model, state.adapter, tmp, source_record(recipe), applied)
+        state.model = None          # written: free it before the original and the output are loaded
+        host_memory.release()
+        with state.stage("reference outputs"):
+            reference = _reference_outputs(state, applied, manifest["parts"], eval_calibs, held_out)
         # Everything "after" is measured on the model reloaded from what was written, not on the one in memory.
-        reloaded = checkpoint.load_model(tmp, device=device)
-        after = _measure(state, reloaded, "measuring optimized")
-        fidelity = _fidelity(state, reloaded, eval_calib, held_out)
-        report = _report(state, recipe_path, manifest, before, after, fidelity, pass_rows)
-        _judge(recipe, report)
+        with state.stage("reload"):
+            reloaded = checkpoint.load_model(tmp, device=state.device)
+        with state.stage("measure optimized"):
+            after = measure_parts(state, reloaded, "measuring optimized")
+        with state.stage("fidelity"):
+            fidelity = _fidelity(state, reloaded, reference, eval_calibs)
+        report = build_report(state, recipe_path, manifest, before, original, after, fidelity, pass_rows,
+                         random_weights)
+        judge(recipe, report)
         report["seconds"] = round(time.perf_counter() - started, 2)
+        report["stages"] = dict(state.stages)
         from mmopt import report as report_io
 
         report_io.write(report, tmp)
@@ -87,8 +123,9 @@ def plan(recipe: Recipe, progress: Progress = NO_PROGRESS, recipe_path: str | No
     """What ``run`` would do, without doing it: the model loaded, its memory before any pass (sizes and peak
     activation at the profile shapes; no latency run), the passes in order, the output. Writes nothing."""
     calib = Calibration.from_recipe(recipe)
-    state = _start(recipe, progress, teacher=False)
-    before = _measure(state, state.model, "measuring original", latency=False)
+    state = _start(recipe, progress, keep_teacher=False)
+    state.latency = "off"
+    before = measure_parts(state, state.model, "measuring original")
     target = recipe.output_path
     return {
         "recipe": recipe_path, "model": source_record(recipe), "random_weights": bool(state.model.random_weights),
@@ -104,9 +141,11 @@ def plan(recipe: Recipe, progress: Progress = NO_PROGRESS, recipe_path: str | No
     }
 
 
-def _start(recipe: Recipe, progress: Progress, teacher: bool = True) -> Run:
-    """The run's state: the recipe's model loaded with only its parts, on the recipe's device, and (with
-    ``teacher``) a copy of it as loaded, the reference for fidelity and distillation."""
+def _start(recipe: Recipe, progress: Progress, keep_teacher: bool | None = None,
+           stages: dict[str, float] | None = None) -> Run:
+    """The run's state: the recipe's model loaded with only its parts, on the recipe's device, and a copy of it as
+    loaded when a pass needs the original in memory (``keep_teacher`` None: ask the passes)."""
+    started = time.perf_counter()
     device = pick_device(recipe.device)
     adapter = registry.adapter_for(recipe.model.source)
     with progress.task("loading model", total=None):
@@ -114,8 +153,12 @@ def _start(recipe: Recipe, progress: Progress, teacher: bool = True) -> Run:
     model.module.to(device)
     shapes = Shapes(batch_size=recipe.profile.batch_size, image_size=recipe.profile.image_size,
                     seq_len=recipe.profile.seq_len)
-    return Run(recipe, adapter, device, shapes, progress, teacher=copy.deepcopy(model) if teacher else model,
-               model=model)
+    if keep_teacher is None:
+        keep_teacher = any(step.needs_teacher for step in recipe.passes)
+    state = Run(recipe, adapter, device, shapes, progress, teacher=copy.deepcopy(model) if keep_teacher else None,
+                model=model, stages=stages if stages is not None else {})
+    state.stages["load"] = round(time.perf_counter() - started, 3)
+    return state
 
 
 def _shapes_json(shapes: Shapes) -> dict:
@@ -138,7 +181,7 @@ def check(recipe: Recipe) -> dict:
     if report.get("report_version") not in READABLE_REPORT_VERSIONS:
         raise UserError(f"{report_file}: report version {report.get('report_version')!r}, expected one of "
                         f"{', '.join(map(str, READABLE_REPORT_VERSIONS))}")
-    _judge(recipe, report)
+    judge(recipe, report)
     return report
 
 
@@ -154,13 +197,14 @@ def _load(recipe: Recipe, adapter: Adapter) -> Model:
     return model
 
 
-def _measure(state: Run, model: Model, what: str, latency: bool = True) -> dict[str, dict]:
-    """Sizes, peak activation and (with ``latency``) latency of each part of ``model`` at the recipe's shapes."""
+def measure_parts(state: Run, model: Model, what: str) -> dict[str, dict]:
+    """Sizes, peak activation and latency (as ``state.latency`` says) of each part of ``model`` at the recipe's
+    shapes."""
     out = {}
     with state.progress.task(what, total=len(model.parts)) as task:
         for part in model.parts:
             out[part] = {**counting.part_sizes(model, part),
-                         **tracing.part_runtime(model, state.adapter, part, state.shapes, latency=latency)}
+                         **tracing.part_runtime(model, state.adapter, part, state.shapes, latency=state.latency)}
             task.advance()
     return out
 
@@ -184,7 +228,8 @@ def _apply_passes(state: Run, calib: Calibration) -> tuple[list[dict], list[dict
     for step in recipe.passes:
         with state.progress.task(f"pass {step.name}", total=None):
             result = step.apply(model, ctx)
-        step.align_reference(state.teacher, result.record, state.adapter)
+        if state.teacher is not None:     # otherwise the original is aligned when it is reloaded for fidelity
+            step.align_reference(state.teacher, result.record, state.adapter)
         ctx.history.append(step)
         config = step.config.model_dump(mode="json")
         applied.append({"name": step.name, "config": config, "record": result.record})
@@ -193,51 +238,113 @@ def _apply_passes(state: Run, calib: Calibration) -> tuple[list[dict], list[dict
     return applied, rows
 
 
-def _fidelity(state: Run, reloaded: Model, calib: Calibration, held_out: bool | None) -> dict[str, dict | None]:
-    """Outputs of the reloaded model against the original's, per part (None for a part the recipe removed)."""
-    from mmopt.fidelity import embeddings, fidelity
+def fidelity_inputs(recipe: Recipe, calib: Calibration, before: dict[str, dict]) -> dict[str, Calibration]:
+    """The calibration fidelity runs on, per part. Where the inputs are synthetic images and the recipe left their
+    number at its default, it is cut so that the original's and the optimized model's forwards take about
+    FIDELITY_BUDGET_S (from the latency just measured): 128 images through ViT-L-14 twice took minutes on a CPU."""
+    out = {}
+    chosen = recipe.calibration is not None and "num_samples" in recipe.calibration.model_fields_set
+    for part, measures in before.items():
+        out[part] = calib
+        if chosen or not is_image_part(part) or calib.image_files() or not measures.get("latency_ms"):
+            continue
+        seconds_each = measures["latency_ms"] / 1000 / measures["batch_size"]
+        affordable = max(MIN_FIDELITY_SAMPLES, int(FIDELITY_BUDGET_S / (2 * seconds_each)))
+        if affordable < calib.num_samples:
+            out[part] = replace(calib, num_samples=affordable, capped_from=calib.num_samples)
+    return out
 
-    teacher, adapter, seed, seq_len = state.teacher, state.adapter, state.recipe.seed, state.shapes.seq_len
-    out: dict[str, dict | None] = {}
-    with state.progress.task("fidelity", total=len(teacher.parts)) as task:
-        for part in teacher.parts:
-            if part not in reloaded.parts:
-                out[part] = None
-                task.advance()
-                continue
+
+def _reference_outputs(state: Run, applied: list[dict], kept: list[str], calibs: dict[str, Calibration],
+                       held_out: bool | None) -> dict[str, dict]:
+    """The original's outputs on the fidelity inputs, for each part the output kept, with how they were obtained.
+
+    The original is the copy held for the passes, or else reloaded from its source now (with the seed again, so a
+    random-weights model is rebuilt identically) and aligned as the passes aligned it; it is freed on return."""
+    import torch
+
+    from mmopt.fidelity import compute_in_float32_on_cpu, embeddings
+
+    recipe, adapter = state.recipe, state.adapter
+    teacher, state.teacher = state.teacher, None
+    if teacher is None:
+        with state.progress.task("reloading original", total=None):
+            torch.manual_seed(recipe.seed)
+            teacher = _load(recipe, adapter)
+            teacher.module.to(state.device)
+            for step, entry in zip(recipe.passes, applied):
+                step.align_reference(teacher, entry["record"], adapter)
+    out = {}
+    with state.progress.task("original outputs", total=len(kept)) as task:
+        for part in [p for p in teacher.parts if p in kept]:
+            calib = calibs[part]
             description, synthetic = describe_inputs(teacher, adapter, part, calib)
+            if calib.capped_from:
+                description += (f", {calib.num_samples} of {calib.capped_from} to keep the forwards near "
+                                f"{FIDELITY_BUDGET_S} s (calibration.num_samples sets it)")
             if held_out is not None:
                 description += (", held out from what the passes fitted to" if held_out
                                 else ", the same samples the passes fitted to: too few to hold any out")
+            compute = compute_in_float32_on_cpu(teacher, part)
+            batches = inputs_for(teacher, adapter, part, calib, state.shapes.seq_len, recipe.seed)
+            out[part] = {"outputs": embeddings(teacher, adapter, part, batches), "inputs": description,
+                         "synthetic": synthetic, "held_out": held_out, "original_compute": compute}
+            task.advance()
+    del teacher
+    host_memory.release()
+    return out
+
+
+def _fidelity(state: Run, reloaded: Model, reference: dict[str, dict],
+              calibs: dict[str, Calibration]) -> dict[str, dict]:
+    """Outputs of the reloaded model against the original's, per part it kept."""
+    from mmopt.fidelity import compute_in_float32_on_cpu, embeddings, fidelity
+
+    adapter, seed, seq_len = state.adapter, state.recipe.seed, state.shapes.seq_len
+    out: dict[str, dict] = {}
+    with state.progress.task("fidelity", total=len(reference)) as task:
+        for part, ref in reference.items():
+            compute = compute_in_float32_on_cpu(reloaded, part)
             # the same inputs, preprocessed for each model at its own image size
             image_size = reloaded.preprocess.get("image_size") if is_image_part(part) else None
-            ref = embeddings(teacher, adapter, part, inputs_for(teacher, adapter, part, calib, seq_len, seed))
             new = embeddings(reloaded, adapter, part,
-                             inputs_for(reloaded, adapter, part, calib, seq_len, seed, image_size))
-            out[part] = {**fidelity(ref, new), "inputs": description, "synthetic": synthetic, "held_out": held_out}
+                             inputs_for(reloaded, adapter, part, calibs[part], seq_len, seed, image_size))
+            logits = reloaded.info.get("outputs") == "logits"       # a classifier's scores, as the adapter says
+            row = {**fidelity(ref["outputs"], new, logits), **{k: v for k, v in ref.items() if k != "outputs"}}
+            row.pop("original_compute")
+            if compute or ref["original_compute"]:
+                row["compute"] = compute or ref["original_compute"]
+            out[part] = row
             task.advance()
     return out
 
 
-def _report(state: Run, recipe_path: str | None, manifest: dict, before: dict, after: dict, fidelity: dict,
-            pass_rows: list[dict]) -> dict:
-    teacher, files = state.teacher, manifest["files"]
+def original_files(model: Model) -> dict:
+    """Serialized bytes of each part of the original and of its shared tensors: the "before" checkpoint, taken
+    before any pass so that it is the original whole (a classifier a pass drops included)."""
+    return {"parts": {part: checkpoint.serialized_bytes(counting.part_state(model, part)) for part in model.parts},
+            "shared": shared_bytes(model)}
+
+
+def build_report(state: Run, recipe_path: str | None, manifest: dict, before: dict, original: dict, after: dict,
+                 fidelity: dict, pass_rows: list[dict], random_weights: bool) -> dict:
+    """The report of a run: per part before / after / fidelity (None where it was not measured), totals, passes."""
+    files = manifest["files"]
     parts = {}
-    for part in teacher.parts:
-        before_row = {**_public(before[part]),
-                      "checkpoint_bytes": checkpoint.serialized_bytes(counting.part_state(teacher, part))}
-        if fidelity[part] is None:
+    for part in before:
+        before_row = {**_public(before[part]), "checkpoint_bytes": original["parts"][part]}
+        if part not in manifest["parts"]:
             after_row = {"params": 0, "weight_bytes": 0, "checkpoint_bytes": 0, "removed": True}
         else:
             after_row = {**_public(after[part]), "checkpoint_bytes": files[part]["bytes"] if part in files else None}
-        parts[part] = {"before": before_row, "after": after_row, "fidelity": fidelity[part]}
+        parts[part] = {"before": before_row, "after": after_row, "fidelity": fidelity.get(part)}
     methods = {m["memory_method"] for m in list(before.values()) + list(after.values())}
     return {
         "report_version": REPORT_VERSION,
         "recipe": recipe_path,
         "output": str(state.recipe.output_path),
         "model": manifest["source"],
-        "random_weights": bool(state.model.random_weights),
+        "random_weights": random_weights,
         "memory_method": tracing.overall_method(methods),
         "device": state.device,
         "shapes": _shapes_json(state.shapes),
@@ -245,7 +352,7 @@ def _report(state: Run, recipe_path: str | None, manifest: dict, before: dict, a
         "totals": {
             "before": {"weight_bytes": sum(p["before"]["weight_bytes"] for p in parts.values()),
                        "checkpoint_bytes": sum(p["before"]["checkpoint_bytes"] for p in parts.values())
-                       + shared_bytes(teacher)},
+                       + original["shared"]},
             "after": {"weight_bytes": sum(p["after"]["weight_bytes"] for p in parts.values()),
                       "checkpoint_bytes": sum(f["bytes"] for f in files.values())},
         },
@@ -253,7 +360,7 @@ def _report(state: Run, recipe_path: str | None, manifest: dict, before: dict, a
     }
 
 
-def _judge(recipe: Recipe, report: dict) -> None:
+def judge(recipe: Recipe, report: dict) -> None:
     """Evaluate the recipe's gates on ``report`` and record the verdict in it."""
     report["gates"] = gates.evaluate(recipe.gates, report)
     report["passed"] = all(row["passed"] for row in report["gates"])
@@ -266,6 +373,7 @@ def shared_bytes(model: Model) -> int:
 
 
 def _public(measures: dict) -> dict:
-    keep = ("params", "weight_bytes", "peak_activation_bytes", "latency_ms", "memory_method", "memory_how",
+    keep = ("params", "weight_bytes", "peak_activation_bytes", "latency_ms", "latency_how", "memory_method",
+            "memory_how",
             "input_bytes", "batch_size", "note")
     return {k: measures[k] for k in keep if k in measures}

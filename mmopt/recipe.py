@@ -57,6 +57,9 @@ class GateThresholds(Strict):
     min_cosine: float | None = Field(None, ge=-1, le=1, description="mean cosine vs the original, at least")
     min_neighbor_agreement: float | None = Field(None, ge=0, le=1,
                                                  description="share of items whose nearest neighbour is unchanged")
+    min_top1_agreement: float | None = Field(None, ge=0, le=1,
+                                             description="classifiers: share of items whose top-1 class (for a "
+                                                         "one-output head: sign) is unchanged")
     max_weight_bytes: ByteSize | None = Field(None, description="weights in memory, at most (200MiB)")
     max_peak_bytes: ByteSize | None = Field(None, description="weights + largest part's peak activation, at most")
 

@@ -25,6 +25,7 @@ ADAPTERS: dict[str, str] = {
     "hf": "mmopt.adapters.hf:HFAdapter",
     "open_clip": "mmopt.adapters.open_clip:OpenClipAdapter",
     "torchvision": "mmopt.adapters.torchvision:TorchvisionAdapter",
+    "timm": "mmopt.adapters.timm:TimmAdapter",
 }
 
 
@@ -49,7 +50,7 @@ def make_pass(name: str, options: dict) -> Pass:
 
 
 def adapter_for(source: str) -> Adapter:
-    """An adapter instance for a model ``source`` (hf, open_clip, torchvision)."""
+    """An adapter instance for a model ``source`` (hf, open_clip, torchvision, timm)."""
     from mmopt.errors import ModelSpecError
 
     if source not in ADAPTERS:

@@ -82,8 +82,10 @@ def table_rows(report: dict) -> list[list[str]]:
         fid = data.get("fidelity")
         if fid:
             rows.append([part, "cosine mean / min", "1", f"{fid['mean_cosine']:.4f} / {fid['min_cosine']:.4f}", ""])
-            if "neighbor_agreement" in fid:
-                rows.append([part, "neighbour agreement", "1", f"{fid['neighbor_agreement']:.3f}", ""])
+            for key, label in (("top1_agreement", "top-1 agreement"), ("sign_agreement", "sign agreement"),
+                               ("neighbor_agreement", "neighbour agreement")):
+                if key in fid:
+                    rows.append([part, label, "1", f"{fid[key]:.3f}", ""])
         for row in report.get("passes", []):
             metrics = row.get("metrics", {}).get(part)
             if metrics:
@@ -102,16 +104,26 @@ def headline(report: dict) -> str:
     return f"{words}; {verdict}"
 
 
+def latency_words(report: dict) -> str:
+    """How the latency row was obtained: measured at the batch, or a batch-1 run scaled (a CPU without --latency)."""
+    hows = {data[side].get("latency_how") for data in report["parts"].values() for side in ("before", "after")}
+    if any(how and how.startswith("estimated") for how in hows):
+        return (f"latency on {report['device']} estimated from a batch-1 run times the batch "
+                "(`--latency` measures at the batch)")
+    return f"latency measured on {report['device']}"
+
+
 def notes(report: dict) -> list[str]:
     out = []
     if report.get("random_weights"):
         out.append("RANDOM WEIGHTS: the source model had no trained weights; fidelity says nothing about quality.")
     out.append(f"Peak activation memory: {METHOD_WORDS.get(report['memory_method'], report['memory_method'])}, "
-               f"batch {report['shapes']['batch_size']}; latency measured on {report['device']}.")
+               f"batch {report['shapes']['batch_size']}; {latency_words(report)}.")
     for part, data in report["parts"].items():
         fid = data.get("fidelity")
         if fid:
-            out.append(f"Fidelity of {part}: on {fid['inputs']}.")
+            out.append(f"Fidelity of {part}: on {fid['inputs']}" + (f"; {fid['compute']}." if fid.get("compute")
+                                                                      else "."))
         for side in ("before", "after"):
             if data[side].get("note"):
                 out.append(f"{side}: {data[side]['note']}.")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from mmopt.errors import ModelSpecError, first_line
 from mmopt.paths import local_path
@@ -33,6 +33,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated, pickled-object or text files
+        pickled = _pickled_class(str(exc))
+        if pickled:
+            raise ModelSpecError(
+                f"weights {path.name}: holds a whole pickled model ({pickled}), which mmopt does not unpickle",
+                hint="save its state dict instead: torch.save(model.state_dict(), PATH), or "
+                     "safetensors.torch.save_file(model.state_dict(), PATH)") from None
         raise ModelSpecError(f"weights {path.name}: not a safetensors or weights-only torch checkpoint "
                              f"({first_line(exc)})") from None
     for key in ("state_dict", "model", "model_state_dict"):
@@ -41,6 +47,94 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelSpecError(f"weights {path.name}: holds no state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def weight_shapes(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file as meta tensors (names, dtypes, shapes; no data): for a safetensors file read
+    from its header alone, for a torch checkpoint by loading it."""
+    import torch
+
+    path = local_path(path, "weights")
+    if not is_safetensors_file(path):
+        return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in read_state_dict(path).items()}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as reader:
+            out = {}
+            for key in reader.keys():
+                piece = reader.get_slice(key)
+                out[key] = torch.empty(piece.get_shape(), dtype=_torch_dtype(piece.get_dtype()), device="meta")
+            return out
+    except ModelSpecError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise ModelSpecError(f"weights {path.name}: not a readable safetensors file ({first_line(exc)})") from None
+
+
+def load_weights_file(module: nn.Module, path: str | Path, where: str) -> None:
+    """Strictly load the weights file ``path`` into ``module``. A safetensors file is copied in tensor by tensor,
+    so loading holds the model plus one tensor, not the model twice."""
+    import torch
+
+    path = local_path(path, "weights")
+    if not is_safetensors_file(path):
+        load_weights_into(module, read_state_dict(path), where)
+        return
+    from safetensors import safe_open
+
+    shapes = weight_shapes(path)
+    targets = module.state_dict(keep_vars=True)
+    check_fit({k: tuple(v.shape) for k, v in shapes.items()},
+               {k: tuple(v.shape) for k, v in targets.items() if v is not None}, where)
+    with torch.no_grad():
+        for key, target in targets.items():
+            if target is None:
+                continue
+            # Opened per tensor: safetensors memory-maps the file, and pages a read touched stay resident while
+            # the map is open.
+            with safe_open(str(path), framework="pt") as reader:
+                target.copy_(reader.get_tensor(key))
+
+
+def check_fit(found: dict[str, tuple], expected: dict[str, tuple], where: str) -> None:
+    """One line when the file's tensors are not the architecture's: missing, unexpected, or of another shape."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    detail = []
+    if missing:
+        detail.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        detail.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if wrong and not detail:
+        detail.append(f"size mismatch for {wrong[0]}: copying a param with shape {list(found[wrong[0]])} from "
+                      f"checkpoint, the shape in current model is {list(expected[wrong[0]])}")
+    if detail:
+        raise ModelSpecError(f"{where}: weights do not fit this architecture: {', '.join(detail)}")
+
+
+def is_safetensors_file(path: Path) -> bool:
+    if path.is_dir():
+        raise ModelSpecError(f"weights must be a file, got a folder: {path}")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    return path.suffix == ".safetensors" or _looks_like_safetensors(path, head)
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    by_name = {spec[0]: dtype for dtype, spec in SAFETENSORS_DTYPES.items()}
+    return getattr(torch, by_name[name])
+
+
+def _pickled_class(message: str) -> str | None:
+    """The class a weights-only load refused (``Unsupported global: GLOBAL torchvision.models.resnet.ResNet``)."""
+    import re
+
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    return found.group(1) if found else None
 
 
 def _looks_like_safetensors(path: Path, head: bytes) -> bool:
@@ -95,7 +189,10 @@ def unique_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
         if ident in seen and tensor.numel() > 0:
             continue
         seen[ident] = key
-        out[key] = tensor.detach().to("cpu") if is_wrapper(tensor) else tensor.detach().to("cpu").contiguous()
+        if tensor.device.type == "meta":        # a model built without memory: streamed from its source
+            out[key] = tensor.detach()
+        else:
+            out[key] = tensor.detach().to("cpu") if is_wrapper(tensor) else tensor.detach().to("cpu").contiguous()
     return out
 
 
@@ -103,28 +200,17 @@ def write_safetensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
     """One safetensors file; torchao tensors are flattened into their inner tensors (``<module>._weight_qdata``,
     ``._weight_scale``) with torchao's metadata, which transformers and ``mmopt.load`` rebuild them from.
 
-    The header is rewritten with the metadata keys sorted: safetensors writes its metadata map in hash order,
-    so the same weights would otherwise give different bytes from run to run."""
-    import json
-
-    from safetensors.torch import save
-
+    Written one tensor at a time (safetensors' own writer first copies every tensor into a bytes object: the
+    model twice in memory), with the metadata keys sorted (safetensors writes its metadata map in hash order, so
+    the same weights would otherwise give different bytes from run to run)."""
     metadata = {"format": "pt"}
     if any(is_wrapper(t) for t in tensors.values()):
         from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
         tensors, extra = flatten_tensor_state_dict(tensors)
         metadata.update(extra)
-    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
-    size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + size])
-    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    ordered = {"__metadata__": header.pop("__metadata__"), **dict(sorted(header.items()))}
-    text = json.dumps(ordered, separators=(",", ":")).encode()
-    if len(text) > size:       # cannot happen (same content, compact separators); keep safetensors' own bytes
-        Path(file).write_bytes(data)
-        return
-    Path(file).write_bytes(data[:8] + text + b" " * (size - len(text)) + data[8 + size:])
+    write_streamed(Path(file), {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}, tensors.__getitem__,
+                   metadata=dict(sorted(metadata.items())))
 
 
 def save_parts(model: Model, out: Path) -> dict[str, str]:
@@ -134,8 +220,107 @@ def save_parts(model: Model, out: Path) -> dict[str, str]:
         part = model.part_of(key) or "shared"
         groups.setdefault(part, {})[key] = tensor
     files = {}
+    source = model.info.get("_stream_from")      # a model built on the meta device: its weights are in this file
     for part, tensors in sorted(groups.items()):
         name = f"{part}.safetensors"
-        write_safetensors(tensors, out / name)
+        if any(t.device.type == "meta" for t in tensors.values()):
+            if source is None:
+                raise RuntimeError("a model on the meta device has no source to stream its weights from")
+            stream_part(out / name, tensors, source)
+        else:
+            write_safetensors(tensors, out / name)
         files[part] = name
     return files
+
+
+def stream_part(path: Path, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Write ``tensors`` (meta tensors: dtypes and shapes) with their values read one by one from the safetensors
+    file ``source``, converted to each tensor's dtype: a cast and strip of a model larger than memory."""
+    from safetensors import safe_open
+
+    with safe_open(str(source), framework="pt") as reader:
+        missing = [key for key in tensors if key not in reader.keys()]
+    if missing:
+        raise ModelSpecError(f"weights {source.name}: no tensor {missing[0]} (and {len(missing) - 1} more): "
+                             "streaming needs a state dict saved from this architecture")
+
+    def fetch(key: str) -> torch.Tensor:
+        # Opened per tensor: safetensors memory-maps the file, and the pages a read touches stay resident for as
+        # long as the map is open (a 1.7 GB cast held 0.9 GB more with one reader kept open).
+        with safe_open(str(source), framework="pt") as reader:
+            return reader.get_tensor(key).to(tensors[key].dtype)
+
+    write_streamed(path, {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, fetch,
+                   metadata={"format": "pt"})
+
+
+# --- writing tensor by tensor -------------------------------------------------------------------------------------
+# safetensors can only write a dict of tensors that are all in memory. A model larger than memory is written here
+# one tensor at a time, in exactly safetensors' layout, so that safetensors (and anything else) reads it as its own.
+
+SAFETENSORS_DTYPES = {  # torch dtype name -> (safetensors name, rank in safetensors' Dtype enum: it sorts by it)
+    "bool": ("BOOL", 0), "uint8": ("U8", 1), "int8": ("I8", 2), "float8_e5m2": ("F8_E5M2", 3),
+    "float8_e4m3fn": ("F8_E4M3", 4), "int16": ("I16", 5), "uint16": ("U16", 6), "float16": ("F16", 7),
+    "bfloat16": ("BF16", 8), "int32": ("I32", 9), "uint32": ("U32", 10), "float32": ("F32", 11),
+    "float64": ("F64", 12), "int64": ("I64", 13), "uint64": ("U64", 14),
+}
+
+
+def safetensors_layout(entries: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                       metadata: dict[str, str] | None = None) -> tuple[bytes, list[str], int]:
+    """(header bytes, names in data order, data bytes) of a safetensors file holding tensors of these dtypes and
+    shapes, laid out as safetensors lays them out: larger dtypes first, then by name; header padded to 8 bytes."""
+    import json
+    import math
+
+    def spec(dtype: torch.dtype) -> tuple[str, int]:
+        return SAFETENSORS_DTYPES[str(dtype).removeprefix("torch.")]
+
+    order = sorted(entries, key=lambda name: (-spec(entries[name][0])[1], name))
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in order:
+        dtype, shape = entries[name]
+        size = math.prod(shape) * _itemsize(dtype)
+        header[name] = {"dtype": spec(dtype)[0], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    return text + b" " * (-len(text) % 8), order, offset
+
+
+def safetensors_size(entries: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                     metadata: dict[str, str] | None = None) -> int:
+    """Bytes of the safetensors file these tensors make, computed from dtypes and shapes alone."""
+    header, _, data = safetensors_layout(entries, metadata)
+    return 8 + len(header) + data
+
+
+def write_streamed(path: Path, entries: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                   fetch: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file whose tensors come one at a time from ``fetch(name)``: memory holds one tensor."""
+    header, order, _ = safetensors_layout(entries, metadata)
+    with open(path, "wb") as fh:
+        fh.write(len(header).to_bytes(8, "little"))
+        fh.write(header)
+        for name in order:
+            dtype, shape = entries[name]
+            tensor = fetch(name)
+            if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                raise ModelSpecError(f"{name}: the source has {tuple(tensor.shape)} {tensor.dtype}, the model "
+                                     f"{tuple(shape)} {dtype}")
+            fh.write(_raw_bytes(tensor))
+            del tensor
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes in memory order (little-endian on every platform torch runs on)."""
+    import torch
+
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")

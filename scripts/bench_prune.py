@@ -146,7 +146,7 @@ def _row(case, method, model, adapter, part, ref, eval_inputs, reload) -> dict:
     try:
         new = embeddings(model, adapter, part, eval_inputs)
         fid = fidelity(ref, new)
-        runtime = tracing.part_runtime(model, adapter, part, shapes, latency=False)
+        runtime = tracing.part_runtime(model, adapter, part, shapes, latency="off")
         peak, memory_method = runtime["peak_activation_bytes"], f"{runtime['memory_method']} ({runtime['memory_how']})"
         fails = None
     except Exception as exc:  # a baseline whose forward breaks is a result, not a crash of the benchmark

@@ -97,7 +97,7 @@ def write_images(folder: Path, n: int, size: int = 256, seed: int = 1000) -> Pat
 
 def sizes(model, adapter, part: str, shapes: Shapes) -> dict:
     out = counting.part_sizes(model, part)
-    out.update(tracing.part_runtime(model, adapter, part, shapes, latency=False))
+    out.update(tracing.part_runtime(model, adapter, part, shapes, latency="off"))
     return out
 
 

@@ -131,7 +131,7 @@ def run_case(case: Case, models: dict, measure: bool) -> dict:
     if measure:
         torch.cuda.empty_cache()
         if case.mode == "inference":
-            row["measured"] = tracing.part_runtime(model, adapter, case.part, shapes, latency=False)[
+            row["measured"] = tracing.part_runtime(model, adapter, case.part, shapes, latency="off")[
                 "peak_activation_bytes"]
         else:
             row["measured"] = est.training(shapes, measure=True)["peak_total_bytes"]

@@ -242,7 +242,7 @@ def test_profile_reports_the_figures_optimize_measures(bert_folder):
     # the peak optimize puts in its report for this part at these shapes: one tracer for both commands
     adapter = adapter_for("hf")
     model = adapter.load(ModelSpec(source="hf", path=str(bert_folder)))
-    runtime = tracing.part_runtime(model, adapter, "text", Shapes(batch_size=2, seq_len=16), latency=False)
+    runtime = tracing.part_runtime(model, adapter, "text", Shapes(batch_size=2, seq_len=16), latency="off")
     assert part["peak_activation_bytes"] == runtime["peak_activation_bytes"] == out["peak_activation_bytes"] > 0
     assert runtime["memory_how"] == "fake-tensor trace" and runtime["input_bytes"] == part["input_bytes"]
     assert out["peak_total_bytes"] == part["weights_bytes"] + part["input_bytes"] + part["peak_activation_bytes"]

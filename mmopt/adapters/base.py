@@ -30,6 +30,11 @@ class Adapter(Protocol):
     def build(self, arch: dict, preprocess: dict, info: dict) -> Model:
         """A randomly initialised model of architecture ``arch`` (weights are loaded into it afterwards)."""
 
+    def load_empty(self, spec: ModelSpec, shapes: dict[str, tuple[int, ...]]) -> Model:
+        """The model ``spec`` names with meta tensors (dtypes and shapes, no memory), for a cast or strip that
+        streams its weights file tensor by tensor; ``shapes`` are the file's, for architectures that read sizes
+        from the weights. Raises UnsupportedError for families that cannot stream."""
+
     def save(self, model: Model, out: Path) -> dict[str, str]:
         """Write weights (and assets) into ``out``; return part -> file name."""
 

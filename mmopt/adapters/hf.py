@@ -48,6 +48,10 @@ class HFAdapter:
             raise UserError("--weights is for open_clip and torchvision models; an hf folder holds its own")
         return ModelSpec(source="hf", path=text)
 
+    def load_empty(self, spec: ModelSpec, shapes: dict[str, tuple[int, ...]]) -> Model:
+        raise UnsupportedError("streaming (--stream) takes open_clip and torchvision models with a safetensors "
+                               "weights file, not Hugging Face folders")
+
     def load(self, spec: ModelSpec) -> Model:
         folder = local_path(spec.path, "model path")
         if not folder.is_dir():

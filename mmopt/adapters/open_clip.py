@@ -16,7 +16,7 @@ from mmopt.adapters.structure import (check_patch_multiple, checkpoint_blocks, h
                                       interpolate_positions, keep_in_list, run_swapped)
 from mmopt.core import Model, ModelSpec, PruneLayout, QuantLayout, Shapes
 from mmopt.errors import ModelSpecError, UnsupportedError, first_line
-from mmopt.weights import load_weights_into, read_state_dict, save_parts
+from mmopt.weights import load_weights_file, save_parts
 
 if TYPE_CHECKING:
     import torch
@@ -40,33 +40,32 @@ class OpenClipAdapter:
         return ModelSpec(source="open_clip", name=text, weights=weights)
 
     def load(self, spec: ModelSpec) -> Model:
-        open_clip = _open_clip()
-        name = spec.name
-        config = open_clip.get_model_config(name)
-        if config is None:
-            close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
-            raise ModelSpecError(f"unknown open_clip architecture {name!r}",
-                                 hint=f"did you mean {', '.join(close)}?" if close else "see open_clip.list_models()")
-        config = copy.deepcopy(config)
-        config.pop("custom_text", None)
-        model = self._create(name, config)
+        model = self._create(spec.name, _known_config(spec.name))
         if spec.weights:
-            load_weights_into(model.module, read_state_dict(Path(spec.weights)), f"weights {Path(spec.weights).name}")
+            load_weights_file(model.module, spec.weights, f"weights {Path(spec.weights).name}")
         model.random_weights = not spec.weights
         return model
+
+    def load_empty(self, spec: ModelSpec, shapes: dict[str, tuple[int, ...]]) -> Model:
+        import torch
+
+        config = _known_config(spec.name)
+        with torch.device("meta"):      # open_clip builds on the CPU and then moves: build on meta from the start
+            return self._create(spec.name, config, device="meta")
 
     def build(self, arch: dict, preprocess: dict, info: dict) -> Model:
         model = self._create(arch["name"], copy.deepcopy(arch["config"]), custom_text=arch.get("custom_text"))
         model.preprocess = {**model.preprocess, **preprocess}   # a changed size (resolution pass) wins
         return model
 
-    def _create(self, name: str, config: dict, custom_text: bool | None = None) -> Model:
+    def _create(self, name: str, config: dict, custom_text: bool | None = None, device: str = "cpu") -> Model:
         open_clip = _open_clip()
         base = open_clip.get_model_config(name) or {}
         force_custom = bool(custom_text) if custom_text is not None else bool(base.get("custom_text"))
         # Config overrides as kwargs rebuild changed architectures (pruned widths, fewer layers) by name.
         module = open_clip.create_model(name, pretrained=None, load_weights=False, pretrained_image=False,
-                                        pretrained_text=False, force_custom_text=force_custom, **config)
+                                        pretrained_text=False, force_custom_text=force_custom, device=device,
+                                        **config)
         custom = hasattr(module, "text") and not hasattr(module, "transformer")
         prefixes = {"visual": ["visual."], "text": ["text."] if custom else list(CLIP_TEXT)}
         pp = getattr(module.visual, "preprocess_cfg", {}) or {}
@@ -319,3 +318,17 @@ def _is_open_clip_attention(module: nn.Module) -> bool:
     from open_clip.transformer import Attention
 
     return isinstance(module, Attention)
+
+
+def _known_config(name: str) -> dict:
+    """A copy of open_clip's config for architecture ``name`` (its create_model kwargs), or one line naming the
+    closest known ones."""
+    open_clip = _open_clip()
+    config = open_clip.get_model_config(name)
+    if config is None:
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
+        raise ModelSpecError(f"unknown open_clip architecture {name!r}",
+                             hint=f"did you mean {', '.join(close)}?" if close else "see open_clip.list_models()")
+    config = copy.deepcopy(config)
+    config.pop("custom_text", None)
+    return config

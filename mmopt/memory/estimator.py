@@ -74,7 +74,7 @@ class Estimator:
                "tree": module_tree(self.model, self.part, trace), "peak_total_bytes": inf["peak_total_bytes"]}
         on_cuda = any(t.is_cuda for _, t in self.model.named_tensors(self.part))
         if on_cuda and not req.train:
-            measured = tracing.part_runtime(self.model, self.adapter, self.part, shapes, latency=False)
+            measured = tracing.part_runtime(self.model, self.adapter, self.part, shapes, latency="off")
             if req.measure:
                 out["measured"] = {"peak_activation_bytes": measured["peak_activation_bytes"],
                                    "estimated_peak_activation_bytes": trace.peak_bytes,

@@ -54,7 +54,7 @@ def open_model(spec: str, weights: str | None = None) -> tuple[Adapter, Model]:
         return adapter, adapter.load(adapter.parse_spec(spec, weights))
     if path.exists():
         raise UserError(f"{spec}: not an mmopt checkpoint or Hugging Face folder (no mmopt.json or config.json)")
-    raise UserError(f"model {spec!r}: give open_clip:ARCH, hf:PATH, torchvision:NAME or a local folder",
+    raise UserError(f"model {spec!r}: give open_clip:ARCH, hf:PATH, torchvision:NAME, timm:NAME or a local folder",
                     hint="nothing is downloaded: hub ids must be local folders")
 
 

@@ -58,13 +58,21 @@ def part_forward(adapter: Adapter, part: str, amp: str | None = None) -> Callabl
 
 # --- what optimize measures of a part ---------------------------------------------------------------------------
 
-def part_runtime(model: Model, adapter: Adapter, part: str, shapes: Shapes, latency: bool = True) -> dict:
+LATENCY_MODES = ("full", "quick", "off")
+
+
+def part_runtime(model: Model, adapter: Adapter, part: str, shapes: Shapes, latency: str = "full") -> dict:
     """Peak activation memory (measured on CUDA or estimated) and latency of one forward of ``part`` at ``shapes``.
 
-    When CUDA runs out of memory the batch is halved until it fits, and the result says at which batch.
+    ``latency``: ``full`` times the forward at ``shapes``; ``quick`` times one forward at batch 1 and scales it
+    to the batch (a CPU running float16 at batch 64 can take minutes, and the number is rarely what a CPU user
+    came for); ``off`` skips it. When CUDA runs out of memory the batch is halved until it fits, and the result
+    says at which batch.
     """
     import torch
 
+    if latency not in LATENCY_MODES:
+        raise ValueError(f"latency must be one of {LATENCY_MODES}, got {latency!r}")
     asked = shapes.batch_size
     while True:
         try:
@@ -83,14 +91,20 @@ def part_runtime(model: Model, adapter: Adapter, part: str, shapes: Shapes, late
     return out
 
 
-def _runtime_at(model: Model, adapter: Adapter, part: str, shapes: Shapes, latency: bool) -> dict:
+def _runtime_at(model: Model, adapter: Adapter, part: str, shapes: Shapes, latency: str) -> dict:
     inputs = adapter.example_inputs(model, part, shapes)
     forward = part_forward(adapter, part)
     peak = peak_activation(forward, model, inputs)
     out = {"peak_activation_bytes": peak.peak_bytes, "memory_method": peak.method, "memory_how": peak.how,
            "input_bytes": input_bytes(inputs)}
-    if latency:
+    if latency == "full" or (latency == "quick" and shapes.batch_size == 1):
         out["latency_ms"] = round(latency_ms(lambda *args: forward(model, *args), inputs), 3)
+        out["latency_how"] = f"measured at batch {shapes.batch_size}"
+    elif latency == "quick":
+        one = adapter.example_inputs(model, part, dataclasses.replace(shapes, batch_size=1))
+        single = latency_ms(lambda *args: forward(model, *args), one, repeats=1)
+        out["latency_ms"] = round(single * shapes.batch_size, 3)
+        out["latency_how"] = f"estimated: batch 1 measured, times {shapes.batch_size}"
     return out
 
 
@@ -283,7 +297,7 @@ def measuring_copy(subject: Subject, mode: FakeTensorMode | None = None, require
                         # state on the Parameter object: they are copied for real (they are small) and become
                         # fake as the forward reads them
                         continue
-                    fake = mode.from_tensor(value.detach())
+                    fake = fake_of(mode, value.detach())
                     if is_param:
                         fake = nn.Parameter(fake, requires_grad=requires_grad and value.requires_grad
                                             and value.is_floating_point())
@@ -317,6 +331,17 @@ def trace_real(fn: Callable[..., Any], subject: nn.Module | Model, inputs: tuple
     return tracker.peak
 
 
+def fake_of(mode: FakeTensorMode, tensor: torch.Tensor) -> torch.Tensor:
+    """A fake copy of ``tensor``; a meta tensor (a model built without memory, for streaming) becomes a fake CPU
+    tensor, so that it is traced through the same kernels as the loaded model would be."""
+    import torch
+
+    if tensor.device.type != "meta":
+        return mode.from_tensor(tensor)
+    with mode:
+        return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="cpu")
+
+
 def fake_inputs(mode: FakeTensorMode, inputs: tuple, batch: int | None) -> tuple:
     """Fake copies of ``inputs``; with ``batch``, inputs given at batch 1 are grown to ``batch`` rows on fake
     tensors, so a budget search at batch 4096 allocates nothing real."""
@@ -327,7 +352,7 @@ def fake_inputs(mode: FakeTensorMode, inputs: tuple, batch: int | None) -> tuple
         if not isinstance(t, torch.Tensor):
             out.append(t)
             continue
-        fake = mode.from_tensor(t)
+        fake = fake_of(mode, t)
         if batch is not None and batch != t.shape[0]:
             fake = fake[:1].expand(batch, *fake.shape[1:]).contiguous()
         out.append(fake)

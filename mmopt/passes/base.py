@@ -11,6 +11,10 @@ lifecycle the runner calls directly, in this order:
   architecture, then ``load_state(model, record, state)`` loads the weights it owns and returns the rest;
 - ``brief(metrics)`` puts the pass's metrics for one part in a few words for the report table.
 
+``needs_teacher`` says whether ``apply`` reads ``ctx.teacher`` (distillation, layer choice); only then does the
+runner keep a copy of the original in memory beside the model it changes. Otherwise the original is reloaded from
+its source once the passes are done, for fidelity, so that a cast of a large model never holds it twice.
+
 ``learns_from_calibration`` says whether the pass fits itself to calibration data (distillation, a fitted
 projection, a layer choice, activation-based importance); the runner then measures fidelity on samples held
 out from it. A pass whose answer depends on its options overrides it with a property reading ``self.config``.
@@ -74,7 +78,7 @@ class Context:
     """What a pass may use besides the model."""
 
     adapter: Adapter
-    teacher: Model | None = None            # the model as loaded, before any pass (for distillation)
+    teacher: Model | None = None            # the model as loaded, when a pass ``needs_teacher``
     calibration: Calibration | None = None
     device: str = "cpu"
     seed: int = 0
@@ -90,6 +94,7 @@ class Pass(ABC):
     name: ClassVar[str]
     Config: ClassVar[type[PassConfig]]
     learns_from_calibration: bool = False
+    needs_teacher: bool = False
 
     def __init__(self, config: PassConfig) -> None:
         if not isinstance(config, self.Config):

@@ -61,6 +61,11 @@ class Prune(Pass):
         """Recovery distils on calibration data; activation importance ranks on it."""
         return self.config.recover is not None or self.config.importance == "activation"
 
+    @property
+    def needs_teacher(self) -> bool:
+        """Recovery distils from the original."""
+        return self.config.recover is not None
+
     def apply(self, model: Model, ctx: Context) -> PassResult:
         cfg = self.config
         parts = target_parts(model, cfg.parts)

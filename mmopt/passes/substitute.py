@@ -80,6 +80,7 @@ class SubstituteConfig(PassConfig):
 class Substitute(Pass):
     name = "substitute"
     Config = SubstituteConfig
+    needs_teacher = True        # distillation, layer choice and the image-text agreement all read the original
 
     @property
     def learns_from_calibration(self) -> bool:

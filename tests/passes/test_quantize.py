@@ -288,7 +288,7 @@ def test_measuring_never_changes_the_model(clip, cpu_feature, method):
     before = _tensors_of(model)
     adapter = registry.adapter_for("open_clip")
     for part in model.parts:
-        tracing.part_runtime(model, adapter, part, Shapes(batch_size=2), latency=False)
+        tracing.part_runtime(model, adapter, part, Shapes(batch_size=2), latency="off")
     after = _tensors_of(model)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
