@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 REPORT_VERSION = 2
 FIDELITY_BUDGET_S = 60        # seconds of forwards (original + optimized) per image part when the inputs are ours
 MIN_FIDELITY_SAMPLES = 16
+SLOW_PART_BATCH = 8
 READABLE_REPORT_VERSIONS = (1, 2)     # `optimize --check` reads both: gates use no pass metrics
 
 
@@ -251,7 +252,9 @@ def fidelity_inputs(recipe: Recipe, calib: Calibration, before: dict[str, dict])
         seconds_each = measures["latency_ms"] / 1000 / measures["batch_size"]
         affordable = max(MIN_FIDELITY_SAMPLES, int(FIDELITY_BUDGET_S / (2 * seconds_each)))
         if affordable < calib.num_samples:
-            out[part] = replace(calib, num_samples=affordable, capped_from=calib.num_samples)
+            # a part this slow is a large one: smaller batches also keep its activations small
+            out[part] = replace(calib, num_samples=affordable, capped_from=calib.num_samples,
+                                batch_size=min(calib.batch_size, SLOW_PART_BATCH))
     return out
 
 
