@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from mmopt.adapters.inputs import example_images, random_tokens
-from mmopt.adapters.structure import (check_patch_multiple, head_rows, install_swapped, interpolate_positions,
-                                      keep_in_list, run_swapped, slice_linear)
+from mmopt.adapters.structure import (check_patch_multiple, clear_attribute, head_rows, install_swapped,
+                                      interpolate_positions, keep_in_list, run_swapped, slice_linear)
 from mmopt.core import Model, ModelSpec, PruneLayout, QuantLayout, Quantization, Shapes
 from mmopt.errors import ModelSpecError, UnsupportedError, UserError, first_line
 from mmopt.paths import local_path
@@ -176,7 +176,7 @@ class HFAdapter:
         if model_type not in DUAL_TOWER:
             raise UnsupportedError(f"cannot drop {part!r}: it is this model's only part")
         for prefix in model.part_prefixes(part):
-            setattr(model.module, prefix.rstrip("."), None)
+            clear_attribute(model.module, prefix.rstrip("."))
         model.parts.remove(part)
 
     def drop_unused_heads(self, model: Model, features: bool) -> list[str]:

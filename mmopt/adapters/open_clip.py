@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from mmopt.adapters.inputs import example_images, random_tokens
-from mmopt.adapters.structure import (check_patch_multiple, checkpoint_blocks, head_rows, install_swapped,
-                                      interpolate_positions, keep_in_list, run_swapped)
+from mmopt.adapters.structure import (check_patch_multiple, checkpoint_blocks, clear_attribute, head_rows,
+                                      install_swapped, interpolate_positions, keep_in_list, run_swapped)
 from mmopt.core import Model, ModelSpec, PruneLayout, QuantLayout, Shapes
 from mmopt.errors import ModelSpecError, UnsupportedError, first_line
 from mmopt.weights import load_weights_into, read_state_dict, save_parts
@@ -115,7 +115,7 @@ class OpenClipAdapter:
     def drop_part(self, model: Model, part: str) -> None:
         model.check_part(part)
         for prefix in model.part_prefixes(part):
-            setattr(model.module, prefix.rstrip("."), None)
+            clear_attribute(model.module, prefix.rstrip("."))
         model.parts.remove(part)
 
     def drop_unused_heads(self, model: Model, features: bool) -> list[str]:
