@@ -133,8 +133,10 @@ def versions() -> dict:
     return out
 
 
-def write_checkpoint(model: Model, adapter: Adapter, folder: Path, source: dict, passes: list[dict]) -> dict:
-    """Write weights and manifest of ``model`` into ``folder``; return the manifest."""
+def write_checkpoint(model: Model, adapter: Adapter, folder: Path, source: dict, passes: list[dict],
+                     recipe: dict | None = None) -> dict:
+    """Write weights and manifest of ``model`` into ``folder``; return the manifest. ``recipe`` records what made
+    the output (``{"sha256": ..., "identity": ...}``, see ``Recipe.identity``)."""
     files = adapter.save(model, folder)
     manifest = {
         "format": FORMAT,
@@ -145,6 +147,7 @@ def write_checkpoint(model: Model, adapter: Adapter, folder: Path, source: dict,
         "info": model.saved_info(),
         "quantization": model.quantization.to_json() if model.quantization is not None else None,
         "passes": passes,
+        "recipe": recipe,
         "random_weights": model.random_weights,
         "files": {part: {"file": name, "sha256": sha256(folder / name), "bytes": (folder / name).stat().st_size}
                   for part, name in sorted(files.items())},

@@ -64,12 +64,15 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
     torch.manual_seed(recipe.seed)
     state = _start(recipe, progress)
     model, adapter, device = state.model, state.adapter, state.device
-    before = _measure(state, state.teacher, "measuring original")
     fit_calib, eval_calib, held_out = _split_calibration(recipe, calib, list(model.parts))
+    _check_passes(state, fit_calib)
+    before = _measure(state, state.teacher, "measuring original")
     applied, pass_rows = _apply_passes(state, fit_calib)
     with checkpoint.atomic_folder(recipe.output_path, force) as tmp:
         with progress.task("writing checkpoint", total=None):
-            manifest = checkpoint.write_checkpoint(model, adapter, tmp, source_record(recipe), applied)
+            manifest = checkpoint.write_checkpoint(model, adapter, tmp, source_record(recipe), applied,
+                                                   recipe={"sha256": recipe.fingerprint(),
+                                                           "identity": recipe.identity()})
         # Everything "after" is measured on the model reloaded from what was written, not on the one in memory.
         reloaded = checkpoint.load_model(tmp, device=device)
         after = _measure(state, reloaded, "measuring optimized")
@@ -88,6 +91,7 @@ def plan(recipe: Recipe, progress: Progress = NO_PROGRESS, recipe_path: str | No
     activation at the profile shapes; no latency run), the passes in order, the output. Writes nothing."""
     calib = Calibration.from_recipe(recipe)
     state = _start(recipe, progress, teacher=False)
+    _check_passes(state, calib)
     before = _measure(state, state.model, "measuring original", latency=False)
     target = recipe.output_path
     return {
@@ -128,6 +132,7 @@ def check(recipe: Recipe) -> dict:
 
     out = recipe.output_path
     manifest = checkpoint.read_manifest(out)
+    _check_same_recipe(recipe, manifest, out)
     for entry in manifest["files"].values():
         checkpoint.verify_file(out, entry)
     report_file = out / "report.json"
@@ -142,6 +147,43 @@ def check(recipe: Recipe) -> dict:
                         f"{', '.join(map(str, READABLE_REPORT_VERSIONS))}")
     _judge(recipe, report)
     return report
+
+
+def _check_same_recipe(recipe: Recipe, manifest: dict, out) -> None:
+    """Refuse to judge an output another recipe made (gates on stale weights would pass a changed recipe)."""
+    made_by = manifest.get("recipe") or {}
+    if made_by.get("sha256") == recipe.fingerprint():
+        return
+    if not made_by:
+        raise UserError(f"{out} records no recipe (written by an older mmopt): run `mmopt optimize --force` "
+                        "to remake it")
+    change = _first_difference(made_by.get("identity"), recipe.identity())
+    raise UserError(f"{out} was made by a different recipe ({change or 'recipe changed'}): run "
+                    "`mmopt optimize --force` to remake it")
+
+
+def _first_difference(old, new, path: str = "") -> str | None:
+    """``passes[0].cast.dtype: float16 -> bfloat16`` for the first value that differs, or None."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            found = _first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            found = _first_difference(a, b, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    return None if old == new else f"{path or 'recipe'}: {_short(old)} -> {_short(new)}"
+
+
+def _short(value) -> str:
+    import json
+
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # --- the steps ---------------------------------------------------------------------------------------------------
@@ -177,13 +219,27 @@ def _split_calibration(recipe: Recipe, calib: Calibration, parts: list[str]) -> 
     return (split[0], split[1], True) if split else (calib, calib, False)
 
 
+def _context(state: Run, calib: Calibration) -> Context:
+    recipe = state.recipe
+    return Context(adapter=state.adapter, teacher=state.teacher, calibration=calib, device=state.device,
+                   seed=recipe.seed, progress=state.progress, base_dir=recipe.base_dir)
+
+
+def _check_passes(state: Run, calib: Calibration) -> None:
+    """Every pass's ``check`` on the model as loaded, before anything is measured: a recipe that cannot work
+    fails in seconds, and before any progress line is printed."""
+    ctx = _context(state, calib)
+    for step in state.recipe.passes:
+        step.check(state.model, ctx)
+        ctx.history.append(step)
+
+
 def _apply_passes(state: Run, calib: Calibration) -> tuple[list[dict], list[dict]]:
     """Apply the recipe's passes in order; return (manifest entries, report rows)."""
-    recipe, model = state.recipe, state.model
-    ctx = Context(adapter=state.adapter, teacher=state.teacher, calibration=calib, device=state.device,
-                  seed=recipe.seed, progress=state.progress, base_dir=recipe.base_dir)
+    model = state.model
+    ctx = _context(state, calib)
     applied, rows = [], []
-    for step in recipe.passes:
+    for step in state.recipe.passes:
         with state.progress.task(f"pass {step.name}", total=None):
             result = step.apply(model, ctx)
         step.align_reference(state.teacher, result.record, state.adapter)

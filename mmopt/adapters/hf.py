@@ -37,6 +37,15 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _folder(spec: ModelSpec) -> Path:
+    folder = local_path(spec.path, "model path")
+    if not folder.is_dir():
+        raise ModelSpecError(f"model path must be a Hugging Face folder, got a file: {folder}")
+    if not (folder / "config.json").is_file():
+        raise ModelSpecError(f"model folder has no config.json: {folder}")
+    return folder
+
+
 class HFAdapter:
     source: ClassVar[str] = "hf"
 
@@ -48,12 +57,22 @@ class HFAdapter:
             raise UserError("--weights is for open_clip and torchvision models; an hf folder holds its own")
         return ModelSpec(source="hf", path=text)
 
+    def parts_without_weights(self, spec: ModelSpec) -> list[str] | None:
+        folder = _folder(spec)
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelSpecError(f"model folder {folder}: unreadable config.json ({first_line(exc)})") from None
+        if not isinstance(config, dict):
+            raise ModelSpecError(f"model folder {folder}: config.json is not a mapping")
+        if config.get("model_type") in DUAL_TOWER:        # the same rules as _wrap, on the raw config
+            return ["visual", "text"]
+        if "vocab_size" in config:
+            return ["text"]
+        return ["visual"] if "image_size" in config else None
+
     def load(self, spec: ModelSpec) -> Model:
-        folder = local_path(spec.path, "model path")
-        if not folder.is_dir():
-            raise ModelSpecError(f"model path must be a Hugging Face folder, got a file: {folder}")
-        if not (folder / "config.json").is_file():
-            raise ModelSpecError(f"model folder has no config.json: {folder}")
+        folder = _folder(spec)
         _quiet_transformers()
         from transformers import AutoConfig, AutoModel
 
@@ -181,8 +200,11 @@ class HFAdapter:
 
     def drop_unused_heads(self, model: Model, features: bool) -> list[str]:
         # BERT's pooler feeds only pooler_output, which mean/cls/max pooling of the hidden states never reads.
-        if "text" in model.parts and getattr(model.module, "pooler", None) is not None \
-                and model.info.get("pooling") in ("mean", "cls", "max"):
+        # transformers always builds it, though: a stock folder without its weights would load with a "newly
+        # initialized" warning, so its original weights are kept aside for the stock file (``save``).
+        pooler = getattr(model.module, "pooler", None)
+        if "text" in model.parts and pooler is not None and model.info.get("pooling") in ("mean", "cls", "max"):
+            model.info["_stock_heads"] = {f"pooler.{k}": v.detach().clone() for k, v in pooler.state_dict().items()}
             model.module.pooler = None
             return ["pooler"]
         return []
@@ -341,8 +363,12 @@ class HFAdapter:
             dropped = [name for name, child in model.module._modules.items() if child is None]
             _add_quantization_config(out / "config.json", model.quantization, dropped)
         stock = _stock_tensors(model.module, tensors)
+        separate = stock is not tensors
+        # Dropped heads go into the stock file only, so transformers and sentence-transformers load it without a
+        # missing-weights report; mmopt's load skips them (Strip.load_state), keeping the memory saving.
+        stock = {**stock, **_stock_heads(model)}
         save_file(stock, str(out / "model.safetensors"), metadata={"format": "pt"})
-        if stock is tensors:
+        if not separate:
             return {model.parts[0]: "model.safetensors"}
         # transformers has no int8 embedding: model.safetensors holds those tables dequantized to the dtype the
         # model computes in, and mmopt reads its own all-quantized copy (docs/quantization.md: the trade-off).
@@ -403,6 +429,18 @@ def _add_quantization_config(file: Path, quant: Quantization, dropped: list[str]
     config = json.loads(file.read_text())
     config["quantization_config"] = bnb_quantization_config(quant, quant.float_linear + dropped)
     file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _stock_heads(model: Model) -> dict:
+    """The original weights of heads ``drop_unused_heads`` removed, in the dtype the model now computes in, when
+    they still fit its config (a width-pruned model's would not: they are left out)."""
+    heads = model.info.get("_stock_heads") or {}
+    dtype = next((p.dtype for p in model.module.parameters() if p.is_floating_point()), None)
+    hidden = getattr(model.module.config, "hidden_size", None)
+    if not heads or any(t.shape[-1] != hidden for t in heads.values()):
+        return {}
+    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+            for k, v in heads.items()}
 
 
 def _stock_tensors(module: nn.Module, tensors: dict) -> dict:
