@@ -53,6 +53,10 @@ def _cell(value: Any, kind: str) -> str:
     return str(value)
 
 
+def _cell4(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 ROWS = [("params", "params"), ("weight_bytes", "bytes"), ("checkpoint_bytes", "bytes"),
         ("peak_activation_bytes", "bytes"), ("latency_ms", "ms")]
 LABELS = {"params": "params", "weight_bytes": "weights in memory", "checkpoint_bytes": "checkpoint on disk",
@@ -81,9 +85,13 @@ def table_rows(report: dict) -> list[list[str]]:
             rows.append([part, LABELS[key], _cell(b.get(key), kind), after, _ratio(b.get(key), a.get(key))])
         fid = data.get("fidelity")
         if fid:
-            rows.append([part, "cosine mean / min", "1", f"{fid['mean_cosine']:.4f} / {fid['min_cosine']:.4f}", ""])
+            # "before" is the reference itself: no figure to show there
+            rows.append([part, "cosine to original, mean / min", "-",
+                         f"{_cell4(fid['mean_cosine'])} / {_cell4(fid['min_cosine'])}", ""])
             if "neighbor_agreement" in fid:
-                rows.append([part, "neighbour agreement", "1", f"{fid['neighbor_agreement']:.3f}", ""])
+                rows.append([part, "same nearest neighbour", "-", f"{fid['neighbor_agreement']:.1%}", ""])
+            for side, problem in (fid.get("degenerate") or {}).items():
+                rows.append([part, f"DEGENERATE {side} outputs", "", problem, ""])
         for row in report.get("passes", []):
             metrics = row.get("metrics", {}).get(part)
             if metrics:
@@ -118,6 +126,9 @@ def notes(report: dict) -> list[str]:
             if data[side].get("memory_how") == "CPU trace":
                 out.append(f"Peak activation of {part} {side}: traced from a real CPU run (these kernels have no "
                            "fake-tensor version), so it is the CPU allocator's figure, not a CUDA one.")
+    for gate in report.get("gates", []):
+        if gate.get("note") and not gate["passed"]:
+            out.append(f"Gate {gate['gate']} ({gate['part']}) failed: {gate['note']}.")
     return out + list(report.get("notes", []))
 
 
