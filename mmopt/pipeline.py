@@ -83,6 +83,9 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
         from mmopt import report as report_io
 
         report_io.write(report, tmp)
+        from mmopt import model_card
+
+        model_card.write(report, manifest, tmp)
     return report
 
 

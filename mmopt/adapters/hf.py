@@ -88,6 +88,10 @@ class HFAdapter:
                 module = AutoModel.from_config(config)
         except (ValueError, KeyError, OSError, RuntimeError) as exc:
             raise ModelSpecError(f"model folder {folder}: transformers cannot load it ({first_line(exc)})") from None
+        # transformers records the absolute folder (inside a virtual environment, say) in ``_name_or_path``,
+        # which mmopt.json would carry to every machine: record what the recipe named, if portable, else the name
+        origin = str(spec.path)
+        module.config._name_or_path = origin if origin.startswith("pkg://") else folder.name
         return self._wrap(module, folder, random_weights=not has_weights)
 
     def build(self, arch: dict, preprocess: dict, info: dict) -> Model:
