@@ -67,6 +67,11 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
     fit_calib, eval_calib, held_out = _split_calibration(recipe, calib, list(model.parts))
     _check_passes(state, fit_calib)
     before = _measure(state, state.teacher, "measuring original")
+    # The original's files as it is now, whole: a pass may later make the reference comparable (a classifier
+    # dropped from it too), but "before" is what the user started from.
+    for part in before:
+        before[part]["checkpoint_bytes"] = checkpoint.serialized_bytes(counting.part_state(state.teacher, part))
+    before_shared = shared_bytes(state.teacher)
     applied, pass_rows = _apply_passes(state, fit_calib)
     with checkpoint.atomic_folder(recipe.output_path, force) as tmp:
         with progress.task("writing checkpoint", total=None):
@@ -77,7 +82,7 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
         reloaded = checkpoint.load_model(tmp, device=device)
         after = _measure(state, reloaded, "measuring optimized")
         fidelity = _fidelity(state, reloaded, eval_calib, held_out)
-        report = _report(state, recipe_path, manifest, before, after, fidelity, pass_rows)
+        report = _report(state, recipe_path, manifest, before, before_shared, after, fidelity, pass_rows)
         _judge(recipe, report)
         report["seconds"] = round(time.perf_counter() - started, 2)
         from mmopt import report as report_io
@@ -280,13 +285,12 @@ def _fidelity(state: Run, reloaded: Model, calib: Calibration, held_out: bool | 
     return out
 
 
-def _report(state: Run, recipe_path: str | None, manifest: dict, before: dict, after: dict, fidelity: dict,
-            pass_rows: list[dict]) -> dict:
+def _report(state: Run, recipe_path: str | None, manifest: dict, before: dict, before_shared: int, after: dict,
+            fidelity: dict, pass_rows: list[dict]) -> dict:
     teacher, files = state.teacher, manifest["files"]
     parts = {}
     for part in teacher.parts:
-        before_row = {**_public(before[part]),
-                      "checkpoint_bytes": checkpoint.serialized_bytes(counting.part_state(teacher, part))}
+        before_row = {**_public(before[part]), "checkpoint_bytes": before[part]["checkpoint_bytes"]}
         if fidelity[part] is None:
             after_row = {"params": 0, "weight_bytes": 0, "checkpoint_bytes": 0, "removed": True}
         else:
@@ -306,7 +310,7 @@ def _report(state: Run, recipe_path: str | None, manifest: dict, before: dict, a
         "totals": {
             "before": {"weight_bytes": sum(p["before"]["weight_bytes"] for p in parts.values()),
                        "checkpoint_bytes": sum(p["before"]["checkpoint_bytes"] for p in parts.values())
-                       + shared_bytes(teacher)},
+                       + before_shared},
             "after": {"weight_bytes": sum(p["after"]["weight_bytes"] for p in parts.values()),
                       "checkpoint_bytes": sum(f["bytes"] for f in files.values())},
         },

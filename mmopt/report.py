@@ -256,8 +256,9 @@ def show_profile(result: dict, console: Console) -> None:
     train = result.get("train")
     extra = (f"; training step, {train['optimizer']}, amp {train['amp'] or 'off'}, "
              f"grad-ckpt {'on' if train['grad_ckpt'] else 'off'}") if train else ""
-    console.print(f"[bold]{result['model']}[/]  dtype {result['dtype']}, batch {shapes['batch_size']}, "
-                  f"image {shapes.get('image_size') or 'default'}, seq {shapes['seq_len']}{extra}")
+    inputs = ", ".join(f"{part} {words}" for part, words in result.get("inputs", {}).items())
+    console.print(f"[bold]{result['model']}[/]  dtype {result['dtype']}, batch {shapes['batch_size']}"
+                  f"{', ' + inputs if inputs else ''}{extra}")
     table = Table(title_justify="left")
     for col in ("part / module", "params", "weights", "activation peak", "act. share"):
         table.add_column(col, justify="left" if col.startswith("part") else "right")
@@ -268,10 +269,19 @@ def show_profile(result: dict, console: Console) -> None:
         table.add_row(f"  [italic]inputs[/]", "", "", format_bytes(data["input_bytes"]), "", end_section=True)
     console.print(table)
     kind = "training step peak" if mode == "train" else "inference peak"
+    several = len(result["parts"]) > 1
+    which = f" (all weights + running {result['peak_part']}, the larger part; parts run one at a time)" \
+        if several and result.get("peak_part") else ""
     console.print(f"weights {format_bytes(result['weights_bytes'])}; peak activation "
                   f"{format_bytes(result['peak_activation_bytes'])} "
                   f"({METHOD_WORDS.get(result['method'], result['method'])}); "
-                  f"{kind} {format_bytes(result.get('peak_total_bytes'))} with weights and inputs")
+                  f"{kind} {format_bytes(result.get('peak_total_bytes'))} with weights and inputs{which}")
+    if several:
+        per_part = "; ".join(f"{part} alone {format_bytes(data['peak_total_bytes'])}"
+                             for part, data in result["parts"].items())
+        both = result.get("peak_total_all_parts_at_once_bytes")
+        console.print(f"each part loaded alone: {per_part}" +
+                      (f"; all parts running at once {format_bytes(both)}" if both else ""))
     for part, data in result["parts"].items():
         _profile_extras(part, data, console)
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+import mmopt
+
 ROOT = Path(__file__).resolve().parents[1]
 # A raw float (0.998639), a JSON dict or list, or a Python repr in a cell is data, not words for a person.
 RAW = re.compile(r"\d\.\d{5,}|[{}]|\[['\"]|^\[|True|False|None")
@@ -119,3 +121,20 @@ def test_degenerate_outputs_are_recognised(outputs, expected):
     from mmopt.fidelity import degenerate
 
     assert degenerate(torch.tensor(outputs)) == expected
+
+
+def test_before_is_the_original_whole_even_when_a_pass_drops_a_head(tmp_path):
+    """strip features drops ResNet's classifier from the reference too (to compare features): 'before' on disk
+    left it out as well, while 'before' in memory had it."""
+    (tmp_path / "r.yaml").write_text("""
+model: {source: torchvision, name: resnet18}
+profile: {batch_size: 1, image_size: 32}
+calibration: {num_samples: 4, batch_size: 2}
+passes: [{strip: {features: true}}]
+output: out
+""")
+    report = mmopt.optimize(tmp_path / "r.yaml")
+    before = report["parts"]["visual"]["before"]
+    fc = (512 * 1000 + 1000) * 4
+    assert before["weight_bytes"] <= before["checkpoint_bytes"] < before["weight_bytes"] + 64 * 1024
+    assert report["parts"]["visual"]["after"]["checkpoint_bytes"] < before["checkpoint_bytes"] - fc + 64 * 1024
