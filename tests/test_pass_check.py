@@ -40,3 +40,13 @@ output: out
         mmopt.optimize(path)
     with pytest.raises(UserError, match=r"part 'text' has layers 0-1"):      # --dry-run checks too
         mmopt.api.plan(path)
+
+
+def test_prune_target_the_part_lacks_fails_before_measuring(recipe_file, nothing_measured):
+    path = recipe_file("""
+model: {source: torchvision, name: resnet18}
+passes: [{prune: {target: heads, amount: 0.5}}]
+output: out
+""")
+    with pytest.raises(UserError, match=r"prune: part 'visual' of this model has no heads to prune"):
+        mmopt.optimize(path)
