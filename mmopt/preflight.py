@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from mmopt import checkpoint, registry
+from mmopt.core import ModelSpec
 from mmopt.errors import MmoptError, RecipeError
 from mmopt.paths import resolve_spec
 
@@ -22,6 +23,11 @@ def check(recipe: Recipe) -> None:
             resolve_spec(recipe.model, recipe.base_dir))
     except MmoptError as exc:
         problems.append(f"{recipe.locate(('model',))}: {exc.message}")
+    for path, spec in _other_models(recipe):            # a swap's student model: the same file checks
+        try:
+            registry.adapter_for(spec.source).parts_without_weights(resolve_spec(spec, recipe.base_dir))
+        except MmoptError as exc:
+            problems.append(f"{recipe.locate(path)}: {exc.message}")
     try:
         checkpoint.check_output(recipe.output_path, force=True)     # an existing folder is --force's business
     except MmoptError as exc:
@@ -40,4 +46,15 @@ def named_parts(recipe: Recipe) -> list[tuple[tuple, str]]:
     for i, step in enumerate(recipe.passes):
         out += [(("passes", i, step.name, *path), part) for path, part in step.parts_named()]
     out += [(("gates", "parts", part), part) for part in recipe.gates.parts]
+    return out
+
+
+def _other_models(recipe: Recipe) -> list[tuple[tuple, ModelSpec]]:
+    """Models the passes' options name (``substitute: {swap: {...}}``), with their key paths."""
+    out = []
+    for i, step in enumerate(recipe.passes):
+        for name in type(step.config).model_fields:
+            value = getattr(step.config, name)
+            if isinstance(value, ModelSpec):
+                out.append((("passes", i, step.name, name), value))
     return out

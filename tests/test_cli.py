@@ -292,3 +292,12 @@ def test_validate_reports_every_problem_found_without_weights(tiny_bert_dir, tmp
         f"error: {recipe}:3: passes[0].cast.parts[0]: this model has no part 'visual'; it has: text",
         f"error: {recipe}:4: passes[1].strip.keep[1]: this model has no part 'visual'; it has: text",
         f"error: {recipe}:5: gates.parts.visual: this model has no part 'visual'; it has: text"]
+
+
+def test_validate_checks_a_swapped_in_model_too(tmp_path, monkeypatch, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {source: torchvision, name: resnet18}\n"
+                      "passes:\n  - substitute: {swap: {source: hf, path: ./no_student}}\noutput: o\n")
+    code, _, err = run_cli(monkeypatch, capsys, "validate", recipe)
+    assert code == 2 and err.startswith(f"error: {recipe}:3: passes[0].substitute.swap: model path: path does not "
+                                        f"exist: {tmp_path / 'no_student'}")
