@@ -116,7 +116,7 @@ if [ "$MODE" != mistakes ]; then
   echo "== every recipe in configs/, then a one-part load and --check"
   QUICK=()
   if [ "$MODE" = quick ]; then
-    QUICK=(--set profile.batch_size=2 --set calibration.num_samples=8 --set calibration.batch_size=4)
+    QUICK=(--set profile.batch_size=2 --set calibration.num_samples=16 --set calibration.batch_size=8)
   fi
   for recipe in "$ROOT"/configs/*.yaml; do
     name=$(basename "$recipe" .yaml)

@@ -11,7 +11,7 @@ from mmopt import cli
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 # Smaller shapes and fewer samples for every recipe; what each recipe trains, a few steps.
-QUICK = ["profile.batch_size=2", "calibration.num_samples=8", "calibration.batch_size=4"]
+QUICK = ["profile.batch_size=2", "calibration.num_samples=16", "calibration.batch_size=8"]
 SHORTER = {
     "minilm-layer-drop.yaml": ["passes.0.substitute.distill.steps=4", "passes.0.substitute.distill.batch_size=8"],
     # 4 recovery steps instead of 300 reach cosine ~0.84 (30 steps: 0.85), not the recipe's 0.9: the gate comes
