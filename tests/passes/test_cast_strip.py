@@ -28,8 +28,8 @@ output: out
     assert visual["fidelity"]["synthetic"] is True and visual["fidelity"]["mean_cosine"] > 0.99
     assert report["parts"]["text"]["after"]["removed"] is True
     assert report["memory_method"] == "estimated"
-    assert sorted(p.name for p in out.iterdir()) == ["mmopt.json", "report.json", "report.md", "report.png",
-                                                     "shared.safetensors", "visual.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "mmopt.json", "report.json", "report.md",
+                                                     "report.png", "shared.safetensors", "visual.safetensors"]
     module = mmopt.load(out)
     assert module.transformer is None and module.visual.conv1.weight.dtype == torch.float16
     saved = json.loads((out / "report.json").read_text())
