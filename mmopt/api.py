@@ -29,11 +29,15 @@ class Overrides:
 
 
 def validate(recipe: str | Path, overrides: Overrides | None = None) -> Recipe:
-    """Parse and validate a recipe file (and its calibration data) without loading a model."""
+    """Parse and validate a recipe file, its calibration data, model files, output path and part names, without
+    loading the model's weights."""
     from mmopt.calibration import Calibration
     from mmopt.recipe import load_recipe
 
+    from mmopt import preflight
+
     parsed = load_recipe(Path(recipe), overrides=(overrides or Overrides()).as_values())
+    preflight.check(parsed)
     Calibration.from_recipe(parsed)
     return parsed
 
@@ -49,7 +53,9 @@ def optimize(recipe: str | Path, force: bool = False, progress: Progress = NO_PR
     A failed gate does not raise: the output is written and ``report["passed"]`` is False.
     """
     from mmopt import pipeline
+    from mmopt.warnings_filter import say_once
 
+    say_once()
     parsed = validate(recipe, overrides)
     from mmopt import pipeline_streamed
 
@@ -121,7 +127,9 @@ def load(path: str | Path, parts: list[str] | None = None, device: str = "cpu") 
     The module's ``mmopt_model`` attribute holds its parts, preprocessing and rebuild facts.
     """
     from mmopt import checkpoint
+    from mmopt.warnings_filter import say_once
 
+    say_once()
     model = checkpoint.load_model(Path(path), parts=parts, device=device)
     model.module.mmopt_model = model
     return model.module

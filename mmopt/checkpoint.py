@@ -42,21 +42,26 @@ def check_output(target: Path, force: bool) -> None:
 def atomic_folder(target: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``target``, on any failure it vanishes.
 
-    A signal or error at any point leaves either the previous output untouched or no output at all.
+    A signal or error at any point leaves either the previous output untouched or no output at all, and no
+    parent folder this run created (an interrupted first run into ``out/x`` leaves no empty ``out/``). What is
+    published has the modes the umask gives new files and folders (safetensors writes its files 0600).
     """
     check_output(target, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(target.parent)
     tmp = target.parent / f".{target.name}.mmopt-tmp-{os.getpid()}"
     old = target.parent / f".{target.name}.mmopt-old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    published = False
     try:
         tmp.mkdir()     # inside the try: a signal the moment the folder exists still removes it
         yield tmp
+        apply_umask(tmp)
         if INTERRUPTED.is_set():
             raise KeyboardInterrupt
         if target.exists():
             os.replace(target, old)
         os.replace(tmp, target)
+        published = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists():
@@ -64,6 +69,47 @@ def atomic_folder(target: Path, force: bool) -> Iterator[Path]:
                 os.replace(old, target)
             else:
                 shutil.rmtree(old, ignore_errors=True)
+        if not published:
+            _remove_empty(created)
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return those created, deepest first."""
+    missing = []
+    for candidate in [folder, *folder.parents]:
+        if candidate.exists():
+            break
+        missing.append(candidate)
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:          # deepest first: a parent empties once its child is gone
+        try:
+            folder.rmdir()
+        except OSError:             # not empty (another run wrote there meanwhile) or already gone
+            return
+
+
+def current_umask() -> int:
+    mask = os.umask(0)      # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes a plain ``open``/``mkdir`` would under the umask: files
+    0666 & ~umask, folders 0777 & ~umask. Libraries write some files private (safetensors' 0600), and a copied
+    asset keeps its source's mode (read-only in an installed package), so a server running as another user could
+    not read the output."""
+    mask = current_umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 # --- writing ---------------------------------------------------------------------------------------------
@@ -88,8 +134,10 @@ def versions() -> dict:
     return out
 
 
-def write_checkpoint(model: Model, adapter: Adapter, folder: Path, source: dict, passes: list[dict]) -> dict:
-    """Write weights and manifest of ``model`` into ``folder``; return the manifest."""
+def write_checkpoint(model: Model, adapter: Adapter, folder: Path, source: dict, passes: list[dict],
+                     recipe: dict | None = None) -> dict:
+    """Write weights and manifest of ``model`` into ``folder``; return the manifest. ``recipe`` records what made
+    the output (``{"sha256": ..., "identity": ...}``, see ``Recipe.identity``)."""
     files = adapter.save(model, folder)
     manifest = {
         "format": FORMAT,
@@ -100,6 +148,7 @@ def write_checkpoint(model: Model, adapter: Adapter, folder: Path, source: dict,
         "info": model.saved_info(),
         "quantization": model.quantization.to_json() if model.quantization is not None else None,
         "passes": passes,
+        "recipe": recipe,
         "random_weights": model.random_weights,
         "files": {part: {"file": name, "sha256": sha256(folder / name), "bytes": (folder / name).stat().st_size}
                   for part, name in sorted(files.items())},
@@ -201,15 +250,15 @@ def load_model(path: Path, parts: list[str] | None = None, device: str = "cpu") 
     for part in wanted:
         if part not in manifest["parts"]:
             raise UserError(f"checkpoint has no part {part!r}; it has: {', '.join(manifest['parts'])}")
-    for part in [p for p in list(model.parts) if p not in manifest["parts"]]:
+    # Parts not wanted go before any pass is replayed: a pass restores only what this load keeps (dropping a
+    # part after the quantize pass's restore would have to undo its int8 parametrizations first).
+    for part in [p for p in list(model.parts) if p not in wanted]:
         adapter.drop_part(model, part)
     applied = []
     for entry in manifest["passes"]:
         step, record = registry.make_pass(entry["name"], entry["config"]), entry.get("record", {})
         step.restore(model, record, adapter)
         applied.append((step, record))
-    for part in [p for p in list(model.parts) if p not in wanted]:
-        adapter.drop_part(model, part)
     state: dict = {}
     for part, entry in manifest["files"].items():
         if part in wanted or part not in manifest["parts"]:     # "shared" tensors belong to every subset

@@ -144,7 +144,7 @@ def profile(
     batch: int = typer.Option(1, "--batch", min=1, help="Batch size."),
     image_size: Optional[int] = typer.Option(None, "--image-size", min=1, help="Image side (default: the model's)."),
     seq_len: int = typer.Option(128, "--seq-len", min=1, help="Token sequence length."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 | bfloat16."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (default: as stored)."),
     train: bool = typer.Option(False, "--train", help="Estimate a training step (2 optimizer steps) instead."),
     optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | sgd (with --train)."),
     amp: Optional[str] = typer.Option(None, "--amp", help="bf16 | fp16: autocast the forward."),

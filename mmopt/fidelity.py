@@ -25,13 +25,21 @@ def embeddings(model: Model, adapter: Adapter, part: str, batches: Iterable[tupl
 def fidelity(reference: torch.Tensor, candidate: torch.Tensor, logits: bool = False) -> dict:
     """Mean and min cosine of paired rows, and the share of rows whose nearest neighbour is unchanged. For a
     classifier's ``logits``, also the share of rows whose top-1 class is unchanged (for a one-output head, whose
-    sign is: cosine of one number says nothing)."""
+    sign is: cosine of one number says nothing).
+
+    Outputs nothing can be learned from (NaN, all-zero rows, one output for every input) are named under
+    ``degenerate`` (``{"optimized": "...", "original": "..."}``); every fidelity gate then fails, whatever the
+    cosine says (a zero output has cosine 0 with anything, a constant one can still agree on neighbours).
+    """
+    import math
+
     import torch
 
     if reference.shape != candidate.shape:
         raise ValueError(f"outputs differ in shape: {tuple(reference.shape)} vs {tuple(candidate.shape)}")
     cos = torch.nn.functional.cosine_similarity(reference, candidate, dim=-1)
-    out = {"mean_cosine": round(float(cos.mean()), 6), "min_cosine": round(float(cos.min()), 6),
+    finite = lambda v: round(v, 6) if math.isfinite(v) else None  # noqa: E731 - NaN is not JSON
+    out = {"mean_cosine": finite(float(cos.mean())), "min_cosine": finite(float(cos.min())),
            "samples": int(reference.shape[0])}
     if logits and reference.shape[-1] == 1:
         same = torch.sign(reference[..., 0]) == torch.sign(candidate[..., 0])
@@ -40,7 +48,27 @@ def fidelity(reference: torch.Tensor, candidate: torch.Tensor, logits: bool = Fa
         out["top1_agreement"] = round(float((reference.argmax(-1) == candidate.argmax(-1)).float().mean()), 6)
     if reference.shape[0] >= 3:
         out["neighbor_agreement"] = round(float((_neighbours(reference) == _neighbours(candidate)).float().mean()), 6)
+    problems = {side: problem for side, outputs in (("optimized", candidate), ("original", reference))
+                if (problem := degenerate(outputs)) is not None}
+    if problems:
+        out["degenerate"] = problems
     return out
+
+
+def degenerate(outputs: torch.Tensor) -> str | None:
+    """Why ``outputs`` (rows = inputs) carry no information, or None: NaN/inf, all-zero rows, all rows equal."""
+    import torch
+
+    rows = outputs.shape[0]
+    if not bool(torch.isfinite(outputs).all()):
+        bad = int((~torch.isfinite(outputs)).any(dim=-1).sum())
+        return f"NaN or infinite outputs for {bad} of {rows} inputs"
+    zero = int((outputs.flatten(1).abs().amax(dim=-1) == 0).sum())
+    if zero:
+        return f"all-zero outputs for {zero} of {rows} inputs"
+    if rows >= 2 and bool((outputs == outputs[:1]).all()):
+        return f"the same output for all {rows} inputs"
+    return None
 
 
 def _neighbours(emb: torch.Tensor) -> torch.Tensor:

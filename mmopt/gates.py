@@ -16,6 +16,7 @@ _PART_GATES = {
     "max_peak_bytes": (lambda p: _peak_total(p["after"]), "<="),
 }
 _TOTAL_GATES = ("max_weight_bytes", "max_peak_bytes")
+_FIDELITY_GATES = ("min_cosine", "min_neighbor_agreement")
 
 
 def _class_agreement(fidelity: dict) -> float | None:
@@ -40,7 +41,18 @@ def evaluate(gates: Gates, report: dict) -> list[dict]:
                 threshold = getattr(gates, name)
             if threshold is None:
                 continue
-            rows.append(_row(name, part, lookup(data), threshold, op))
+            row = _row(name, part, lookup(data), threshold, op)
+            broken = (data.get("fidelity") or {}).get("degenerate")
+            if broken and name in _FIDELITY_GATES:
+                row.update(passed=False, note="degenerate outputs: " + "; ".join(f"{k}: {v}" for k, v in broken.items()))
+            rows.append(row)
+    for part, data in kept.items():
+        # Outputs that carry nothing fail the run even without fidelity gates: a model that returns zeros for
+        # every input is broken, whatever the recipe asked about it.
+        broken = (data.get("fidelity") or {}).get("degenerate", {}).get("optimized")
+        if broken:
+            rows.append({"gate": "usable_outputs", "part": part, "value": None, "threshold": "usable", "op": "==",
+                         "passed": False, "note": broken})
     weights = sum(d["after"]["weight_bytes"] for d in kept.values())
     if gates.max_weight_bytes is not None:
         rows.append(_row("max_weight_bytes", "all", weights, gates.max_weight_bytes, "<="))

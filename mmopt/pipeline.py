@@ -87,17 +87,20 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
     stages: dict[str, float] = {}
     state = _start(recipe, progress, stages=stages)
     state.latency = "full" if latency or state.device != "cpu" else "quick"
+    fit_calib, eval_calib, held_out = _split_calibration(recipe, calib, list(state.model.parts))
+    _check_passes(state, fit_calib)
     with state.stage("measure original"):
         before = measure_parts(state, state.model, "measuring original")
         original = original_files(state.model)
-    fit_calib, eval_calib, held_out = _split_calibration(recipe, calib, list(state.model.parts))
     eval_calibs = fidelity_inputs(recipe, eval_calib, before)
     with state.stage("passes"):
         applied, pass_rows = _apply_passes(state, fit_calib)
     random_weights = bool(state.model.random_weights)
     with checkpoint.atomic_folder(recipe.output_path, force) as tmp:
         with state.stage("write"), progress.task("writing checkpoint", total=None):
-            manifest = checkpoint.write_checkpoint(state.model, state.adapter, tmp, source_record(recipe), applied)
+            manifest = checkpoint.write_checkpoint(state.model, state.adapter, tmp, source_record(recipe), applied,
+                                                   recipe={"sha256": recipe.fingerprint(),
+                                                           "identity": recipe.identity()})
         state.model = None          # written: free it before the original and the output are loaded
         host_memory.release()
         with state.stage("reference outputs"):
@@ -117,6 +120,9 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
         from mmopt import report as report_io
 
         report_io.write(report, tmp)
+        from mmopt import model_card
+
+        model_card.write(report, manifest, tmp)
     return report
 
 
@@ -126,6 +132,7 @@ def plan(recipe: Recipe, progress: Progress = NO_PROGRESS, recipe_path: str | No
     calib = Calibration.from_recipe(recipe)
     state = _start(recipe, progress, keep_teacher=False)
     state.latency = "off"
+    _check_passes(state, calib)
     before = measure_parts(state, state.model, "measuring original")
     target = recipe.output_path
     return {
@@ -171,6 +178,8 @@ def check(recipe: Recipe) -> dict:
     import json
 
     out = recipe.output_path
+    manifest = checkpoint.read_manifest(out)
+    _check_same_recipe(recipe, manifest, out)
     checkpoint.verify_folder(out)
     report_file = out / "report.json"
     if not report_file.is_file():
@@ -184,6 +193,43 @@ def check(recipe: Recipe) -> dict:
                         f"{', '.join(map(str, READABLE_REPORT_VERSIONS))}")
     judge(recipe, report)
     return report
+
+
+def _check_same_recipe(recipe: Recipe, manifest: dict, out) -> None:
+    """Refuse to judge an output another recipe made (gates on stale weights would pass a changed recipe)."""
+    made_by = manifest.get("recipe") or {}
+    if made_by.get("sha256") == recipe.fingerprint():
+        return
+    if not made_by:
+        raise UserError(f"{out} records no recipe (written by an older mmopt): run `mmopt optimize --force` "
+                        "to remake it")
+    change = _first_difference(made_by.get("identity"), recipe.identity())
+    raise UserError(f"{out} was made by a different recipe ({change or 'recipe changed'}): run "
+                    "`mmopt optimize --force` to remake it")
+
+
+def _first_difference(old, new, path: str = "") -> str | None:
+    """``passes[0].cast.dtype: float16 -> bfloat16`` for the first value that differs, or None."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            found = _first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            found = _first_difference(a, b, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    return None if old == new else f"{path or 'recipe'}: {_short(old)} -> {_short(new)}"
+
+
+def _short(value) -> str:
+    import json
+
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # --- the steps ---------------------------------------------------------------------------------------------------
@@ -220,13 +266,27 @@ def _split_calibration(recipe: Recipe, calib: Calibration, parts: list[str]) -> 
     return (split[0], split[1], True) if split else (calib, calib, False)
 
 
+def _context(state: Run, calib: Calibration) -> Context:
+    recipe = state.recipe
+    return Context(adapter=state.adapter, teacher=state.teacher, calibration=calib, device=state.device,
+                   seed=recipe.seed, progress=state.progress, base_dir=recipe.base_dir)
+
+
+def _check_passes(state: Run, calib: Calibration) -> None:
+    """Every pass's ``check`` on the model as loaded, before anything is measured: a recipe that cannot work
+    fails in seconds, and before any progress line is printed."""
+    ctx = _context(state, calib)
+    for step in state.recipe.passes:
+        step.check(state.model, ctx)
+        ctx.history.append(step)
+
+
 def _apply_passes(state: Run, calib: Calibration) -> tuple[list[dict], list[dict]]:
     """Apply the recipe's passes in order; return (manifest entries, report rows)."""
-    recipe, model = state.recipe, state.model
-    ctx = Context(adapter=state.adapter, teacher=state.teacher, calibration=calib, device=state.device,
-                  seed=recipe.seed, progress=state.progress, base_dir=recipe.base_dir)
+    model = state.model
+    ctx = _context(state, calib)
     applied, rows = [], []
-    for step in recipe.passes:
+    for step in state.recipe.passes:
         with state.progress.task(f"pass {step.name}", total=None):
             result = step.apply(model, ctx)
         if state.teacher is not None:     # otherwise the original is aligned when it is reloaded for fidelity

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, WithJsonSchema, field_validator
 from typing_extensions import Annotated
 
 from mmopt.core import ModelSpec
@@ -91,6 +91,19 @@ class Recipe(Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     base_dir: Path = Field(Path("."), exclude=True)
+    # where the recipe came from and the line of each key path, so checks made after parsing (``preflight``)
+    # point into the file as the schema's errors do
+    _where: str = PrivateAttr("recipe")
+    _lines: dict = PrivateAttr(default_factory=dict)
+    _from_set: list = PrivateAttr(default_factory=list)
+
+    def locate(self, path: tuple) -> str:
+        """``file:line: key.path`` for a key path (or ``--set ITEM: key.path`` when an override set it)."""
+        source = next((item for p, item in self._from_set if path[:len(p)] == p), None)
+        if source is not None:
+            return f"--set {source}: {_dotted(path)}"
+        line = next((self._lines[path[:end]] for end in range(len(path), -1, -1) if path[:end] in self._lines), None)
+        return f"{self._where}{':' + str(line) if line else ''}: {_dotted(path)}"
 
     def resolve(self, path: str) -> Path:
         """A path the recipe names (output, calibration files), a relative one taken against the recipe's folder.
@@ -100,6 +113,20 @@ class Recipe(Strict):
     @property
     def output_path(self) -> Path:
         return self.resolve(self.output)
+
+    def identity(self) -> dict:
+        """What decides the output's weights and figures, normalised (defaults filled in, passes as name + full
+        config): recorded in mmopt.json so ``optimize --check`` can tell whether this recipe made the output.
+        Left out: the output path, the gates (what ``--check`` re-evaluates) and the device."""
+        data = self.model_dump(mode="json", include={"model", "parts", "calibration", "profile", "seed"})
+        data["passes"] = [{step.name: step.config.model_dump(mode="json")} for step in self.passes]
+        return data
+
+    def fingerprint(self) -> str:
+        """sha256 of ``identity()`` as canonical JSON."""
+        import hashlib
+
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
 
 
 # --- reading ---------------------------------------------------------------------------------------------
@@ -297,7 +324,10 @@ def parse_recipe(text: str, where: str = "recipe", base_dir: Path | None = None,
         fail(("passes",), "at least one pass is needed (e.g. `passes: [{cast: {dtype: float16}}]`)")
     if problems:
         raise RecipeError("\n".join(dict.fromkeys(problems)))
-    return recipe.model_copy(update={"passes": passes})
+    recipe = recipe.model_copy(update={"passes": passes})
+    recipe._where, recipe._lines = where, dict(located.lines)
+    recipe._from_set = [(p, item) for p, _, item in applied]
+    return recipe
 
 
 def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:

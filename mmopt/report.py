@@ -53,6 +53,10 @@ def _cell(value: Any, kind: str) -> str:
     return str(value)
 
 
+def _cell4(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 ROWS = [("params", "params"), ("weight_bytes", "bytes"), ("checkpoint_bytes", "bytes"),
         ("peak_activation_bytes", "bytes"), ("latency_ms", "ms")]
 LABELS = {"params": "params", "weight_bytes": "weights in memory", "checkpoint_bytes": "checkpoint on disk",
@@ -81,11 +85,15 @@ def table_rows(report: dict) -> list[list[str]]:
             rows.append([part, LABELS[key], _cell(b.get(key), kind), after, _ratio(b.get(key), a.get(key))])
         fid = data.get("fidelity")
         if fid:
-            rows.append([part, "cosine mean / min", "1", f"{fid['mean_cosine']:.4f} / {fid['min_cosine']:.4f}", ""])
+            # "before" is the reference itself: no figure to show there
+            rows.append([part, "cosine to original, mean / min", "-",
+                         f"{_cell4(fid['mean_cosine'])} / {_cell4(fid['min_cosine'])}", ""])
             for key, label in (("top1_agreement", "top-1 agreement"), ("sign_agreement", "sign agreement"),
-                               ("neighbor_agreement", "neighbour agreement")):
+                               ("neighbor_agreement", "same nearest neighbour")):
                 if key in fid:
-                    rows.append([part, label, "1", f"{fid[key]:.3f}", ""])
+                    rows.append([part, label, "-", f"{fid[key]:.1%}", ""])
+            for side, problem in (fid.get("degenerate") or {}).items():
+                rows.append([part, f"DEGENERATE {side} outputs", "", problem, ""])
         for row in report.get("passes", []):
             metrics = row.get("metrics", {}).get(part)
             if metrics:
@@ -130,6 +138,9 @@ def notes(report: dict) -> list[str]:
             if data[side].get("memory_how") == "CPU trace":
                 out.append(f"Peak activation of {part} {side}: traced from a real CPU run (these kernels have no "
                            "fake-tensor version), so it is the CPU allocator's figure, not a CUDA one.")
+    for gate in report.get("gates", []):
+        if gate.get("note") and not gate["passed"]:
+            out.append(f"Gate {gate['gate']} ({gate['part']}) failed: {gate['note']}.")
     return out + list(report.get("notes", []))
 
 
@@ -257,8 +268,9 @@ def show_profile(result: dict, console: Console) -> None:
     train = result.get("train")
     extra = (f"; training step, {train['optimizer']}, amp {train['amp'] or 'off'}, "
              f"grad-ckpt {'on' if train['grad_ckpt'] else 'off'}") if train else ""
-    console.print(f"[bold]{result['model']}[/]  dtype {result['dtype']}, batch {shapes['batch_size']}, "
-                  f"image {shapes.get('image_size') or 'default'}, seq {shapes['seq_len']}{extra}")
+    inputs = ", ".join(f"{part} {words}" for part, words in result.get("inputs", {}).items())
+    console.print(f"[bold]{result['model']}[/]  dtype {result['dtype']}, batch {shapes['batch_size']}"
+                  f"{', ' + inputs if inputs else ''}{extra}")
     table = Table(title_justify="left")
     for col in ("part / module", "params", "weights", "activation peak", "act. share"):
         table.add_column(col, justify="left" if col.startswith("part") else "right")
@@ -269,10 +281,19 @@ def show_profile(result: dict, console: Console) -> None:
         table.add_row(f"  [italic]inputs[/]", "", "", format_bytes(data["input_bytes"]), "", end_section=True)
     console.print(table)
     kind = "training step peak" if mode == "train" else "inference peak"
+    several = len(result["parts"]) > 1
+    which = f" (all weights + running {result['peak_part']}, the larger part; parts run one at a time)" \
+        if several and result.get("peak_part") else ""
     console.print(f"weights {format_bytes(result['weights_bytes'])}; peak activation "
                   f"{format_bytes(result['peak_activation_bytes'])} "
                   f"({METHOD_WORDS.get(result['method'], result['method'])}); "
-                  f"{kind} {format_bytes(result.get('peak_total_bytes'))} with weights and inputs")
+                  f"{kind} {format_bytes(result.get('peak_total_bytes'))} with weights and inputs{which}")
+    if several:
+        per_part = "; ".join(f"{part} alone {format_bytes(data['peak_total_bytes'])}"
+                             for part, data in result["parts"].items())
+        both = result.get("peak_total_all_parts_at_once_bytes")
+        console.print(f"each part loaded alone: {per_part}" +
+                      (f"; all parts running at once {format_bytes(both)}" if both else ""))
     for part, data in result["parts"].items():
         _profile_extras(part, data, console)
 

@@ -120,3 +120,31 @@ def _package_of(filename: str) -> str:
         if marker in parts:
             return parts[parts.index(marker) + 1].removesuffix(".py")
     return "mmopt" if "mmopt" in parts else (parts[-1].removesuffix(".py") or "python")
+
+
+# Loggers that repeat one message on every forward (bitsandbytes' int8 matmul) or every 4-bit kernel call.
+REPEATING_LOGGERS = ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops")
+
+
+class _Once(logging.Filter):
+    """Lets each message template through once per process."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def say_once() -> None:
+    """For library use (``mmopt.load``, ``mmopt.optimize`` from Python, where no command holds warnings back):
+    the loggers that repeat a message on every forward say it once. Logging is otherwise left as configured."""
+    for name in REPEATING_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Once) for f in logger.filters):
+            logger.addFilter(_Once())

@@ -137,6 +137,38 @@ def _pickled_class(message: str) -> str | None:
     return found.group(1) if found else None
 
 
+def check_weights_file(path: str | Path) -> None:
+    """Recognise a weights file by its header without loading it (``validate``): a safetensors file whose JSON
+    header is readable and whose tensors end at the file's end, a torch zip checkpoint, or a legacy torch pickle.
+    Raise one line otherwise."""
+    import json
+
+    path = local_path(path, "weights")
+    if path.is_dir():
+        raise ModelSpecError(f"weights must be a file, got a folder: {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if head[:4] == b"PK\x03\x04" or head[:2] == b"\x80\x02":     # torch.save: zip, or the legacy pickle
+            return
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if path.suffix != ".safetensors" and not (0 < header_len < min(size, 100_000_000) and fh.read(1) == b"{"):
+            raise ModelSpecError(f"weights {path.name}: not a safetensors or weights-only torch checkpoint "
+                                 "(its first bytes are neither)")
+        fh.seek(8)
+        try:
+            header = json.loads(fh.read(header_len)) if 0 < header_len < size else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise ModelSpecError(f"weights {path.name}: not a readable safetensors file (unreadable header)")
+    ends = [entry["data_offsets"][1] for key, entry in header.items()
+            if key != "__metadata__" and isinstance(entry, dict) and len(entry.get("data_offsets", ())) == 2]
+    if 8 + header_len + max(ends, default=0) != size:
+        raise ModelSpecError(f"weights {path.name}: not a readable safetensors file (its header describes "
+                             f"{8 + header_len + max(ends, default=0)} bytes, the file has {size}: truncated?)")
+
+
 def _looks_like_safetensors(path: Path, head: bytes) -> bool:
     if len(head) < 8:
         return False

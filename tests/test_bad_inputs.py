@@ -84,3 +84,20 @@ def test_fuzzed_recipe_text_fails_cleanly(text):
         parse_recipe(text, where="fuzz.yaml")
     except RecipeError as exc:
         assert exc.message.startswith("fuzz.yaml")
+
+
+# Found only with the model loaded: its layer count, its part's calibration inputs, torchvision's model list.
+NEEDS_THE_MODEL = {"layer_drop_beyond_layers", "layer_choice_without_images", "unknown_torchvision"}
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.stem not in NEEDS_THE_MODEL], ids=lambda p: p.stem)
+def test_validate_refuses_what_optimize_would(case, tmp_path, monkeypatch, capsys):
+    """``mmopt validate`` passes no recipe that ``optimize`` then rejects for a reason visible without weights."""
+    shutil.copy2(case, tmp_path / case.name)
+    lay_out(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["mmopt", "validate", str(tmp_path / case.name)])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    _, err = capsys.readouterr()
+    assert info.value.code == 2, err
+    assert err.startswith("error: ") and expectation(case) in err.splitlines()[0] and "Traceback" not in err

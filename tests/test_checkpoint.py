@@ -135,3 +135,35 @@ def test_output_path_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(UserError, match="output path is a file"):
         checkpoint.check_output(tmp_path / "f", force=True)
+
+
+def test_interrupted_first_run_leaves_no_empty_parent_folder(tmp_path):
+    target = tmp_path / "out" / "deeper" / "x"
+    with pytest.raises(KeyboardInterrupt):
+        with checkpoint.atomic_folder(target, force=False) as tmp:
+            (tmp / "half.bin").write_bytes(b"x")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()             # a parent that existed before the run stays
+    with pytest.raises(RuntimeError):
+        with checkpoint.atomic_folder(tmp_path / "kept" / "x", force=False):
+            raise RuntimeError("boom")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_output_files_follow_the_umask(tmp_path, umask):
+    """safetensors writes its files 0600; a server running as another user must read them under umask 022."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        _, _, out, _ = save_and_reload("torchvision", tmp_path, name="resnet18")
+    finally:
+        os.umask(old)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask

@@ -293,3 +293,32 @@ def test_a_handler_a_library_installs_while_held_is_held_too(capsys, monkeypatch
     assert capsys.readouterr().err.splitlines() == [
         "note: 1 warning from torch hidden (first: \"a warning of torch's own\"); --verbose shows them"]
     assert late.filters == []                 # restored afterwards
+
+
+def test_validate_reports_every_problem_found_without_weights(tiny_bert_dir, tmp_path, monkeypatch, capsys):
+    """Parts the family lacks (recipe, pass options, gates) and an output that is a file: one line each, with
+    file:line: key, all at once and without loading the model."""
+    (tmp_path / "taken").write_text("a file")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{source: hf, path: {tiny_bert_dir}}}\n"
+                      "passes:\n"
+                      "  - cast: {parts: [visual]}\n"
+                      "  - strip: {keep: [text, visual]}\n"
+                      "gates: {parts: {visual: {min_cosine: 0.9}}}\n"
+                      "output: taken\n")
+    code, _, err = run_cli(monkeypatch, capsys, "validate", recipe)
+    assert code == 2
+    assert err.splitlines() == [
+        f"error: {recipe}:6: output: output path is a file, not a folder: {tmp_path / 'taken'}",
+        f"error: {recipe}:3: passes[0].cast.parts[0]: this model has no part 'visual'; it has: text",
+        f"error: {recipe}:4: passes[1].strip.keep[1]: this model has no part 'visual'; it has: text",
+        f"error: {recipe}:5: gates.parts.visual: this model has no part 'visual'; it has: text"]
+
+
+def test_validate_checks_a_swapped_in_model_too(tmp_path, monkeypatch, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {source: torchvision, name: resnet18}\n"
+                      "passes:\n  - substitute: {swap: {source: hf, path: ./no_student}}\noutput: o\n")
+    code, _, err = run_cli(monkeypatch, capsys, "validate", recipe)
+    assert code == 2 and err.startswith(f"error: {recipe}:3: passes[0].substitute.swap: model path: path does not "
+                                        f"exist: {tmp_path / 'no_student'}")

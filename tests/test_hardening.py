@@ -61,6 +61,29 @@ def test_check_reevaluates_gates_and_refuses_tampering(tmp_path, monkeypatch, ca
         assert info.value.code == 2 and "visual.safetensors does not match its sha256" in err
 
 
+def test_check_refuses_an_output_another_recipe_made(tmp_path, monkeypatch, capsys):
+    """Changing the recipe (cast bfloat16 -> float16) and running --check must not judge the old output; a gate
+    changed alone is what --check is for, and still judges it."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RESNET % (4, 0.9))
+    mmopt.optimize(recipe)
+    manifest = json.loads((tmp_path / "out" / "mmopt.json").read_text())
+    assert len(manifest["recipe"]["sha256"]) == 64
+    assert manifest["recipe"]["identity"]["passes"][1]["cast"]["dtype"] == "bfloat16"
+    recipe.write_text((RESNET % (4, 0.9)).replace("min_cosine: 0.9", "min_cosine: 0.5"))
+    assert mmopt.api.check(recipe)["passed"]
+
+    recipe.write_text((RESNET % (4, 0.9)).replace("dtype: bfloat16", "dtype: float16"))
+    for extra in ([], ["--set", "passes.1.cast.dtype=bfloat16", "--set", "seed=1"]):
+        monkeypatch.setattr(sys, "argv", ["mmopt", "optimize", "--check", str(recipe), *extra])
+        with pytest.raises(SystemExit) as info:
+            cli.main()
+        out, err = capsys.readouterr()
+        assert info.value.code == 2 and out == "" and len(err.splitlines()) == 1
+        assert "made by a different recipe" in err
+        assert ("passes[1].cast.dtype: \"bfloat16\" -> \"float16\"" if not extra else "seed: 0 -> 1") in err
+
+
 def test_impossible_gate_exits_1_with_its_report(tmp_path, monkeypatch, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text((RESNET % (4, 0.5)).replace("min_cosine: 0.5", "min_cosine: 0.5, max_size_ratio: 0.01"))

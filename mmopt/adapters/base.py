@@ -24,6 +24,11 @@ class Adapter(Protocol):
     def parse_spec(self, text: str, weights: str | None) -> ModelSpec:
         """The ModelSpec for REST of a command-line ``SOURCE:REST`` (``hf:PATH``, ``open_clip:ARCH``, ...)."""
 
+    def parts_without_weights(self, spec: ModelSpec) -> list[str] | None:
+        """The parts the (path-resolved) ``spec``'s model has, from small files only (no weights read, no torch),
+        for ``validate``; raise ModelSpecError for what is wrong already (a missing folder, a file that is not
+        weights, an unknown architecture). None when the parts cannot be told without loading."""
+
     def load(self, spec: ModelSpec) -> Model:
         """Load the model a (path-resolved) ModelSpec names, from local files only."""
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from mmopt.adapters.inputs import example_images, random_tokens
-from mmopt.adapters.structure import (check_patch_multiple, head_rows, install_swapped, interpolate_positions,
-                                      keep_in_list, run_swapped, slice_linear)
+from mmopt.adapters.structure import (check_patch_multiple, clear_attribute, head_rows, install_swapped,
+                                      interpolate_positions, keep_in_list, run_swapped, slice_linear)
 from mmopt.core import Model, ModelSpec, PruneLayout, QuantLayout, Quantization, Shapes
 from mmopt.errors import ModelSpecError, UnsupportedError, UserError, first_line
 from mmopt.paths import local_path
@@ -37,6 +37,15 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _folder(spec: ModelSpec) -> Path:
+    folder = local_path(spec.path, "model path")
+    if not folder.is_dir():
+        raise ModelSpecError(f"model path must be a Hugging Face folder, got a file: {folder}")
+    if not (folder / "config.json").is_file():
+        raise ModelSpecError(f"model folder has no config.json: {folder}")
+    return folder
+
+
 class HFAdapter:
     source: ClassVar[str] = "hf"
 
@@ -52,12 +61,22 @@ class HFAdapter:
         raise UnsupportedError("streaming (--stream) takes open_clip and torchvision models with a safetensors "
                                "weights file, not Hugging Face folders")
 
+    def parts_without_weights(self, spec: ModelSpec) -> list[str] | None:
+        folder = _folder(spec)
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelSpecError(f"model folder {folder}: unreadable config.json ({first_line(exc)})") from None
+        if not isinstance(config, dict):
+            raise ModelSpecError(f"model folder {folder}: config.json is not a mapping")
+        if config.get("model_type") in DUAL_TOWER:        # the same rules as _wrap, on the raw config
+            return ["visual", "text"]
+        if "vocab_size" in config:
+            return ["text"]
+        return ["visual"] if "image_size" in config else None
+
     def load(self, spec: ModelSpec) -> Model:
-        folder = local_path(spec.path, "model path")
-        if not folder.is_dir():
-            raise ModelSpecError(f"model path must be a Hugging Face folder, got a file: {folder}")
-        if not (folder / "config.json").is_file():
-            raise ModelSpecError(f"model folder has no config.json: {folder}")
+        folder = _folder(spec)
         _quiet_transformers()
         from transformers import AutoConfig, AutoModel
 
@@ -73,6 +92,10 @@ class HFAdapter:
                 module = AutoModel.from_config(config)
         except (ValueError, KeyError, OSError, RuntimeError) as exc:
             raise ModelSpecError(f"model folder {folder}: transformers cannot load it ({first_line(exc)})") from None
+        # transformers records the absolute folder (inside a virtual environment, say) in ``_name_or_path``,
+        # which mmopt.json would carry to every machine: record what the recipe named, if portable, else the name
+        origin = str(spec.path)
+        module.config._name_or_path = origin if origin.startswith("pkg://") else folder.name
         return self._wrap(module, folder, random_weights=not has_weights)
 
     def build(self, arch: dict, preprocess: dict, info: dict) -> Model:
@@ -180,13 +203,16 @@ class HFAdapter:
         if model_type not in DUAL_TOWER:
             raise UnsupportedError(f"cannot drop {part!r}: it is this model's only part")
         for prefix in model.part_prefixes(part):
-            setattr(model.module, prefix.rstrip("."), None)
+            clear_attribute(model.module, prefix.rstrip("."))
         model.parts.remove(part)
 
     def drop_unused_heads(self, model: Model, features: bool) -> list[str]:
         # BERT's pooler feeds only pooler_output, which mean/cls/max pooling of the hidden states never reads.
-        if "text" in model.parts and getattr(model.module, "pooler", None) is not None \
-                and model.info.get("pooling") in ("mean", "cls", "max"):
+        # transformers always builds it, though: a stock folder without its weights would load with a "newly
+        # initialized" warning, so its original weights are kept aside for the stock file (``save``).
+        pooler = getattr(model.module, "pooler", None)
+        if "text" in model.parts and pooler is not None and model.info.get("pooling") in ("mean", "cls", "max"):
+            model.info["_stock_heads"] = {f"pooler.{k}": v.detach().clone() for k, v in pooler.state_dict().items()}
             model.module.pooler = None
             return ["pooler"]
         return []
@@ -346,7 +372,9 @@ class HFAdapter:
             # since transformers cannot initialise a quantized weight it has no data for.
             dropped = [name for name, child in model.module._modules.items() if child is None]
             _add_quantization_config(out / "config.json", quant, dropped)
-        write_safetensors(unique_state_dict(model.module), out / "model.safetensors")
+        # Dropped heads go into the stock file only, so transformers and sentence-transformers load it without a
+        # missing-weights report; mmopt's load skips them (Strip.load_state), keeping the memory saving.
+        write_safetensors({**unique_state_dict(model.module), **_stock_heads(model)}, out / "model.safetensors")
         return {model.parts[0]: "model.safetensors"}
 
     def quantization_layout(self, model: Model) -> QuantLayout:
@@ -429,6 +457,18 @@ def _add_quantization_config(file: Path, quant: Quantization, dropped: list[str]
     else:
         config["quantization_config"] = bnb_quantization_config(quant, quant.float_linear + dropped)
     file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _stock_heads(model: Model) -> dict:
+    """The original weights of heads ``drop_unused_heads`` removed, in the dtype the model now computes in, when
+    they still fit its config (a width-pruned model's would not: they are left out)."""
+    heads = model.info.get("_stock_heads") or {}
+    dtype = next((p.dtype for p in model.module.parameters() if p.is_floating_point()), None)
+    hidden = getattr(model.module.config, "hidden_size", None)
+    if not heads or any(t.shape[-1] != hidden for t in heads.values()):
+        return {}
+    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+            for k, v in heads.items()}
 
 
 def _is_bert_layer(module: nn.Module) -> bool:

@@ -8,15 +8,16 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from mmopt.adapters.inputs import example_images, random_tokens
-from mmopt.adapters.structure import (check_patch_multiple, checkpoint_blocks, head_rows, install_swapped,
-                                      interpolate_positions, keep_in_list, run_swapped)
+from mmopt.adapters.structure import (check_patch_multiple, checkpoint_blocks, clear_attribute, head_rows,
+                                      install_swapped, interpolate_positions, keep_in_list, run_swapped)
 from mmopt.core import Model, ModelSpec, PruneLayout, QuantLayout, Shapes
 from mmopt.errors import ModelSpecError, UnsupportedError, first_line
-from mmopt.weights import load_weights_file, save_parts
+from mmopt.weights import check_weights_file, load_weights_file, save_parts
 
 if TYPE_CHECKING:
     import torch
@@ -32,12 +33,35 @@ def _open_clip() -> Any:
     return open_clip
 
 
+def _shipped_architectures() -> set[str] | None:
+    """The architecture names open_clip ships (its model_configs/*.json), found without importing it (torch)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model_configs"
+    return {p.stem for p in folder.glob("*.json")} if folder.is_dir() else None
+
+
 class OpenClipAdapter:
     source: ClassVar[str] = "open_clip"
 
     def parse_spec(self, text: str, weights: str | None) -> ModelSpec:
         """``open_clip:ARCH``, with an optional local checkpoint."""
         return ModelSpec(source="open_clip", name=text, weights=weights)
+
+    def parts_without_weights(self, spec: ModelSpec) -> list[str] | None:
+        if spec.weights:
+            check_weights_file(spec.weights)
+        known = _shipped_architectures()
+        # an architecture registered at run time (open_clip.add_model_config) is known only to a loaded open_clip
+        registered = "open_clip" in sys.modules and sys.modules["open_clip"].get_model_config(spec.name) is not None
+        if known is not None and spec.name not in known and not registered:
+            close = difflib.get_close_matches(spec.name, sorted(known), n=3)
+            raise ModelSpecError(f"unknown open_clip architecture {spec.name!r}",
+                                 hint=f"did you mean {', '.join(close)}?" if close else "see open_clip.list_models()")
+        return ["visual", "text"]
 
     def load(self, spec: ModelSpec) -> Model:
         model = self._create(spec.name, _known_config(spec.name))
@@ -114,7 +138,7 @@ class OpenClipAdapter:
     def drop_part(self, model: Model, part: str) -> None:
         model.check_part(part)
         for prefix in model.part_prefixes(part):
-            setattr(model.module, prefix.rstrip("."), None)
+            clear_attribute(model.module, prefix.rstrip("."))
         model.parts.remove(part)
 
     def drop_unused_heads(self, model: Model, features: bool) -> list[str]:

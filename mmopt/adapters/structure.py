@@ -79,6 +79,22 @@ def interpolate_positions(pos: torch.Tensor, grid: int, new_grid: int) -> torch.
     return torch.cat([head, body], dim=0)
 
 
+# --- parts --------------------------------------------------------------------------------------------------------
+
+def clear_attribute(owner: nn.Module, attr: str) -> None:
+    """Set submodule or parameter ``owner.<attr>`` to None, so a dropped part's weights go. A parametrized
+    parameter (the quantize pass's int8 tables) is unregistered first: assigning to it would hand None to the
+    parametrization's ``right_inverse``."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(owner, attr):
+        try:
+            parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
+        except ValueError:      # made of several tensors (int8 table + scales): torch must compute it once
+            parametrize.remove_parametrizations(owner, attr, leave_parametrized=True)
+    setattr(owner, attr, None)
+
+
 # --- part swaps --------------------------------------------------------------------------------------------------
 
 def install_swapped(model: Model, part: str, module: nn.Module, attrs: list[str], root_is_part: bool) -> None:

@@ -10,7 +10,7 @@ from mmopt.adapters.structure import (check_patch_multiple, checkpoint_blocks, i
                                       run_swapped)
 from mmopt.core import Model, ModelSpec, PruneLayout, QuantLayout, Shapes
 from mmopt.errors import ModelSpecError, UnsupportedError, UserError
-from mmopt.weights import load_weights_file, save_parts, weight_shapes
+from mmopt.weights import check_weights_file, load_weights_file, save_parts, weight_shapes
 
 if TYPE_CHECKING:
     import torch
@@ -26,6 +26,12 @@ class TorchvisionAdapter:
     def parse_spec(self, text: str, weights: str | None) -> ModelSpec:
         """``torchvision:NAME``, with an optional local checkpoint."""
         return ModelSpec(source="torchvision", name=text, weights=weights)
+
+    def parts_without_weights(self, spec: ModelSpec) -> list[str] | None:
+        """The name is checked at load: torchvision's list of models needs torch."""
+        if spec.weights:
+            check_weights_file(spec.weights)
+        return ["visual"]
 
     def load(self, spec: ModelSpec) -> Model:
         state = weight_shapes(spec.weights) if spec.weights else None

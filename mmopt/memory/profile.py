@@ -23,7 +23,7 @@ class ProfileRequest:
     batch_size: int = 1
     image_size: int | None = None
     seq_len: int = 128
-    dtype: str = "float32"
+    dtype: str | None = None            # cast to this first; None: as stored (an fp16 output stays fp16)
     train: bool = False                 # estimate a training step instead of an inference forward
     optimizer: str = "adamw"            # adamw | sgd (training)
     amp: str | None = None              # bf16 | fp16: autocast (training and inference)
@@ -62,7 +62,7 @@ def check_request(req: ProfileRequest) -> int | None:
     """Reject bad option combinations before any model loads; return the budget in bytes (or None)."""
     from mmopt.units import parse_bytes
 
-    if req.dtype not in ("float32", "float16", "bfloat16"):
+    if req.dtype not in (None, "float32", "float16", "bfloat16"):
         raise UserError(f"--dtype: expected float32, float16 or bfloat16, got {req.dtype!r}")
     training.check_options(training.TrainOptions(req.optimizer, req.amp, req.grad_ckpt))
     if req.batch_size < 1:
@@ -106,7 +106,7 @@ def profile(req: ProfileRequest) -> dict:
     budget / offload / frames / what-if / measure the request asks for. Returns a JSON-able dict."""
     budget = check_request(req)
     adapter, model = open_model(req.model, req.weights)
-    if req.dtype != "float32":
+    if req.dtype is not None and req.dtype != _stored_dtype(model):
         from mmopt.passes.base import Context
         from mmopt.passes.cast import Cast, CastConfig
 
@@ -126,20 +126,45 @@ def profile(req: ProfileRequest) -> dict:
     for part in parts:
         out_parts[part] = Estimator(model, adapter, part, req).describe(shapes, budget)
     methods = {p["method"] for p in out_parts.values()}
+    weights = sum(p["weights_bytes"] for p in out_parts.values())
+    # What running a part adds to the weights resident (all parts loaded): its activations and inputs.
+    running = {part: p["peak_total_bytes"] - p["weights_bytes"] for part, p in out_parts.items()}
+    largest = max(running, key=running.get)
     result = {
         "model": req.model,
         "random_weights": bool(model.random_weights),
         "method": tracing.overall_method(methods),
         "mode": "train" if req.train else "inference",
-        "dtype": req.dtype,
-        "shapes": {"batch_size": req.batch_size, "image_size": req.image_size or model.preprocess.get("image_size"),
-                   "seq_len": req.seq_len},
-        "weights_bytes": sum(p["weights_bytes"] for p in out_parts.values()),
-        # Parts run one at a time (an image or a text embedding), so the peak is the largest part's.
+        "dtype": _stored_dtype(model, parts),
+        "shapes": {"batch_size": req.batch_size,
+                   "image_size": (req.image_size or model.preprocess.get("image_size"))
+                   if any(is_image_part(p) for p in parts) else None,
+                   "seq_len": max((_tokens(adapter, model, p, req.seq_len) for p in parts if not is_image_part(p)),
+                                  default=None)},
+        "inputs": {part: (f"{_tokens(adapter, model, part, req.seq_len)} tokens" if not is_image_part(part) else
+                          f"{req.image_size or model.preprocess.get('image_size')} px images")
+                   for part in parts},
+        "weights_bytes": weights,
+        # Parts run one at a time (an image or a text embedding): every part's weights stay resident, and the
+        # largest part's activations come on top. Running them together costs all activations at once.
         "peak_activation_bytes": max(p["peak_activation_bytes"] for p in out_parts.values()),
-        "peak_total_bytes": max(p["peak_total_bytes"] for p in out_parts.values()),
+        "peak_total_bytes": weights + running[largest],
+        "peak_part": largest,
         "parts": out_parts,
     }
+    if len(parts) > 1:
+        result["peak_total_all_parts_at_once_bytes"] = weights + sum(running.values())
     if req.train:
         result["train"] = {"optimizer": req.optimizer, "amp": req.amp, "grad_ckpt": req.grad_ckpt, "steps": 2}
     return result
+
+
+def _stored_dtype(model: Model, parts: list[str] | None = None) -> str:
+    """The dtype the parts compute in ("float16", or "float16 / float32" when they differ)."""
+    names = dict.fromkeys(str(model.part_dtype(p)).removeprefix("torch.") for p in (parts or model.parts))
+    return " / ".join(names)
+
+
+def _tokens(adapter: Adapter, model: Model, part: str, seq_len: int) -> int:
+    """The sequence length ``part`` really runs (CLIP text: its context length, 77, whatever was asked)."""
+    return int(adapter.example_inputs(model, part, Shapes(batch_size=1, seq_len=seq_len))[0].shape[-1])

@@ -118,9 +118,23 @@ def estimate(model: Model, adapter: Adapter, part: str, shapes: Shapes, opts: Tr
     total = peak.peak_total_bytes - others
     if peak.breakdown:
         peak.breakdown["weights"] -= others
+        _optimizer_temporaries_apart(peak.breakdown, model, part, opts.optimizer)
     return {"peak_total_bytes": total, "breakdown": peak.breakdown, "method": peak.method,
             "how": peak.how, "optimizer": opts.optimizer, "amp": opts.amp, "grad_ckpt": how.get("grad_ckpt"),
             "input_bytes": input_bytes(inputs, shapes.batch_size)}
+
+
+def _optimizer_temporaries_apart(breakdown: dict, model: Model, part: str, optimizer: str) -> None:
+    """MemTracker files every tensor made inside ``optimizer.step()`` as optimizer state, so foreach AdamW's
+    intermediates (another copy of the weights at the step's peak) read as a third moment. The state itself is
+    known exactly (two moments + a step count per parameter; SGD one buffer): the rest is temporaries."""
+    params = [p for name, p in model.module.named_parameters() if model.part_of(name) == part]
+    per_param = sum(tensor_bytes(p) for p in params)
+    exact = per_param if optimizer == "sgd" else 2 * per_param + 4 * len(params)
+    excess = breakdown.get("optimizer_states", 0) - exact
+    if excess > 0:
+        breakdown["optimizer_states"] = exact
+        breakdown["temporaries"] = breakdown.get("temporaries", 0) + excess
 
 
 # --- the traces ----------------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def table(est: Estimator, shapes: Shapes, described: dict) -> list[dict]:
 
     fp16_total, fp16_est = half("float16")
     bf16_total, _ = half("bfloat16")
-    current = req.dtype
+    current = req.dtype or str(est.model.part_dtype(est.part)).removeprefix("torch.")   # None: as stored
     if current != "float16":
         rows.append(_row("float16 weights", "cast pass {dtype: float16}", fp16_total, base,
                          "pure float16 training needs loss scaling" if train else ""))

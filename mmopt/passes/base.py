@@ -3,6 +3,7 @@
 A pass is a class constructed with its config (``Quantize(QuantizeConfig(method="nf4"))``) and a small
 lifecycle the runner calls directly, in this order:
 
+- ``check(model, ctx)``, for every pass before any measuring, refuses options that cannot work (fail fast);
 - ``apply(model, ctx) -> PassResult`` changes the model; the result's ``record`` (JSON-able) goes into the
   manifest;
 - ``align_reference(teacher, record, adapter)`` makes the original comparable with the changed model, for
@@ -103,6 +104,21 @@ class Pass(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
+
+    def parts_named(self) -> list[tuple[tuple, str]]:
+        """The part names this pass's options use, each with its option's key path (``(("parts", 0), "text")``),
+        so ``validate`` can check them against the family's parts without loading the model. The default reads
+        the options ``parts`` (a list) and ``part`` (one name)."""
+        named = [(("parts", i), part) for i, part in enumerate(getattr(self.config, "parts", None) or [])]
+        part = getattr(self.config, "part", None)
+        return named + ([(("part",), part)] if isinstance(part, str) else [])
+
+    def check(self, model: Model, ctx: Context) -> None:
+        """Refuse, before anything is measured or traced, options that cannot work on ``model`` (as loaded;
+        ``ctx.history`` holds the passes that will run before this one). Raise a UserError; the default checks
+        that the parts the options name exist."""
+        for _, part in self.parts_named():
+            model.check_part(part)
 
     @abstractmethod
     def apply(self, model: Model, ctx: Context) -> PassResult:

@@ -66,6 +66,14 @@ class Prune(Pass):
         """Recovery distils from the original."""
         return self.config.recover is not None
 
+    def check(self, model: Model, ctx: Context) -> None:
+        """What the layout refuses (a target the part lacks, heads that do not divide, no data to learn from),
+        before anything is measured; skipped after an earlier structural pass, whose changes it cannot see."""
+        parts = target_parts(model, self.config.parts)
+        if not any(step.name in ("prune", "substitute") for step in ctx.history):
+            for part in parts:
+                _checked_layout(model, part, self.config, ctx)
+
     def apply(self, model: Model, ctx: Context) -> PassResult:
         cfg = self.config
         parts = target_parts(model, cfg.parts)

@@ -28,6 +28,11 @@ class Resolution(Pass):
     name = "resolution"
     Config = ResolutionConfig
 
+    def check(self, model: Model, ctx: Context) -> None:
+        model.check_part(self.config.part)
+        if not is_image_part(self.config.part):
+            raise UnsupportedError(f"resolution: part {self.config.part!r} takes no images")
+
     def apply(self, model: Model, ctx: Context) -> PassResult:
         part, size = self.config.part, self.config.image_size
         model.check_part(part)

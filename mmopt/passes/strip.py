@@ -14,13 +14,17 @@ if TYPE_CHECKING:
 
 class StripConfig(PassConfig):
     keep: list[str] | None = Field(None, description="parts to keep (default: all)")
-    heads: bool = Field(True, description="drop heads the part embeddings do not use (BERT pooler)")
+    heads: bool = Field(True, description="drop heads the part embeddings do not use (BERT pooler; a stock "
+                                          "Hugging Face folder keeps its weights so transformers loads cleanly)")
     features: bool = Field(False, description="CNNs: drop the classifier, output pooled features")
 
 
 class Strip(Pass):
     name = "strip"
     Config = StripConfig
+
+    def parts_named(self) -> list[tuple[tuple, str]]:
+        return [(("keep", i), part) for i, part in enumerate(self.config.keep or [])]
 
     def apply(self, model: Model, ctx: Context) -> PassResult:
         cfg = self.config
@@ -30,11 +34,18 @@ class Strip(Pass):
         for part in [p for p in list(model.parts) if cfg.keep is not None and p not in cfg.keep]:
             ctx.adapter.drop_part(model, part)
             result.changed.append(Change(part, "present", "removed"))
+        heads = []
         if cfg.heads or cfg.features:
-            for name in ctx.adapter.drop_unused_heads(model, features=cfg.features):
+            heads = ctx.adapter.drop_unused_heads(model, features=cfg.features)
+            for name in heads:
                 result.changed.append(Change(name, "present", "removed"))
-        result.record = {"removed": [c.module for c in result.changed]}
+        result.record = {"removed": [c.module for c in result.changed], "heads": heads}
         return result
+
+    def load_state(self, model: Model, record: dict, state: dict) -> dict:
+        """A stock Hugging Face file keeps dropped heads' weights for stock loaders; mmopt leaves them out."""
+        heads = tuple(f"{name}." for name in record.get("heads", []))
+        return {k: v for k, v in state.items() if not k.startswith(heads)} if heads else state
 
     def restore(self, model: Model, record: dict, adapter: Adapter) -> None:
         """Heads are dropped again on the rebuilt model (parts not in the checkpoint are dropped by the loader)."""

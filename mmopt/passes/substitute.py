@@ -89,6 +89,21 @@ class Substitute(Pass):
         return cfg.swap is not None or (cfg.layer_drop is not None and cfg.layer_drop.layers is not None) \
             or (cfg.distill is not None and cfg.distill.steps > 0)
 
+    def check(self, model: Model, ctx: Context) -> None:
+        """The part exists, the layers named exist, and a pass that learns from data has real data for the part
+        (before the original is measured, which takes minutes on a large model). Layer counts are checked only
+        when no earlier substitute changes this part's layers."""
+        cfg = self.config
+        part = _part(model, cfg)
+        teacher = ctx.teacher or model
+        earlier = [p for p in ctx.history if isinstance(p, Substitute) and (p.config.part or part) == part]
+        if cfg.layer_drop is not None and not earlier:
+            _check_layer_counts(cfg.layer_drop, part, ctx.adapter.layer_count(model, part))
+        if cfg.layer_drop is not None and cfg.layer_drop.layers is not None:
+            _check_data(teacher, ctx.adapter, part, ctx.calibration, "substitute.layer_drop.layers")
+        if cfg.distill is not None and cfg.distill.steps > 0:
+            _check_data(teacher, ctx.adapter, part, ctx.calibration, "substitute.distill")
+
     def apply(self, model: Model, ctx: Context) -> PassResult:
         cfg = self.config
         part = _part(model, cfg)
@@ -189,24 +204,28 @@ def _check_data(teacher: Model, adapter: Adapter, part: str, calib: Calibration 
 
 # --- layer drop ------------------------------------------------------------------------------------------
 
+def _check_layer_counts(cfg: LayerDrop, part: str, count: int) -> None:
+    if cfg.keep_every is not None and cfg.keep_every >= count:
+        raise UserError(f"substitute.layer_drop.keep_every: must be below the {count} layers of part {part!r}, "
+                        f"got {cfg.keep_every}")
+    if cfg.keep is not None and (cfg.keep[-1] >= count or len(cfg.keep) == count):
+        raise UserError(f"substitute.layer_drop.keep: part {part!r} has layers 0-{count - 1}; keep fewer of "
+                        f"them, got {cfg.keep}")
+    if cfg.layers is not None and cfg.layers >= count:
+        raise UserError(f"substitute.layer_drop.layers: must be below the {count} layers of part {part!r}, "
+                        f"got {cfg.layers}")
+
+
 def _layer_drop(model: Model, part: str, cfg: LayerDrop, ctx: Context, result: PassResult) -> dict:
     adapter = ctx.adapter
     count = adapter.layer_count(model, part)
     chosen = None
+    _check_layer_counts(cfg, part, count)
     if cfg.keep_every is not None:
-        if cfg.keep_every >= count:
-            raise UserError(f"substitute.layer_drop.keep_every: must be below the {count} layers of part {part!r}, "
-                            f"got {cfg.keep_every}")
         keep = list(range(0, count, cfg.keep_every))
     elif cfg.keep is not None:
-        if cfg.keep[-1] >= count or len(cfg.keep) == count:
-            raise UserError(f"substitute.layer_drop.keep: part {part!r} has layers 0-{count - 1}; keep fewer of "
-                            f"them, got {cfg.keep}")
         keep = list(cfg.keep)
     else:
-        if cfg.layers >= count:
-            raise UserError(f"substitute.layer_drop.layers: must be below the {count} layers of part {part!r}, "
-                            f"got {cfg.layers}")
         from mmopt.layer_choice import choose_layers
 
         chosen = choose_layers(model, ctx.teacher, adapter, part, cfg.layers,

@@ -28,8 +28,8 @@ output: out
     assert visual["fidelity"]["synthetic"] is True and visual["fidelity"]["mean_cosine"] > 0.99
     assert report["parts"]["text"]["after"]["removed"] is True
     assert report["memory_method"] == "estimated"
-    assert sorted(p.name for p in out.iterdir()) == ["mmopt.json", "report.json", "report.md", "report.png",
-                                                     "shared.safetensors", "visual.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "mmopt.json", "report.json", "report.md",
+                                                     "report.png", "shared.safetensors", "visual.safetensors"]
     module = mmopt.load(out)
     assert module.transformer is None and module.visual.conv1.weight.dtype == torch.float16
     saved = json.loads((out / "report.json").read_text())
@@ -53,6 +53,34 @@ output: out
     assert module.pooler is None
 
 
+def test_stock_loads_after_strip_heads_report_no_missing_weights(tiny_bert_dir, recipe_file, capfd, caplog):
+    """transformers always builds BERT's pooler: the stock file keeps its original weights (cast like the rest), so
+    AutoModel and SentenceTransformer load without a missing-weights report; mmopt's own load still drops it."""
+    import logging
+
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    path = recipe_file(f"""
+model: {{source: hf, path: {tiny_bert_dir}}}
+profile: {{batch_size: 2, seq_len: 16}}
+passes: [{{cast: {{dtype: bfloat16}}}}, {{strip: {{heads: true}}}}]
+output: out
+""")
+    mmopt.optimize(path)
+    out = path.parent / "out"
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO):
+        stock = AutoModel.from_pretrained(str(out))
+        SentenceTransformer(str(out), device="cpu")
+    captured = capfd.readouterr()
+    said = (captured.out + captured.err + caplog.text).lower()
+    assert not any(word in said for word in ("missing", "newly initialized", "load report", "unexpected")), said
+    original = AutoModel.from_pretrained(str(tiny_bert_dir))
+    assert torch.equal(stock.pooler.dense.weight, original.pooler.dense.weight.to(torch.bfloat16))
+    assert mmopt.load(out).pooler is None
+
+
 def test_resnet_features_bf16(recipe_file):
     path = recipe_file("""
 model: {source: torchvision, name: resnet18}
@@ -71,7 +99,7 @@ output: out
 
 
 def test_strip_of_a_missing_part_is_a_user_error(tiny_bert_dir, recipe_file):
-    from mmopt.errors import UnsupportedError
+    from mmopt.errors import UserError
 
     path = recipe_file(f"""
 model: {{source: hf, path: {tiny_bert_dir}}}
@@ -79,6 +107,6 @@ passes:
   - strip: {{keep: [visual]}}
 output: out
 """)
-    with pytest.raises(UnsupportedError, match="no part 'visual'"):
+    with pytest.raises(UserError, match="no part 'visual'"):     # found by validate, before the model loads
         mmopt.optimize(path)
     assert not (path.parent / "out").exists()
