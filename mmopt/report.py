@@ -294,6 +294,9 @@ def show_profile(result: dict, console: Console) -> None:
         both = result.get("peak_total_all_parts_at_once_bytes")
         console.print(f"each part loaded alone: {per_part}" +
                       (f"; all parts running at once {format_bytes(both)}" if both else ""))
+    for once in result.get("one_time", []):
+        console.print(f"once per process, on top: {once['what']} {format_bytes(once['bytes'])} "
+                      f"({once['method']}: {once['how']})")
     for part, data in result["parts"].items():
         _profile_extras(part, data, console)
 

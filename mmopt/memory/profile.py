@@ -1,6 +1,7 @@
 """``profile``: where a model's memory goes, per part and module, and its inference peak at given shapes."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -9,6 +10,7 @@ from mmopt import registry
 from mmopt.core import Model, Shapes, is_image_part
 from mmopt.errors import UnsupportedError, UserError
 from mmopt.memory import tracing, training
+from mmopt.memory.cuda_runtime import OneTime, cublas_workspace
 from mmopt.memory.estimator import Estimator
 
 if TYPE_CHECKING:
@@ -154,9 +156,19 @@ def profile(req: ProfileRequest) -> dict:
     }
     if len(parts) > 1:
         result["peak_total_all_parts_at_once_bytes"] = weights + sum(running.values())
+    result["one_time"] = [dataclasses.asdict(_cublas_workspace())]
     if req.train:
         result["train"] = {"optimizer": req.optimizer, "amp": req.amp, "grad_ckpt": req.grad_ckpt, "steps": 2}
     return result
+
+
+def _cublas_workspace() -> OneTime:
+    """The cuBLAS workspace the first matmul allocates on the GPU this runs on (or, without one, a Hopper-class
+    GPU): once per process, so it is its own line and not part of any batch's peak."""
+    import torch
+
+    capability = torch.cuda.get_device_capability() if _cuda() else None
+    return cublas_workspace(capability)
 
 
 def _stored_dtype(model: Model, parts: list[str] | None = None) -> str:
