@@ -15,7 +15,7 @@ from mmopt.adapters.inputs import example_images
 from mmopt.adapters.structure import check_patch_multiple, install_swapped, run_swapped
 from mmopt.core import Model, ModelSpec, PruneLayout, QuantLayout, Shapes
 from mmopt.errors import ModelSpecError, UnsupportedError, UserError
-from mmopt.weights import check_weights_file, load_weights_file, save_parts, weight_shapes
+from mmopt.weights import check_weights_file, load_weights_file, save_parts, uninitialised, weight_shapes
 
 if TYPE_CHECKING:
     import torch
@@ -41,7 +41,8 @@ class TimmAdapter:
 
     def load(self, spec: ModelSpec) -> Model:
         shapes = weight_shapes(spec.weights) if spec.weights else None
-        model = self.build({"name": spec.name, "kwargs": _kwargs(spec, shapes)}, {}, {})
+        with uninitialised(skip=bool(spec.weights)):      # the weights file overwrites every parameter
+            model = self.build({"name": spec.name, "kwargs": _kwargs(spec, shapes)}, {}, {})
         if spec.weights:
             load_weights_file(model.module, spec.weights, f"weights {Path(spec.weights).name}")
         model.random_weights = not spec.weights

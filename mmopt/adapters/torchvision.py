@@ -10,7 +10,7 @@ from mmopt.adapters.structure import (check_patch_multiple, checkpoint_blocks, i
                                       run_swapped)
 from mmopt.core import Model, ModelSpec, PruneLayout, QuantLayout, Shapes
 from mmopt.errors import ModelSpecError, UnsupportedError, UserError
-from mmopt.weights import check_weights_file, load_weights_file, save_parts, weight_shapes
+from mmopt.weights import check_weights_file, load_weights_file, save_parts, uninitialised, weight_shapes
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +40,8 @@ class TorchvisionAdapter:
             kwargs["num_classes"] = spec.num_classes
         elif state is not None:
             kwargs.update(head_size(spec.name, kwargs, state))
-        model = self.build({"name": spec.name, "kwargs": kwargs}, {}, {})
+        with uninitialised(skip=bool(spec.weights)):      # the weights file overwrites every parameter
+            model = self.build({"name": spec.name, "kwargs": kwargs}, {}, {})
         if state is not None:
             where = f"weights {Path(spec.weights).name}"
             check_head(model.module, state, where)
