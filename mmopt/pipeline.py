@@ -92,6 +92,7 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
     with state.stage("measure original"):
         before = measure_parts(state, state.model, "measuring original")
         original = original_files(state.model)
+    host_memory.release()       # what the traces left (fake tensors in reference cycles), before the passes grow
     eval_calibs = fidelity_inputs(recipe, eval_calib, before)
     with state.stage("passes"):
         applied, pass_rows = _apply_passes(state, fit_calib)
