@@ -338,7 +338,8 @@ class HFAdapter:
             layers = getattr(parent, attr, None) if parent is not None else None
             if isinstance(layers, nn.ModuleList):
                 return parent, attr, layers, config
-        raise UnsupportedError(f"layer_drop: no list of transformer layers found in this {model.info.get('model_type')} "
+        raise UnsupportedError(f"layer_drop: no list of transformer layers found in this "
+                               f"{model.info.get('model_type')} "
                                f"model's {part} part")
 
     def layer_count(self, model: Model, part: str) -> int:
