@@ -234,7 +234,7 @@ def load_model(path: Path, parts: list[str] | None = None, device: str = "cpu") 
     """Rebuild the model in checkpoint ``path`` with only ``parts`` (default: all), weights hash-checked."""
     from mmopt import registry
     from mmopt.core import Quantization
-    from mmopt.weights import load_weights_into
+    from mmopt.weights import load_weights_into, uninitialised
 
     path = Path(path)
     manifest = read_manifest(path)
@@ -244,7 +244,8 @@ def load_model(path: Path, parts: list[str] | None = None, device: str = "cpu") 
     info = dict(manifest["info"])
     # manifests before the typed field kept what the quantize pass did in info["quantization"]
     quantization = manifest.get("quantization") or info.pop("quantization", None)
-    model = adapter.build(manifest["architecture"], manifest["preprocessing"], info)
+    with uninitialised():       # every weight is loaded below, strictly
+        model = adapter.build(manifest["architecture"], manifest["preprocessing"], info)
     model.quantization = Quantization(**quantization) if quantization else None
     wanted = list(parts) if parts else list(manifest["parts"])
     for part in wanted:

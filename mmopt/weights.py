@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from mmopt.errors import ModelSpecError, first_line
 from mmopt.paths import local_path
@@ -70,6 +71,33 @@ def weight_shapes(path: str | Path) -> dict[str, torch.Tensor]:
         raise
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise ModelSpecError(f"weights {path.name}: not a readable safetensors file ({first_line(exc)})") from None
+
+
+@contextmanager
+def uninitialised(skip: bool = True) -> Iterator[None]:
+    """Build modules without running ``torch.nn.init`` on their parameters, for a model whose every parameter
+    is loaded right after (``load_weights_*`` are strict). Random init costs time, and it writes every page of
+    the weights: untouched, a large tensor's pages are not resident, so a layer that a later step replaces
+    (a quantized one on reload) never occupies memory in float32. Buffers are computed, not initialised: kept."""
+    import torch
+
+    if not skip:
+        yield
+        return
+    init = torch.nn.init
+    names = [n for n in vars(init) if n.endswith("_") and not n.startswith("_") and callable(getattr(init, n))]
+    saved = {n: getattr(init, n) for n in names}
+
+    def leave_as_is(tensor, *args, **kwargs):
+        return tensor
+
+    try:
+        for name in names:
+            setattr(init, name, leave_as_is)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(init, name, fn)
 
 
 def load_weights_file(module: nn.Module, path: str | Path, where: str) -> None:

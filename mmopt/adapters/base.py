@@ -51,6 +51,11 @@ class Adapter(Protocol):
     def tokenize(self, model: Model, texts: list[str], seq_len: int) -> tuple:
         """Real inputs for the text part from ``texts``; UnsupportedError when the model has no tokenizer."""
 
+    def vocabulary(self, model: Model) -> list[str]:
+        """The tokenizer's whole words, frequent first where the vocabulary is so ordered (text augmentation
+        draws from them); empty where there is none."""
+        return []
+
     def run(self, model: Model, part: str, inputs: tuple) -> torch.Tensor:
         """Run ``part`` to its output embedding / features, shape (batch, dim)."""
 

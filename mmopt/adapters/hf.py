@@ -174,6 +174,13 @@ class HFAdapter:
             model.info["_tokenizer"] = cached
         return cached
 
+    def vocabulary(self, model: Model) -> list[str]:
+        from mmopt.distill.augment import vocab_words
+
+        if not model.info.get("tokenizer") or model.assets is None:
+            return []
+        return vocab_words(self._tokenizer(model))
+
     def run(self, model: Model, part: str, inputs: tuple) -> torch.Tensor:
         swapped = run_swapped(model, part, inputs)
         if swapped is not None:

@@ -17,7 +17,7 @@ from mmopt.adapters.structure import (check_patch_multiple, checkpoint_blocks, c
                                       install_swapped, interpolate_positions, keep_in_list, run_swapped)
 from mmopt.core import Model, ModelSpec, PruneLayout, QuantLayout, Shapes
 from mmopt.errors import ModelSpecError, UnsupportedError, first_line
-from mmopt.weights import check_weights_file, load_weights_file, save_parts
+from mmopt.weights import check_weights_file, load_weights_file, save_parts, uninitialised
 
 if TYPE_CHECKING:
     import torch
@@ -64,7 +64,8 @@ class OpenClipAdapter:
         return ["visual", "text"]
 
     def load(self, spec: ModelSpec) -> Model:
-        model = self._create(spec.name, _known_config(spec.name))
+        with uninitialised(skip=bool(spec.weights)):      # the weights file overwrites every parameter
+            model = self._create(spec.name, _known_config(spec.name))
         if spec.weights:
             load_weights_file(model.module, spec.weights, f"weights {Path(spec.weights).name}")
         model.random_weights = not spec.weights

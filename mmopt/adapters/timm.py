@@ -11,11 +11,11 @@ import difflib
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from mmopt.adapters.inputs import example_images
-from mmopt.adapters.structure import check_patch_multiple, install_swapped, run_swapped
-from mmopt.core import Model, ModelSpec, PruneLayout, QuantLayout, Shapes
+from mmopt.adapters.image_only import ImageOnlyAdapter
+from mmopt.adapters.structure import check_patch_multiple, install_swapped
+from mmopt.core import Model, ModelSpec, PruneLayout, QuantLayout
 from mmopt.errors import ModelSpecError, UnsupportedError, UserError
-from mmopt.weights import check_weights_file, load_weights_file, save_parts, weight_shapes
+from mmopt.weights import check_weights_file, load_weights_file, save_parts, uninitialised, weight_shapes
 
 if TYPE_CHECKING:
     import torch
@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 PART = "visual"
 
 
-class TimmAdapter:
+class TimmAdapter(ImageOnlyAdapter):
+    family: ClassVar[str] = "timm"
     source: ClassVar[str] = "timm"
 
     # --- loading and saving --------------------------------------------------------------------------------
@@ -41,7 +42,8 @@ class TimmAdapter:
 
     def load(self, spec: ModelSpec) -> Model:
         shapes = weight_shapes(spec.weights) if spec.weights else None
-        model = self.build({"name": spec.name, "kwargs": _kwargs(spec, shapes)}, {}, {})
+        with uninitialised(skip=bool(spec.weights)):      # the weights file overwrites every parameter
+            model = self.build({"name": spec.name, "kwargs": _kwargs(spec, shapes)}, {}, {})
         if spec.weights:
             load_weights_file(model.module, spec.weights, f"weights {Path(spec.weights).name}")
         model.random_weights = not spec.weights
@@ -79,32 +81,7 @@ class TimmAdapter:
     def save(self, model: Model, out: Path) -> dict[str, str]:
         return save_parts(model, out)
 
-    # --- inputs and running --------------------------------------------------------------------------------
-
-    def example_inputs(self, model: Model, part: str, shapes: Shapes) -> tuple:
-        model.check_part(part)
-        return example_images(model, part, shapes)
-
-    def tokenize(self, model: Model, texts: list[str], seq_len: int) -> tuple:
-        raise UnsupportedError("timm models have no text part")
-
-    def run(self, model: Model, part: str, inputs: tuple) -> torch.Tensor:
-        swapped = run_swapped(model, part, inputs)
-        if swapped is not None:
-            return swapped
-        return model.module(inputs[0].to(model.part_dtype(part)))
-
-    def can_run_hidden(self, model: Model, part: str) -> bool:
-        return False
-
-    def run_hidden(self, model: Model, part: str, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        raise UnsupportedError("timm models have no token-level outputs here")
-
     # --- structure -----------------------------------------------------------------------------------------
-
-    def drop_part(self, model: Model, part: str) -> None:
-        model.check_part(part)
-        raise UnsupportedError(f"cannot drop {part!r}: it is this model's only part")
 
     def drop_unused_heads(self, model: Model, features: bool) -> list[str]:
         """With ``features`` the classifier goes (timm's ``reset_classifier(0)``): the output is the pooled
@@ -144,9 +121,6 @@ class TimmAdapter:
 
     def slice_heads(self, model: Model, name: str, keep: list[int]) -> None:
         raise UnsupportedError("prune: heads of timm models are not supported; prune channels")
-
-    def shares_text_inputs(self, model: Model, other: Model) -> bool:
-        return False      # no text part
 
     # --- training and what-if ------------------------------------------------------------------------------
 

@@ -5,12 +5,11 @@ import difflib
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from mmopt.adapters.inputs import example_images
-from mmopt.adapters.structure import (check_patch_multiple, checkpoint_blocks, install_swapped, interpolate_positions,
-                                      run_swapped)
-from mmopt.core import Model, ModelSpec, PruneLayout, QuantLayout, Shapes
+from mmopt.adapters.image_only import ImageOnlyAdapter
+from mmopt.adapters.structure import check_patch_multiple, checkpoint_blocks, install_swapped, interpolate_positions
+from mmopt.core import Model, ModelSpec, PruneLayout, QuantLayout
 from mmopt.errors import ModelSpecError, UnsupportedError, UserError
-from mmopt.weights import check_weights_file, load_weights_file, save_parts, weight_shapes
+from mmopt.weights import check_weights_file, load_weights_file, save_parts, uninitialised, weight_shapes
 
 if TYPE_CHECKING:
     import torch
@@ -20,7 +19,8 @@ IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 HEADS = ("fc", "classifier", "heads", "head")   # classifier attribute names across torchvision families
 
 
-class TorchvisionAdapter:
+class TorchvisionAdapter(ImageOnlyAdapter):
+    family: ClassVar[str] = "torchvision"
     source: ClassVar[str] = "torchvision"
 
     def parse_spec(self, text: str, weights: str | None) -> ModelSpec:
@@ -40,7 +40,8 @@ class TorchvisionAdapter:
             kwargs["num_classes"] = spec.num_classes
         elif state is not None:
             kwargs.update(head_size(spec.name, kwargs, state))
-        model = self.build({"name": spec.name, "kwargs": kwargs}, {}, {})
+        with uninitialised(skip=bool(spec.weights)):      # the weights file overwrites every parameter
+            model = self.build({"name": spec.name, "kwargs": kwargs}, {}, {})
         if state is not None:
             where = f"weights {Path(spec.weights).name}"
             check_head(model.module, state, where)
@@ -76,29 +77,6 @@ class TorchvisionAdapter:
         return Model(module=module.eval(), source=self.source, arch=dict(arch), parts=["visual"],
                      preprocess={"image_size": 224, **IMAGENET, **preprocess},
                      info={"part_prefixes": {"visual": [""]}, "outputs": "logits", **kept})
-
-    def example_inputs(self, model: Model, part: str, shapes: Shapes) -> tuple:
-        model.check_part(part)
-        return example_images(model, part, shapes)
-
-    def tokenize(self, model: Model, texts: list[str], seq_len: int) -> tuple:
-        raise UnsupportedError("torchvision models have no text part")
-
-    def run(self, model: Model, part: str, inputs: tuple) -> torch.Tensor:
-        swapped = run_swapped(model, part, inputs)
-        if swapped is not None:
-            return swapped
-        return model.module(inputs[0].to(model.part_dtype(part)))
-
-    def can_run_hidden(self, model: Model, part: str) -> bool:
-        return False
-
-    def run_hidden(self, model: Model, part: str, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        raise UnsupportedError("torchvision models have no token-level outputs")
-
-    def drop_part(self, model: Model, part: str) -> None:
-        model.check_part(part)
-        raise UnsupportedError(f"cannot drop {part!r}: it is this model's only part")
 
     def drop_unused_heads(self, model: Model, features: bool) -> list[str]:
         """With ``features`` the classifier goes and the output is the pooled feature vector."""
@@ -138,9 +116,6 @@ class TorchvisionAdapter:
         """torchvision ViTs use nn.MultiheadAttention and a patch conv; their class/position tokens are 3-D
         parameters, left as they are."""
         return QuantLayout(structural=True)
-
-    def shares_text_inputs(self, model: Model, other: Model) -> bool:
-        return False      # no text part
 
     def enable_grad_checkpointing(self, model: Model, part: str) -> str:
         model.check_part(part)

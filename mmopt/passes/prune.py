@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from mmopt.core import Model, PruneLayout, Shapes, is_text_part
-from mmopt.distill import describe_run, use_tokens
+from mmopt.distill import Training, describe_run, use_tokens
 from mmopt.errors import DataError, UnsupportedError
 from mmopt.passes.base import Change, Context, Pass, PassConfig, PassResult, Skip, excluded, target_parts
 
@@ -31,14 +31,10 @@ SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_feat
                "normalized_shape", "embed_dim", "kdim", "vdim", "head_dim", "num_heads", "embedding_dim")
 
 
-class Recover(PassConfig):
-    steps: int = Field(300, gt=0, description="optimizer steps of distillation from the original")
-    lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
-    batch_size: int = Field(16, gt=0, description="calibration samples per step")
-    loss: Literal["cosine", "mse"] = Field("cosine", description="cosine or MSE between student and original")
-    match: Literal["auto", "output", "tokens"] = Field(
-        "auto", description="output: the part's output embedding | tokens: every token's last hidden state "
-                            "(text parts of Hugging Face encoders) | auto: tokens where supported, else output")
+class Recover(Training):
+    """``prune.recover``: the shared training options (``mmopt/distill/options.py``), 300 steps."""
+
+    steps: int = Field(300, gt=0, description="optimizer steps of distillation from the original (at most)")
 
 
 class PruneConfig(PassConfig):
@@ -145,7 +141,7 @@ class Prune(Pass):
                  f"layers" + ("" if pruned["stock_config"] else ", not a stock config")]
         recovery = metrics.get("recovery")
         if recovery:
-            words.append(f"recovered {describe_run(recovery, last_key='last_loss')}")
+            words.append(f"recovered {describe_run(recovery)}")
             words.append(f"cos before recovery {metrics['fidelity_before_recovery']['mean_cosine']:.4f}")
         return "; ".join(words)
 
@@ -316,30 +312,23 @@ def _activation_head_scores(model: Model, part: str, layout: PruneLayout, ctx: C
 # --- recovery --------------------------------------------------------------------------------------------------
 
 def _recover(model: Model, teacher: Model, part: str, recover: Recover, ctx: Context) -> dict:
-    """Distil ``part`` from the teacher; return fidelity before recovery and the loss curve's ends."""
-    import dataclasses
-
+    """Distil ``part`` from the teacher; return fidelity before recovery and the run (``mmopt.distill``)."""
     from mmopt.calibration import Calibration, inputs_for
     from mmopt.distill import distill
+    from mmopt.distill.data import for_part
     from mmopt.fidelity import embeddings, fidelity
 
     calib = ctx.calibration or Calibration()
     ref = embeddings(teacher, ctx.adapter, part, inputs_for(teacher, ctx.adapter, part, calib, EVAL_SEQ_LEN, ctx.seed))
     new = embeddings(model, ctx.adapter, part, inputs_for(model, ctx.adapter, part, calib, EVAL_SEQ_LEN, ctx.seed))
     before = fidelity(ref, new)
-
-    def batches():
-        return inputs_for(model, ctx.adapter, part, dataclasses.replace(calib, batch_size=recover.batch_size),
-                          EVAL_SEQ_LEN, ctx.seed)
-
     tokens = use_tokens(recover.match, ctx.adapter, model, part)
-    history = distill(model, teacher, ctx.adapter, part, batches, steps=recover.steps, lr=recover.lr,
-                      batch_size=recover.batch_size, loss=recover.loss, seed=ctx.seed, progress=ctx.progress,
-                      device=ctx.device, tokens=tokens)
-    return {"fidelity_before_recovery": before,
-            "recovery": {"steps": recover.steps, "loss": recover.loss, "match": "tokens" if tokens else "output",
-                         "first_loss": history["first_loss"], "last_loss": history["final_loss"],
-                         "reverted": history["reverted"]}}
+    data = for_part(teacher, ctx.adapter, part, calib, EVAL_SEQ_LEN, ctx.seed, recover.batch_size, recover.augment,
+                    ctx.device)
+    stats = distill(model, teacher, ctx.adapter, part, data, recover, seed=ctx.seed, progress=ctx.progress,
+                    tokens=tokens)
+    model.module.eval()
+    return {"fidelity_before_recovery": before, "recovery": stats}
 
 
 # --- shapes ------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Iterator, Literal
 from pydantic import Field, model_validator
 
 from mmopt.core import Model, ModelSpec, is_image_part, is_text_part
-from mmopt.distill import describe_run
+from mmopt.distill import Training, describe_run
 from mmopt.errors import DataError, ModelSpecError, UnsupportedError, UserError, first_line
 from mmopt.passes.base import Change, Context, Pass, PassConfig, PassResult
 
@@ -52,16 +52,8 @@ class LayerDrop(PassConfig):
         return self
 
 
-class Distill(PassConfig):
-    steps: int = Field(400, ge=0, description="optimizer steps (at most)")
-    lr: float = Field(5.0e-5, gt=0, description="AdamW learning rate")
-    batch_size: int = Field(16, gt=0, description="inputs per step")
-    loss: Literal["cosine", "mse"] = Field("cosine", description="1 - cosine similarity, or mean squared error")
-    patience: int | None = Field(100, gt=0, description="stop when the smoothed loss has not improved for this "
-                                                        "many steps (null: never stop early)")
-    match: Literal["auto", "output", "tokens"] = Field(
-        "auto", description="match the part's output, or every token's hidden state (auto: tokens where the "
-                            "student keeps the teacher's width and the adapter can run hidden states)")
+class Distill(Training):
+    """``substitute.distill``: the shared training options (``mmopt/distill/options.py``), 400 steps."""
 
 
 class SubstituteConfig(PassConfig):
@@ -326,17 +318,19 @@ def _calibration_inputs(teacher: Model, adapter: Adapter, part: str, ctx: Contex
 # --- distillation ----------------------------------------------------------------------------------------
 
 def _distill(model: Model, part: str, cfg: Distill, ctx: Context, swapped: bool = False) -> dict:
+    from mmopt.calibration import Calibration
     from mmopt.distill import distill, use_tokens
+    from mmopt.distill.data import for_part
 
     # Token-level matching: MiniLM 6 -> 3 (layers 0, 4, 5) reached 0.924 held-out against 0.915 matching the
     # pooled output (docs/substitution.md). It needs the teacher's hidden width, so auto never picks it after a swap.
     tokens = cfg.match == "tokens" or (not swapped and use_tokens(cfg.match, ctx.adapter, model, part))
-    stats = distill(model, ctx.teacher, ctx.adapter, part,
-                    lambda: _calibration_inputs(ctx.teacher, ctx.adapter, part, ctx, cfg.batch_size),
-                    steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, loss=cfg.loss, seed=ctx.seed,
-                    progress=ctx.progress, device=ctx.device, patience=cfg.patience, tokens=tokens)
+    data = for_part(ctx.teacher, ctx.adapter, part, ctx.calibration or Calibration(), DISTILL_SEQ_LEN, ctx.seed,
+                    cfg.batch_size, cfg.augment, ctx.device)
+    stats = distill(model, ctx.teacher, ctx.adapter, part, data, cfg, seed=ctx.seed, progress=ctx.progress,
+                    tokens=tokens)
     model.module.eval()
-    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in stats.items()}
+    return stats
 
 
 # --- CLIP image-text agreement ---------------------------------------------------------------------------

@@ -178,17 +178,18 @@ def test_bert_heads_equal_the_original_with_removed_heads_zeroed_and_reload(tmp_
     torch.testing.assert_close(adapter.run(loaded, "text", inputs), adapter.run(model, "text", inputs))
 
 
-def test_recovery_lowers_the_loss_deterministically_on_bundled_texts(bert_dir):
+def test_recovery_raises_the_held_out_score_deterministically_on_bundled_texts(bert_dir):
     runs = []
     for _ in range(2):
         model, adapter = _bert(bert_dir)
         cfg = prune.PruneConfig(target="mlp", amount=0.75, importance="activation",
                                 recover={"steps": 6, "lr": 3e-3, "batch_size": 16})
         result = prune.Prune(cfg).apply(model, Context(adapter=adapter, teacher=copy.deepcopy(model)))
+        result.metrics["text"]["recovery"].pop("seconds")
         runs.append(result.metrics["text"])
     first = runs[0]
     assert first["recovery"]["match"] == "tokens"          # auto: BERT's text part has token outputs
-    assert first["recovery"]["last_loss"] < first["recovery"]["first_loss"]
+    assert first["recovery"]["held_out_best"] > first["recovery"]["held_out_before"]
     assert 0 < first["fidelity_before_recovery"]["mean_cosine"] < 1
     assert runs[0] == runs[1]
 
@@ -215,6 +216,30 @@ def test_resnet_channels_shrink_and_rebuild_from_recorded_counts(tmp_path):
 
 
 # --- bad input ------------------------------------------------------------------------------------------------
+
+def test_channel_recovery_on_photos_augments_them_and_scores_photos_it_never_trained_on(tmp_path):
+    from PIL import Image
+
+    from mmopt.adapters.torchvision import TorchvisionAdapter
+    from mmopt.calibration import Calibration
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    for i in range(10):
+        pixels = (torch.rand(40, 40, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    adapter = TorchvisionAdapter()
+    torch.manual_seed(0)
+    model = adapter.build({"name": "mobilenet_v2", "kwargs": {}}, {"image_size": 32}, {})
+    cfg = prune.PruneConfig(target="channels", amount=0.3, recover={"steps": 2, "lr": 1e-3, "eval_every": 1})
+    calib = Calibration(images_dir=folder, batch_size=4, num_workers=0)
+    result = prune.Prune(cfg).apply(model, Context(adapter=adapter, teacher=copy.deepcopy(model), calibration=calib))
+    recovery = result.metrics["visual"]["recovery"]
+    assert recovery["augment"].startswith("images: crops, flips, colour jitter, mixes")   # 8 photos: a small set
+    assert recovery["held_out"]["samples"] == 2 and [s for s, _ in recovery["curve"]] == [0, 1, 2]
+    assert recovery["match"] == "output" and recovery["lr_source"] == "given"
+
 
 @pytest.mark.parametrize("amount", [0, 1, -0.1, 1.5])
 def test_amount_outside_zero_one_is_a_recipe_error(amount):

@@ -1,0 +1,45 @@
+"""What every family whose model is one image part (torchvision, timm classifiers and backbones) answers alike."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from mmopt.adapters.inputs import example_images
+from mmopt.adapters.structure import run_swapped
+from mmopt.core import Model, Shapes
+from mmopt.errors import UnsupportedError
+
+if TYPE_CHECKING:
+    import torch
+
+
+class ImageOnlyAdapter:
+    """Inputs, running and part handling of a model whose only part is ``visual``: images in, logits or pooled
+    features out (or a swapped-in module's embedding)."""
+
+    family: ClassVar[str]       # for messages: "torchvision", "timm"
+
+    def example_inputs(self, model: Model, part: str, shapes: Shapes) -> tuple:
+        model.check_part(part)
+        return example_images(model, part, shapes)
+
+    def tokenize(self, model: Model, texts: list[str], seq_len: int) -> tuple:
+        raise UnsupportedError(f"{self.family} models have no text part")
+
+    def run(self, model: Model, part: str, inputs: tuple) -> torch.Tensor:
+        swapped = run_swapped(model, part, inputs)
+        if swapped is not None:
+            return swapped
+        return model.module(inputs[0].to(model.part_dtype(part)))
+
+    def can_run_hidden(self, model: Model, part: str) -> bool:
+        return False
+
+    def run_hidden(self, model: Model, part: str, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        raise UnsupportedError(f"{self.family} models have no token-level outputs")
+
+    def drop_part(self, model: Model, part: str) -> None:
+        model.check_part(part)
+        raise UnsupportedError(f"cannot drop {part!r}: it is this model's only part")
+
+    def shares_text_inputs(self, model: Model, other: Model) -> bool:
+        return False      # no text part

@@ -1,0 +1,147 @@
+"""The samples a distillation run learns from and is scored on.
+
+The pass's calibration data (already without the pipeline's own held-out samples, which the report's
+fidelity is measured on) is split again: every ``HOLDOUT_EVERY``-th sample scores the student during training
+(the best weights are kept, training stops when the score stops improving) and is never trained on. Text
+samples stay text, so augmentation can vary them and the teacher labels each variation; everything else (images,
+synthetic inputs) is held as tensors.
+"""
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+from mmopt.calibration import HOLDOUT_EVERY, HOLDOUT_MAX
+
+if TYPE_CHECKING:
+    import torch
+
+SMALL = 2000        # fewer fit samples than this: augmentation (``augment: auto``) is on
+BUCKET = 16         # text batches are drawn BUCKET at a time and grouped by length: less padding per step
+
+
+def split(items: list) -> tuple[list, list, bool]:
+    """(fit, held out, really held out?): every ``HOLDOUT_EVERY``-th item held out; with too few items to
+    hold any out, the fit items score themselves (and the flag says so)."""
+    fit, held = [], []
+    for i, item in enumerate(items):
+        (held if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1 and len(held) < HOLDOUT_MAX else fit).append(item)
+    if not held or not fit:
+        return list(items), list(items), False
+    return fit, held, True
+
+
+class TextData:
+    """Calibration texts, tokenized per batch; ``augmenter`` (a ``TextAugmenter`` over the fit texts) or None."""
+
+    kind = "text"
+
+    def __init__(self, texts: list[str], tokenize: Callable[[list[str]], tuple], batch_size: int, augment: bool,
+                 words: Callable[[], list[str]], seed: int = 0):
+        from mmopt.distill.augment import TextAugmenter
+
+        self.fit, self.held, self.really_held = split(texts)
+        self.tokenize, self.batch_size = tokenize, batch_size
+        self.augmenter = TextAugmenter(self.fit, words(), seed=seed) if augment else None
+        self.rng = random.Random(seed)
+        self.queue: list[list[str]] = []
+        self._order: list[int] = []
+
+    def _draw(self, n: int) -> list[str]:
+        if self.augmenter is not None:
+            return self.augmenter.batch(n)
+        out = []
+        for _ in range(n):
+            if not self._order:
+                self._order = list(range(len(self.fit)))
+                self.rng.shuffle(self._order)
+            out.append(self.fit[self._order.pop()])
+        return out
+
+    def next_batch(self) -> tuple:
+        if not self.queue:
+            texts = sorted(self._draw(self.batch_size * BUCKET), key=len)
+            self.queue = [texts[i:i + self.batch_size] for i in range(0, len(texts), self.batch_size)]
+            self.rng.shuffle(self.queue)
+        return self.tokenize(self.queue.pop())
+
+    def held_batches(self) -> Iterable[tuple]:
+        texts = sorted(self.held, key=len)
+        for i in range(0, len(texts), 64):
+            yield self.tokenize(texts[i:i + 64])
+
+    def describe_augmentation(self) -> str | None:
+        return self.augmenter.describe() if self.augmenter is not None else None
+
+
+class TensorData:
+    """Input tuples held as tensors (one row per sample); image batches may be augmented."""
+
+    kind = "tensors"
+
+    def __init__(self, batches: Iterable[tuple], batch_size: int, augment: bool, device: str, seed: int = 0):
+        import torch
+
+        batches = [tuple(b) for b in batches]
+        if not batches:
+            raise ValueError("distillation got no input batches")
+        rows = [tuple(t[i] for t in batch) for batch in batches for i in range(batch[0].shape[0])]
+        fit, held, self.really_held = split(rows)
+        stack = lambda items: tuple(torch.stack(col).to(device) for col in zip(*items))  # noqa: E731
+        self.fit, self.held = stack(fit), stack(held)
+        self.batch_size = batch_size
+        # Only single-tensor image batches (N x C x H x W, floating) can be cropped, flipped and mixed.
+        self.images = len(self.fit) == 1 and self.fit[0].is_floating_point() and self.fit[0].dim() == 4
+        self.augment = augment and self.images
+        self.generator = torch.Generator().manual_seed(seed)
+        self._order: list[int] = []
+
+    def next_batch(self) -> tuple:
+        import torch
+
+        n = self.fit[0].shape[0]
+        idx = []
+        while len(idx) < min(self.batch_size, n):
+            if not self._order:
+                self._order = torch.randperm(n, generator=self.generator).tolist()
+            idx.append(self._order.pop())
+        batch = tuple(t[idx] for t in self.fit)
+        if self.augment:
+            from mmopt.distill.augment import augment_images
+
+            batch = (augment_images(batch[0].cpu(), self.generator).to(batch[0].device),)
+        return batch
+
+    def held_batches(self) -> Iterable[tuple]:
+        n = self.held[0].shape[0]
+        for i in range(0, n, 64):
+            yield tuple(t[i:i + 64] for t in self.held)
+
+    def describe_augmentation(self) -> str | None:
+        from mmopt.distill.augment import describe_images
+
+        return describe_images() if self.augment else None
+
+
+def for_part(teacher: Any, adapter: Any, part: str, calib: Any, seq_len: int, seed: int, batch_size: int,
+             augment: str, device: str) -> TextData | TensorData:
+    """The run's data for ``part``: texts where the teacher has a tokenizer, else the calibration batches."""
+    from mmopt.calibration import _can_tokenize, inputs_for, text_source
+    from mmopt.core import is_text_part
+
+    if is_text_part(part) and _can_tokenize(teacher, adapter):
+        texts = list(text_source(calib))
+        on = augment == "on" or (augment == "auto" and len(texts) < SMALL)
+
+        return TextData(texts, lambda chunk: tuple(t.to(device) for t in adapter.tokenize(teacher, chunk, seq_len)),
+                        batch_size, on, lambda: _vocabulary(adapter, teacher), seed)
+    batches = list(inputs_for(teacher, adapter, part, calib, seq_len, seed))
+    count = sum(b[0].shape[0] for b in batches)
+    on = augment == "on" or (augment == "auto" and count < SMALL)
+    return TensorData(batches, batch_size, on, device, seed)
+
+
+def _vocabulary(adapter: Any, teacher: Any) -> list[str]:
+    """Whole words of the teacher's tokenizer; none (crops, shuffles and mixes only) where the adapter has none."""
+    words = getattr(adapter, "vocabulary", None)
+    return words(teacher) if words is not None else []

@@ -1,0 +1,26 @@
+"""The options of a learning step (``substitute.distill``, ``prune.recover``), shared by both passes."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from mmopt.passes.base import PassConfig
+
+
+class Training(PassConfig):
+    steps: int = Field(400, ge=0, description="optimizer steps (at most)")
+    lr: float | None = Field(None, gt=0, description="AdamW peak learning rate (default: chosen by a range test "
+                                                     "on the fit split)")
+    batch_size: int = Field(16, gt=0, description="inputs per step")
+    loss: Literal["cosine", "mse"] = Field("cosine", description="1 - cosine similarity, or mean squared error")
+    match: Literal["auto", "output", "tokens"] = Field(
+        "auto", description="match the part's output, or also every token's hidden state (auto: tokens where the "
+                            "student keeps the teacher's width and the adapter can run hidden states)")
+    augment: Literal["auto", "on", "off"] = Field(
+        "auto", description="widen the calibration set with unlabeled variations the teacher labels (text: crops, "
+                            "shuffles, mixes, vocabulary words; images: crops, flips, colour jitter, mixing); auto: "
+                            "on when the set is small")
+    eval_every: int = Field(50, gt=0, description="score the held-out split every this many steps")
+    patience: int | None = Field(4, gt=0, description="stop after this many held-out scores without a gain "
+                                                      "(null: run every step)")

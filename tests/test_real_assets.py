@@ -1,0 +1,29 @@
+"""The real assets of scripts/fetch_assets.py: what they are, as the tests and benchmarks that use them expect."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.assets
+
+
+def test_mobilenet_weights_load_strictly_and_the_photos_are_real(real_assets):
+    import torch
+    import torchvision
+    from PIL import Image
+
+    model = torchvision.models.mobilenet_v2()
+    model.load_state_dict(torch.load(real_assets["mobilenet"], map_location="cpu", weights_only=True), strict=True)
+    photos = sorted(real_assets["photos"].glob("*.jpg"))
+    assert len(photos) == 28
+    with Image.open(photos[0]) as img:
+        assert min(img.size) >= 200
+
+
+def test_mpnet_is_a_complete_sentence_transformers_folder(real_assets):
+    folder = real_assets["mpnet"]
+    assert (folder / "model.safetensors").stat().st_size > 400e6          # 110M float32 parameters
+    modules = json.loads((folder / "modules.json").read_text())
+    assert [m["type"].rsplit(".", 1)[-1] for m in modules][:2] == ["Transformer", "Pooling"]
+    assert json.loads((folder / "config.json").read_text())["hidden_size"] == 768
