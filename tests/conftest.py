@@ -133,3 +133,44 @@ def write_recipe(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
 def recipe_file(tmp_path):
     """write_recipe bound to tmp_path: recipe_file(yaml_text) -> path."""
     return lambda text, name="recipe.yaml": write_recipe(tmp_path, text, name)
+
+
+TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "image_size": 32, "patch_size": 8}
+
+
+def save_tiny_hf(folder: Path, kind: str) -> Path:
+    """A tiny random Hugging Face vision encoder of ``kind`` saved with ``save_pretrained`` (no preprocessor file)."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "vit":
+        module = tf.ViTModel(tf.ViTConfig(**TINY_VISION))
+    elif kind == "dinov2":
+        vision = {k: v for k, v in TINY_VISION.items() if k != "intermediate_size"}
+        module = tf.Dinov2Model(tf.Dinov2Config(**vision, mlp_ratio=2))
+    elif kind == "siglip":
+        text = {k: v for k, v in TINY_VISION.items() if k not in ("image_size", "patch_size")}
+        module = tf.SiglipModel(tf.SiglipConfig(text_config={**text, "vocab_size": 64, "max_position_embeddings": 16},
+                                                vision_config=TINY_VISION))
+    elif kind == "clip_vision":
+        module = tf.CLIPVisionModel(tf.CLIPVisionConfig(**TINY_VISION))
+    elif kind == "clip_vision_projection":
+        module = tf.CLIPVisionModelWithProjection(tf.CLIPVisionConfig(**TINY_VISION, projection_dim=16))
+    else:
+        raise ValueError(kind)
+    module.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_vision(tmp_path_factory):
+    """tiny_hf_vision(kind) -> a folder with a tiny random ViT / DINOv2 / SigLIP / CLIP vision model."""
+    made: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in made:
+            made[kind] = save_tiny_hf(tmp_path_factory.mktemp(f"tiny_hf_{kind}"), kind)
+        return made[kind]
+    return get

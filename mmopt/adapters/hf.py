@@ -1,4 +1,5 @@
-"""Hugging Face models from a local folder: BERT-family encoders, CLIPModel, anything AutoModel loads.
+"""Hugging Face models from a local folder: BERT-family encoders, CLIPModel, SigLIP, ViT, DINOv2, CLIP vision
+towers, anything AutoModel loads.
 
 Sentence-transformers folders keep their pooling: the text part's output is what ``SentenceTransformer``
 would return (pooled, normalised when the folder says so).
@@ -27,7 +28,18 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.ind
 # Files of the source folder that must not be copied: weights and config are rewritten by mmopt.
 NOT_COPIED = set(WEIGHT_FILES) | {"config.json", "mmopt.json", "report.json", "report.md", ".gitattributes"}
 ASSET_DIRS_SKIPPED = {"onnx", "openvino", ".git"}
-DUAL_TOWER = {"clip": ("vision_model", "visual_projection", "text_model", "text_projection")}
+# model_type -> (vision tower, its projection, text tower, its projection); SigLIP's towers pool through their own
+# heads, with no projection after them
+DUAL_TOWER = {"clip": ("vision_model", "visual_projection", "text_model", "text_projection"),
+              "siglip": ("vision_model", None, "text_model", None)}
+# Architectures AutoModel maps to a class without their weights (CLIPVisionModelWithProjection's config says
+# ``clip_vision_model``, which AutoModel builds as CLIPVisionModel, dropping ``visual_projection``): loaded as named.
+NAMED_CLASSES = {"CLIPVisionModelWithProjection"}
+# Image normalisation when a folder has no preprocessor_config.json: each family's image processor default
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+CLIP_NORM = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+IMAGE_NORM = {"vit": HALF, "siglip": HALF, "siglip_vision_model": HALF, "dinov2": IMAGENET}
 
 
 def _quiet_transformers() -> None:
@@ -85,11 +97,12 @@ class HFAdapter:
         except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
             raise ModelSpecError(f"model folder {folder}: unreadable config.json ({first_line(exc)})") from None
         has_weights = any((folder / name).exists() for name in WEIGHT_FILES)
+        auto = _model_class(config)
         try:
             if has_weights:
-                module = AutoModel.from_pretrained(str(folder), local_files_only=True)
+                module = auto.from_pretrained(str(folder), local_files_only=True)
             else:
-                module = AutoModel.from_config(config)
+                module = _from_config(auto, config)
         except (ValueError, KeyError, OSError, RuntimeError) as exc:
             raise ModelSpecError(f"model folder {folder}: transformers cannot load it ({first_line(exc)})") from None
         # transformers records the absolute folder (inside a virtual environment, say) in ``_name_or_path``,
@@ -103,7 +116,7 @@ class HFAdapter:
         from transformers import AutoConfig, AutoModel
 
         config = AutoConfig.for_model(**arch["config"])
-        module = AutoModel.from_config(config)
+        module = _from_config(_model_class(config), config)
         model = Model(module=module.eval(), source=self.source, arch=arch, parts=list(info["part_prefixes"]),
                       preprocess=dict(preprocess), info=dict(info))
         return model
@@ -113,15 +126,16 @@ class HFAdapter:
         model_type = getattr(config, "model_type", "")
         if model_type in DUAL_TOWER:
             vision, vproj, text, tproj = DUAL_TOWER[model_type]
-            prefixes = {"visual": [f"{vision}.", f"{vproj}."], "text": [f"{text}.", f"{tproj}."]}
-            preprocess = {"image_size": config.vision_config.image_size, **_image_norm(folder),
+            prefixes = {"visual": [f"{name}." for name in (vision, vproj) if name],
+                        "text": [f"{name}." for name in (text, tproj) if name]}
+            preprocess = {"image_size": config.vision_config.image_size, **_image_norm(folder, model_type),
                           "max_length": config.text_config.max_position_embeddings}
         elif hasattr(config, "vocab_size"):
             prefixes = {"text": [""]}
             preprocess = {"max_length": getattr(config, "max_position_embeddings", 512)}
         else:
             prefixes = {"visual": [""]}
-            preprocess = {"image_size": getattr(config, "image_size", 224), **_image_norm(folder)}
+            preprocess = {"image_size": getattr(config, "image_size", 224), **_image_norm(folder, model_type)}
         pooling, normalize = _sentence_transformers_pooling(folder)
         info = {"part_prefixes": prefixes, "model_type": model_type, "pooling": pooling, "normalize": normalize,
                 "tokenizer": _has_tokenizer(folder), "sentence_transformers": (folder / "modules.json").is_file()}
@@ -177,13 +191,20 @@ class HFAdapter:
             vision, vproj, text, tproj = DUAL_TOWER[model_type]
             if part == "visual":
                 pixels = inputs[0].to(model.part_dtype(part))
-                return getattr(module, vproj)(getattr(module, vision)(pixel_values=pixels).pooler_output)
-            ids, mask = inputs
-            return getattr(module, tproj)(getattr(module, text)(input_ids=ids, attention_mask=mask).pooler_output)
+                pooled, proj = getattr(module, vision)(pixel_values=pixels).pooler_output, vproj
+            else:
+                ids, mask = inputs
+                pooled, proj = getattr(module, text)(input_ids=ids, attention_mask=mask).pooler_output, tproj
+            return getattr(module, proj)(pooled) if proj else pooled
         if part == "visual":
             out = module(pixel_values=inputs[0].to(model.part_dtype(part)))
-            pooled = getattr(out, "pooler_output", None)
-            return pooled if pooled is not None else out.last_hidden_state.mean(dim=1)
+            # a projection head's embedding, else the pooler's (ViT's tanh dense, DINOv2's and CLIP's normed
+            # class token), else the mean of the tokens
+            for field in ("image_embeds", "pooler_output"):
+                value = getattr(out, field, None)
+                if value is not None:
+                    return value
+            return out.last_hidden_state.mean(dim=1)
         ids, mask = inputs
         hidden = module(input_ids=ids, attention_mask=mask).last_hidden_state
         return _pool(hidden, mask, model.info.get("pooling", "mean"), model.info.get("normalize", False))
@@ -227,16 +248,22 @@ class HFAdapter:
     # --- structured pruning ------------------------------------------------------------------------------
 
     def prune_layout(self, model: Model, part: str) -> PruneLayout:
-        """BERT-family encoders: FFN (intermediate.dense -> output.dense) and self-attention per layer."""
+        """FFN width of every layer (BERT and ViT: intermediate.dense -> output.dense; CLIP, SigLIP, DINOv2:
+        mlp.fc1 -> mlp.fc2, SigLIP's pooling head included, as its config gives it the same width), and the
+        self-attention heads of BERT-family encoders. Other attentions (ViT's ``attention.attention``, CLIP's
+        ``q_proj``) have no head slicing here."""
         model.check_part(part)
         ffn, attention = [], {}
         for name, module in model.named_modules(part):
+            pair = _ffn_pair(module)
+            if pair is not None:
+                ffn.append((f"{name}.{pair[0]}", f"{name}.{pair[1]}"))
             if _is_bert_layer(module):
-                ffn.append((f"{name}.intermediate.dense", f"{name}.output.dense"))
                 attention[f"{name}.attention"] = module.attention.self.num_attention_heads
         if not ffn:
             return PruneLayout()
-        return PruneLayout(targets=("mlp", "heads"), ffn=ffn, attention=attention, ignore=["embeddings", "pooler"])
+        targets = ("mlp", "heads") if attention else ("mlp",)
+        return PruneLayout(targets=targets, ffn=ffn, attention=attention, ignore=["embeddings", "pooler"])
 
     def attention_weights(self, model: Model, name: str) -> dict:
         """Per-head projections of one attention layer: q/k/v (weight, bias) with rows head after head, o weight."""
@@ -263,10 +290,17 @@ class HFAdapter:
         if target == "mlp":
             sizes = {model.module.get_submodule(fc1).out_features for fc1, _ in layout.ffn}
             if len(sizes) != 1:
-                return f"FFN widths differ per layer ({sorted(sizes)}): BERT configs hold one intermediate_size"
+                return f"FFN widths differ per layer ({sorted(sizes)}): the config holds one intermediate_size"
             size = sizes.pop()
-            _text_config_of(model.module.config).intermediate_size = size
-            model.arch["config"]["intermediate_size"] = size
+            config = self._tower(model, part)[1]
+            if hasattr(config, "mlp_ratio"):        # DINOv2: the width is hidden_size * mlp_ratio, an integer
+                if size % config.hidden_size:
+                    return (f"FFN width {size} is not a whole multiple of hidden_size {config.hidden_size}: "
+                            "DINOv2 configs hold an integer mlp_ratio")
+                config.mlp_ratio = size // config.hidden_size
+            else:
+                config.intermediate_size = size
+            model.arch = {"config": model.module.config.to_dict()}
             return None
         if target == "heads":
             return ("BERT configs derive the head size from hidden_size / num_attention_heads: fewer heads of the "
@@ -293,7 +327,9 @@ class HFAdapter:
             tower = getattr(module, vision if part == "visual" else text)
             config = module.config.vision_config if part == "visual" else module.config.text_config
             return tower, config
-        return module, module.config
+        # CLIPVisionModel (with or without projection), SiglipVisionModel: the transformer sits in ``vision_model``
+        inner = getattr(module, "vision_model", None) if part == "visual" else None
+        return (inner if inner is not None else module), module.config
 
     def _layers(self, model: Model, part: str) -> tuple[nn.Module, str, nn.ModuleList, Any]:
         """(parent, attribute, ModuleList, config) of the part's transformer layers."""
@@ -309,7 +345,8 @@ class HFAdapter:
             layers = getattr(parent, attr, None) if parent is not None else None
             if isinstance(layers, nn.ModuleList):
                 return parent, attr, layers, config
-        raise UnsupportedError(f"layer_drop: no list of transformer layers found in this {model.info.get('model_type')} "
+        raise UnsupportedError(f"layer_drop: no list of transformer layers found in this "
+                               f"{model.info.get('model_type')} "
                                f"model's {part} part")
 
     def layer_count(self, model: Model, part: str) -> int:
@@ -334,19 +371,30 @@ class HFAdapter:
         if part != "visual":
             raise UnsupportedError(f"resolution: part {part!r} takes no images")
         emb = getattr(tower, "embeddings", None)
-        if emb is None or not isinstance(getattr(emb, "position_embedding", None), nn.Embedding):
+        table = getattr(emb, "position_embedding", None)
+        grid_param = getattr(emb, "position_embeddings", None)
+        if not isinstance(table, nn.Embedding) and not isinstance(grid_param, nn.Parameter):
             raise UnsupportedError(f"resolution: {model.info.get('model_type')} vision models are not supported "
-                                   "(CLIP vision towers are)")
+                                   "(CLIP, SigLIP, ViT and DINOv2 vision towers are)")
         patch = int(config.patch_size)
         check_patch_multiple(size, patch)
         grid, new_grid = int(config.image_size) // patch, size // patch
-        old = emb.position_embedding.weight.data
-        new = interpolate_positions(old, grid, new_grid)
-        emb.position_embedding = nn.Embedding(new.shape[0], new.shape[1], device=old.device, dtype=old.dtype)
-        emb.position_embedding.weight.data.copy_(new)
-        emb.image_size, emb.num_patches, emb.num_positions = size, new_grid * new_grid, new.shape[0]
-        emb.register_buffer("position_ids", torch.arange(new.shape[0], device=old.device).expand((1, -1)),
-                            persistent=False)
+        if isinstance(table, nn.Embedding):        # CLIP, SigLIP: a table indexed by position_ids
+            old = table.weight.data
+            new = interpolate_positions(old, grid, new_grid)
+            emb.position_embedding = nn.Embedding(new.shape[0], new.shape[1], device=old.device, dtype=old.dtype)
+            emb.position_embedding.weight.data.copy_(new)
+            emb.image_size, emb.num_patches, emb.num_positions = size, new_grid * new_grid, new.shape[0]
+            emb.register_buffer("position_ids", torch.arange(new.shape[0], device=old.device).expand((1, -1)),
+                                persistent=False)
+        else:
+            # ViT, DINOv2: a (1, tokens, dim) parameter, resized once here (rather than transformers'
+            # interpolate_pos_encoding on every call) so the stock folder, rebuilt at the new image_size, matches
+            old = grid_param.data
+            new = interpolate_positions(old[0], grid, new_grid).unsqueeze(0)
+            emb.position_embeddings = nn.Parameter(new, requires_grad=grid_param.requires_grad)
+            patches = emb.patch_embeddings
+            patches.image_size, patches.num_patches = (size, size), new_grid * new_grid
         config.image_size = size
         model.preprocess["image_size"] = size
         model.arch = {"config": model.module.config.to_dict()}
@@ -357,7 +405,8 @@ class HFAdapter:
         model_type = model.info.get("model_type")
         if model_type in DUAL_TOWER:
             vision, vproj, text, tproj = DUAL_TOWER[model_type]
-            install_swapped(model, part, module, [vision, vproj] if part == "visual" else [text, tproj], False)
+            names = [vision, vproj] if part == "visual" else [text, tproj]
+            install_swapped(model, part, module, [name for name in names if name], False)
         else:
             install_swapped(model, part, module, [], True)
 
@@ -478,6 +527,34 @@ def _stock_heads(model: Model) -> dict:
             for k, v in heads.items()}
 
 
+def _ffn_pair(module: nn.Module) -> tuple[str, str] | None:
+    """(fc1, fc2) names of ``module``'s feed-forward block, relative to it: BERT / ViT layers
+    (intermediate.dense -> output.dense) or CLIP / SigLIP / DINOv2 ones (mlp.fc1 -> mlp.fc2); None otherwise."""
+    import torch.nn as nn
+
+    inter, out = getattr(module, "intermediate", None), getattr(module, "output", None)
+    if isinstance(getattr(inter, "dense", None), nn.Linear) and isinstance(getattr(out, "dense", None), nn.Linear):
+        return "intermediate.dense", "output.dense"
+    mlp = getattr(module, "mlp", None)
+    if isinstance(getattr(mlp, "fc1", None), nn.Linear) and isinstance(getattr(mlp, "fc2", None), nn.Linear):
+        return "mlp.fc1", "mlp.fc2"
+    return None
+
+
+def _model_class(config: Any) -> Any:
+    """The class that builds ``config`` with all its weights: AutoModel, or the one named in ``architectures``
+    when AutoModel would build another (NAMED_CLASSES)."""
+    import transformers
+
+    named = [name for name in (getattr(config, "architectures", None) or []) if name in NAMED_CLASSES]
+    return getattr(transformers, named[0]) if named else transformers.AutoModel
+
+
+def _from_config(cls: Any, config: Any) -> nn.Module:
+    """A random-weight model: AutoModel's ``from_config``; a named class has the private ``_from_config``."""
+    return cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+
+
 def _is_bert_layer(module: nn.Module) -> bool:
     att, inter, out = (getattr(module, n, None) for n in ("attention", "intermediate", "output"))
     return all(hasattr(x, "dense") for x in (inter, out)) and hasattr(getattr(att, "self", None), "query")
@@ -537,8 +614,10 @@ def _has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"))
 
 
-def _image_norm(folder: Path) -> dict:
+def _image_norm(folder: Path, model_type: str) -> dict:
+    """Mean and std from the folder's preprocessor_config.json, else the family's image processor defaults
+    (CLIP's for families not listed in IMAGE_NORM)."""
     cfg_file = folder / "preprocessor_config.json"
     cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-    return {"mean": list(cfg.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
-            "std": list(cfg.get("image_std", (0.26862954, 0.26130258, 0.27577711)))}
+    mean, std = IMAGE_NORM.get(model_type, CLIP_NORM)
+    return {"mean": list(cfg.get("image_mean", mean)), "std": list(cfg.get("image_std", std))}
