@@ -14,7 +14,7 @@ def nothing_measured(monkeypatch):
     def measure(*args, **kwargs):
         raise AssertionError("measured before every pass was checked")
 
-    monkeypatch.setattr(pipeline, "_measure", measure)
+    monkeypatch.setattr(pipeline, "measure_parts", measure)
 
 
 def test_layer_choice_without_images_fails_before_measuring(tiny_clip_name, recipe_file, nothing_measured):

@@ -22,11 +22,21 @@ class Cast(Pass):
     name = "cast"
     Config = CastConfig
 
+    def check(self, model: Model, ctx: Context) -> None:
+        """A part an earlier quantize changed cannot be cast: quantized weights fix the dtype they compute in when
+        they are made (torchao's Int8Tensor, bitsandbytes). Other parts can (an int8 text tower, a float16 image
+        tower)."""
+        ours = set(target_parts(model, self.config.parts))
+        for earlier in ctx.history:
+            if earlier.name == "quantize":
+                both = sorted(ours & set(target_parts(model, earlier.config.parts)))
+                if both:
+                    raise UnsupportedError(f"cast: part {both[0]!r} is already quantized; its quantized weights keep "
+                                           "their dtype", hint="put cast before quantize in the recipe, or cast "
+                                                               "other parts")
+
     def apply(self, model: Model, ctx: Context) -> PassResult:
-        if any(earlier.name == "quantize" for earlier in ctx.history):
-            # quantized weights fix the dtype they compute in when they are made (torchao's Int8Tensor, bitsandbytes)
-            raise UnsupportedError("cast: the model is already quantized; its quantized weights keep their dtype",
-                                   hint="put cast before quantize in the recipe")
+        self.check(model, ctx)
         result = PassResult()
         parts = target_parts(model, self.config.parts)
         for part in parts:
