@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 INTERRUPTED = threading.Event()
 
 MANIFEST = "mmopt.json"
-REPORT_FILES = ("report.json", "report.md", "report.png")     # written after the manifest: not hashed
+# written after the manifest, read by no loader: not hashed (README.md is the model card, model_card.py)
+REPORT_FILES = ("report.json", "report.md", "report.png", "README.md")
 FORMAT = "mmopt-checkpoint/1"
 
 
