@@ -77,6 +77,10 @@ class ModelSpec(BaseModel):
     kwargs: dict[str, Any] = Field({}, description="torchvision / timm: other keyword arguments of the model "
                                                    "builder (e.g. dropout, representation_size, drop_path_rate)")
 
+    def __hash__(self) -> int:
+        # frozen, but ``kwargs`` is a dict: hash the spec by its JSON form (specs key caches, e.g. preflight's)
+        return hash(self.model_dump_json())
+
     @model_validator(mode="after")
     def _needs_what_source_needs(self) -> "ModelSpec":
         if self.source not in ("torchvision", "timm") and (self.num_classes is not None or self.kwargs):
