@@ -5,8 +5,9 @@ from typing import TYPE_CHECKING, ClassVar
 
 from mmopt.adapters.inputs import example_images
 from mmopt.adapters.structure import run_swapped
-from mmopt.core import Model, Shapes
+from mmopt.core import Model, ModelSpec, Shapes
 from mmopt.errors import UnsupportedError
+from mmopt.weights import check_weights_file
 
 if TYPE_CHECKING:
     import torch
@@ -17,6 +18,17 @@ class ImageOnlyAdapter:
     features out (or a swapped-in module's embedding)."""
 
     family: ClassVar[str]       # for messages: "torchvision", "timm"
+    source: ClassVar[str]
+
+    def parse_spec(self, text: str, weights: str | None) -> ModelSpec:
+        """``SOURCE:NAME``, with an optional local checkpoint."""
+        return ModelSpec(source=self.source, name=text, weights=weights)
+
+    def parts_without_weights(self, spec: ModelSpec) -> list[str] | None:
+        """The name is checked at load: listing the family's models needs torch."""
+        if spec.weights:
+            check_weights_file(spec.weights)
+        return ["visual"]
 
     def example_inputs(self, model: Model, part: str, shapes: Shapes) -> tuple:
         model.check_part(part)

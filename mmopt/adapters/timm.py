@@ -15,7 +15,7 @@ from mmopt.adapters.image_only import ImageOnlyAdapter
 from mmopt.adapters.structure import check_patch_multiple, install_swapped
 from mmopt.core import Model, ModelSpec, PruneLayout, QuantLayout
 from mmopt.errors import ModelSpecError, UnsupportedError, UserError
-from mmopt.weights import check_weights_file, load_weights_file, save_parts, uninitialised, weight_shapes
+from mmopt.weights import load_weights_file, save_parts, uninitialised, weight_shapes
 
 if TYPE_CHECKING:
     import torch
@@ -29,16 +29,6 @@ class TimmAdapter(ImageOnlyAdapter):
     source: ClassVar[str] = "timm"
 
     # --- loading and saving --------------------------------------------------------------------------------
-
-    def parse_spec(self, text: str, weights: str | None) -> ModelSpec:
-        """``timm:NAME``, with an optional local checkpoint."""
-        return ModelSpec(source="timm", name=text, weights=weights)
-
-    def parts_without_weights(self, spec: ModelSpec) -> list[str] | None:
-        """The name is checked at load: timm's list of models needs torch."""
-        if spec.weights:
-            check_weights_file(spec.weights)
-        return [PART]
 
     def load(self, spec: ModelSpec) -> Model:
         shapes = weight_shapes(spec.weights) if spec.weights else None

@@ -9,7 +9,7 @@ from mmopt.adapters.image_only import ImageOnlyAdapter
 from mmopt.adapters.structure import check_patch_multiple, checkpoint_blocks, install_swapped, interpolate_positions
 from mmopt.core import Model, ModelSpec, PruneLayout, QuantLayout
 from mmopt.errors import ModelSpecError, UnsupportedError, UserError
-from mmopt.weights import check_weights_file, load_weights_file, save_parts, uninitialised, weight_shapes
+from mmopt.weights import load_weights_file, save_parts, uninitialised, weight_shapes
 
 if TYPE_CHECKING:
     import torch
@@ -22,16 +22,6 @@ HEADS = ("fc", "classifier", "heads", "head")   # classifier attribute names acr
 class TorchvisionAdapter(ImageOnlyAdapter):
     family: ClassVar[str] = "torchvision"
     source: ClassVar[str] = "torchvision"
-
-    def parse_spec(self, text: str, weights: str | None) -> ModelSpec:
-        """``torchvision:NAME``, with an optional local checkpoint."""
-        return ModelSpec(source="torchvision", name=text, weights=weights)
-
-    def parts_without_weights(self, spec: ModelSpec) -> list[str] | None:
-        """The name is checked at load: torchvision's list of models needs torch."""
-        if spec.weights:
-            check_weights_file(spec.weights)
-        return ["visual"]
 
     def load(self, spec: ModelSpec) -> Model:
         state = weight_shapes(spec.weights) if spec.weights else None

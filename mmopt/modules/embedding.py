@@ -19,8 +19,8 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = weight.detach()
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     scale = torch.empty(w.shape[0], 1, dtype=torch.float32, device=w.device)
-    # A block of rows at a time: the float temporaries of a whole 150 MB embedding table at once took 300 MB more
-    # than the model (open_clip ViT-L-14's int8 peak).
+    # A block of rows at a time: a whole table at once holds two float temporaries of its size (ViT-L-14's
+    # 150 MB token table: 300 MB) beside the model being quantized.
     rows = max(1, QUANTIZE_BLOCK_ELEMENTS // max(1, w.shape[-1]))
     for start in range(0, w.shape[0], rows):
         block = w[start:start + rows].float()
