@@ -55,3 +55,13 @@ class ImageOnlyAdapter:
 
     def shares_text_inputs(self, model: Model, other: Model) -> bool:
         return False      # no text part
+
+    def write_pruned_config(self, model: Model, part: str, target: str) -> str | None:
+        return (f"{self.family} builders take no per-layer widths: the pruned sizes are recorded in the manifest "
+                "and re-applied by mmopt.load")
+
+    def attention_weights(self, model: Model, name: str) -> dict:
+        raise UnsupportedError(f"prune: heads of {self.family} models are not supported")
+
+    def slice_heads(self, model: Model, name: str, keep: list[int]) -> None:
+        raise UnsupportedError(f"prune: heads of {self.family} models are not supported")

@@ -102,16 +102,6 @@ class TimmAdapter(ImageOnlyAdapter):
         ignore = [n for n, m in model.module.named_modules() if m is head and n]
         return PruneLayout(targets=("channels",), ignore=ignore)
 
-    def write_pruned_config(self, model: Model, part: str, target: str) -> str | None:
-        return ("timm builders take no per-layer widths: the pruned sizes are recorded in the manifest and "
-                "re-applied by mmopt.load")
-
-    def attention_weights(self, model: Model, name: str) -> dict:
-        raise UnsupportedError("prune: heads of timm models are not supported; prune channels")
-
-    def slice_heads(self, model: Model, name: str, keep: list[int]) -> None:
-        raise UnsupportedError("prune: heads of timm models are not supported; prune channels")
-
     # --- training and what-if ------------------------------------------------------------------------------
 
     def enable_grad_checkpointing(self, model: Model, part: str) -> str:

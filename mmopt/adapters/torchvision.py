@@ -89,16 +89,6 @@ class TorchvisionAdapter(ImageOnlyAdapter):
         heads = [n for n in HEADS if isinstance(getattr(model.module, n, None), nn.Module)]
         return PruneLayout(targets=("channels",), ignore=heads)
 
-    def write_pruned_config(self, model: Model, part: str, target: str) -> str | None:
-        return ("torchvision builders take no per-layer widths: the channel counts are recorded in the manifest "
-                "and re-applied by mmopt.load")
-
-    def attention_weights(self, model: Model, name: str) -> dict:
-        raise UnsupportedError("prune: heads of torchvision models are not supported")
-
-    def slice_heads(self, model: Model, name: str, keep: list[int]) -> None:
-        raise UnsupportedError("prune: heads of torchvision models are not supported")
-
     def save(self, model: Model, out: Path) -> dict[str, str]:
         return save_parts(model, out)
 
