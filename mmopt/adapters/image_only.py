@@ -65,3 +65,9 @@ class ImageOnlyAdapter:
 
     def slice_heads(self, model: Model, name: str, keep: list[int]) -> None:
         raise UnsupportedError(f"prune: heads of {self.family} models are not supported")
+
+    def layer_count(self, model: Model, part: str) -> int:
+        raise UnsupportedError(f"layer_drop needs a transformer encoder; {self.family} models are not supported")
+
+    def keep_layers(self, model: Model, part: str, keep: list[int]) -> None:
+        self.layer_count(model, part)

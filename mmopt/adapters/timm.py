@@ -121,12 +121,6 @@ class TimmAdapter(ImageOnlyAdapter):
 
     # --- layer drop, resolution, swap --------------------------------------------------------------------
 
-    def layer_count(self, model: Model, part: str) -> int:
-        raise UnsupportedError("layer_drop of timm models is not supported")
-
-    def keep_layers(self, model: Model, part: str, keep: list[int]) -> None:
-        self.layer_count(model, part)
-
     def set_image_size(self, model: Model, part: str, size: int) -> None:
         """ViTs: timm's ``set_input_size`` interpolates the position embeddings; CNNs only change preprocessing."""
         model.check_part(part)

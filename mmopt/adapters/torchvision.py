@@ -109,12 +109,6 @@ class TorchvisionAdapter(ImageOnlyAdapter):
 
     # --- layer drop, resolution, swap --------------------------------------------------------------------
 
-    def layer_count(self, model: Model, part: str) -> int:
-        raise UnsupportedError("layer_drop needs a transformer encoder; torchvision models are not supported")
-
-    def keep_layers(self, model: Model, part: str, keep: list[int]) -> None:
-        self.layer_count(model, part)
-
     def set_image_size(self, model: Model, part: str, size: int) -> None:
         """CNNs pool globally, so only the preprocessing changes; torchvision ViTs get interpolated positions."""
         import torch.nn as nn

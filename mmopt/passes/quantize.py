@@ -298,9 +298,7 @@ def _quantize_part(model: Model, part: str, cfg: QuantizeConfig, layout: QuantLa
     from mmopt.modules.embedding import Int8Embedding
 
     dtype = getattr(torch, record["compute_dtype"][part])
-    # attention left fused (excluded, or a variant without a Linear-only form) reads out_proj.weight itself
-    fused = {name: "inside a fused attention that reads this weight directly"
-             for name, module in model.named_modules(part) if _is_attention(module, layout)}
+    fused = _fused_attention(model, part, layout)
     for name, module in list(model.named_modules(part)):
         if type(module) not in _LINEAR_TYPES():
             if isinstance(module, torch.nn.Embedding) and cfg.embeddings == "int8":
@@ -312,10 +310,7 @@ def _quantize_part(model: Model, part: str, cfg: QuantizeConfig, layout: QuantLa
                 record["embeddings"].append(name)
                 result.changed.append(Change(name, describe(module.weight), "int8 rows"))
             continue
-        reason = _keep_reason(name, cfg.exclude, {**layout.keep, **fused})
-        if reason:
-            result.skipped.append(Skip(name, reason))
-            float_linear.append(name)
+        if _stays_float(name, cfg, {**layout.keep, **fused}, result, float_linear):
             continue
         before = describe(module.weight)
         _set(model.module, name, quantized_linear(module, cfg.method, cfg.blocksize, cfg.int8_threshold, dtype,
@@ -334,8 +329,7 @@ def _quantize_part_torchao(model: Model, part: str, cfg: QuantizeConfig, layout:
     from mmopt.modules.linear import PatchLinear
     from mmopt.modules.quantized import Int4Embedding, int8_channels_on, int8_tensor
 
-    fused = {name: "inside a fused attention that reads this weight directly"
-             for name, module in model.named_modules(part) if _is_attention(module, layout)}
+    fused = _fused_attention(model, part, layout)
     for name, module in list(model.named_modules(part)):
         if isinstance(module, torch.nn.Embedding):
             if cfg.embeddings == "keep":
@@ -355,10 +349,7 @@ def _quantize_part_torchao(model: Model, part: str, cfg: QuantizeConfig, layout:
             record["embeddings"].append(name)
             result.changed.append(Change(name, before, "int8 rows (torchao)"))
         elif type(module) in _LINEAR_TYPES():
-            reason = _keep_reason(name, cfg.exclude, {**layout.keep, **fused})
-            if reason:
-                result.skipped.append(Skip(name, reason))
-                float_linear.append(name)
+            if _stays_float(name, cfg, {**layout.keep, **fused}, result, float_linear):
                 continue
             before = describe(module.weight)
             module.weight = torch.nn.Parameter(int8_tensor(module.weight.detach()), requires_grad=False)
@@ -410,6 +401,23 @@ def _LINEAR_TYPES() -> tuple:
     import torch
 
     return (torch.nn.Linear, torch.nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
+def _fused_attention(model: Model, part: str, layout: QuantLayout) -> dict[str, str]:
+    """Attention left fused (excluded, or a variant without a Linear-only form) reads out_proj.weight itself:
+    module name -> why its Linear weights stay as they are."""
+    return {name: "inside a fused attention that reads this weight directly"
+            for name, module in model.named_modules(part) if _is_attention(module, layout)}
+
+
+def _stays_float(name: str, cfg: QuantizeConfig, keep: dict[str, str], result: PassResult,
+                 float_linear: list[str]) -> bool:
+    """Whether Linear ``name`` is kept float (excluded, or the family needs it as it is); recorded as skipped."""
+    reason = _keep_reason(name, cfg.exclude, keep)
+    if reason:
+        result.skipped.append(Skip(name, reason))
+        float_linear.append(name)
+    return reason is not None
 
 
 def _keep_reason(name: str, globs: list[str], keep: dict) -> str | None:
