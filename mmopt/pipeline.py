@@ -94,6 +94,12 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
         original = original_files(state.model)
     host_memory.release()       # what the traces left (fake tensors in reference cycles), before the passes grow
     eval_calibs = fidelity_inputs(recipe, eval_calib, before)
+    reference = None
+    if state.teacher is None and not any(step.aligns_reference for step in recipe.passes):
+        # The original is in memory now and nothing will change what it is compared as: its outputs now spare
+        # reloading it after the write (a second copy of the weights at the run's peak, for big models).
+        with state.stage("reference outputs"):
+            reference = _outputs_of(state, state.model, list(state.model.parts), eval_calibs, held_out)
     with state.stage("passes"):
         applied, pass_rows = _apply_passes(state, fit_calib)
     random_weights = bool(state.model.random_weights)
@@ -104,8 +110,10 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
                                                            "identity": recipe.identity()})
         state.model = None          # written: free it before the original and the output are loaded
         host_memory.release()
-        with state.stage("reference outputs"):
-            reference = _reference_outputs(state, applied, manifest["parts"], eval_calibs, held_out)
+        if reference is None:
+            with state.stage("reference outputs"):
+                reference = _reference_outputs(state, applied, manifest["parts"], eval_calibs, held_out)
+        reference = {part: ref for part, ref in reference.items() if part in manifest["parts"]}
         # Everything "after" is measured on the model reloaded from what was written, not on the one in memory.
         with state.stage("reload"):
             reloaded = checkpoint.load_model(tmp, device=state.device)
@@ -327,8 +335,6 @@ def _reference_outputs(state: Run, applied: list[dict], kept: list[str], calibs:
     random-weights model is rebuilt identically) and aligned as the passes aligned it; it is freed on return."""
     import torch
 
-    from mmopt.fidelity import compute_in_float32_on_cpu, embeddings
-
     recipe, adapter = state.recipe, state.adapter
     teacher, state.teacher = state.teacher, None
     if teacher is None:
@@ -338,6 +344,18 @@ def _reference_outputs(state: Run, applied: list[dict], kept: list[str], calibs:
             teacher.module.to(state.device)
             for step, entry in zip(recipe.passes, applied):
                 step.align_reference(teacher, entry["record"], adapter)
+    out = _outputs_of(state, teacher, kept, calibs, held_out)
+    del teacher
+    host_memory.release()
+    return out
+
+
+def _outputs_of(state: Run, teacher: Model, kept: list[str], calibs: dict[str, Calibration],
+                held_out: bool | None) -> dict[str, dict]:
+    """The original ``teacher``'s outputs on the fidelity inputs of each part in ``kept``."""
+    from mmopt.fidelity import compute_in_float32_on_cpu, embeddings
+
+    recipe, adapter = state.recipe, state.adapter
     out = {}
     with state.progress.task("original outputs", total=len(kept)) as task:
         for part in [p for p in teacher.parts if p in kept]:
@@ -354,8 +372,6 @@ def _reference_outputs(state: Run, applied: list[dict], kept: list[str], calibs:
             out[part] = {"outputs": embeddings(teacher, adapter, part, batches), "inputs": description,
                          "synthetic": synthetic, "held_out": held_out, "original_compute": compute}
             task.advance()
-    del teacher
-    host_memory.release()
     return out
 
 

@@ -127,6 +127,12 @@ class Pass(ABC):
     def align_reference(self, teacher: Model, record: dict, adapter: Adapter) -> None:
         """Make the original ``teacher`` comparable with the changed model (default: nothing to do)."""
 
+    @property
+    def aligns_reference(self) -> bool:
+        """Whether ``align_reference`` changes what the original is compared as: if none of a recipe's passes
+        does, the original's outputs can be taken before the passes, from the model as loaded."""
+        return type(self).align_reference is not Pass.align_reference
+
     def restore(self, model: Model, record: dict, adapter: Adapter) -> None:
         """Re-apply this pass's structural changes on a freshly built model, before its weights load (default:
         nothing, for passes whose changes the rebuilt architecture already has)."""

@@ -215,9 +215,12 @@ def _swap_structures(model: Model, part: str, cfg: QuantizeConfig, layout: Quant
     from mmopt.modules.attention import split_attention_from
     from mmopt.modules.linear import is_patch_conv, matmul_linear_from, patch_linear_from
 
-    for name, module in list(model.named_modules(part)):
-        if _under_any(name, layout.keep) or excluded(name, cfg.exclude):
+    # Names, not modules: a list of the modules would keep every replaced float attention alive until the end.
+    swapped: dict[str, str] = {}
+    for name in [name for name, _ in model.named_modules(part)]:
+        if _under_any(name, layout.keep) or _under_any(name, swapped) or excluded(name, cfg.exclude):
             continue
+        module = model.module.get_submodule(name)
         kind = None
         if _is_attention(module, layout):
             new, why = split_attention_from(module)
@@ -229,6 +232,7 @@ def _swap_structures(model: Model, part: str, cfg: QuantizeConfig, layout: Quant
             new, kind = patch_linear_from(module), "patch"
         if kind:
             _set(model.module, name, new)
+            swapped[name] = kind
             record["swaps"].append({"name": name, "kind": kind})
             result.changed.append(Change(name, type(module).__name__, type(new).__name__))
     for name, kind in layout.bare_weights.items():
