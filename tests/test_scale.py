@@ -37,28 +37,45 @@ def deep_copies(monkeypatch):
     return copied
 
 
-def test_a_cast_holds_no_copy_of_the_original_and_still_compares_with_it(tiny_bert_dir, recipe_file, deep_copies):
+@pytest.fixture
+def loads(monkeypatch):
+    """How many times the pipeline loads the model from its source."""
+    count = []
+    real = pipeline._load
+
+    def spy(*args, **kwargs):
+        count.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_load", spy)
+    return count
+
+
+def test_a_cast_holds_no_copy_of_the_original_and_loads_it_once(tiny_bert_dir, recipe_file, deep_copies, loads):
     report = mmopt.optimize(recipe_file(CAST.format(path=tiny_bert_dir)))
-    assert deep_copies == []
+    # the original's outputs are taken before the passes change it: neither copied nor reloaded
+    assert deep_copies == [] and len(loads) == 1
     text = report["parts"]["text"]
-    # the reference was reloaded from the source: a wrong reference would not give 0.999 on random weights
     assert text["fidelity"]["mean_cosine"] > 0.999
     assert text["before"]["checkpoint_bytes"] > 1.9 * text["after"]["checkpoint_bytes"]
+    assert list(report["stages"]).index("reference outputs") < list(report["stages"]).index("passes")
 
 
-def test_a_random_weights_original_is_rebuilt_identically_for_the_reference(tiny_clip_name, recipe_file,
-                                                                           deep_copies):
-    report = mmopt.optimize(recipe_file(f"""
-model: {{source: open_clip, name: {tiny_clip_name}}}
-parts: [visual]
-profile: {{batch_size: 2}}
-calibration: {{num_samples: 8, batch_size: 4}}
+def test_a_random_weights_original_is_rebuilt_identically_when_a_pass_changes_what_it_is_compared_as(
+        recipe_file, deep_copies, loads):
+    report = mmopt.optimize(recipe_file("""
+model: {source: torchvision, name: resnet18}
+profile: {batch_size: 1, image_size: 32}
+calibration: {num_samples: 4, batch_size: 2}
 passes:
-  - cast: {{dtype: bfloat16}}
+  - strip: {features: true}
+  - cast: {dtype: bfloat16}
 output: out
 """))
-    assert report["random_weights"] and deep_copies == []
-    assert report["parts"]["visual"]["fidelity"]["mean_cosine"] > 0.99
+    # features, not logits: the original is reloaded after the write, with the seed again, and stripped alike
+    assert report["random_weights"] and deep_copies == [] and len(loads) == 2
+    assert list(report["stages"]).index("reference outputs") > list(report["stages"]).index("write")
+    assert report["parts"]["visual"]["fidelity"]["mean_cosine"] > 0.98
 
 
 def test_distillation_keeps_the_original_in_memory(tiny_bert_dir, recipe_file, deep_copies):

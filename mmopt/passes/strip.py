@@ -52,6 +52,10 @@ class Strip(Pass):
         if self.config.heads or self.config.features:
             adapter.drop_unused_heads(model, features=self.config.features)
 
+    @property
+    def aligns_reference(self) -> bool:
+        return self.config.features
+
     def align_reference(self, teacher: Model, record: dict, adapter: Adapter) -> None:
         """Without its classifier the model outputs features: compare against the original's features, not logits."""
         if self.config.features:
