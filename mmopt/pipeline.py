@@ -98,8 +98,11 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
     if state.teacher is None and not any(step.aligns_reference for step in recipe.passes):
         # The original is in memory now and nothing will change what it is compared as: its outputs now spare
         # reloading it after the write (a second copy of the weights at the run's peak, for big models).
+        kept = list(state.model.parts)
+        for step in recipe.passes:
+            kept = step.parts_after(kept)
         with state.stage("reference outputs"):
-            reference = _outputs_of(state, state.model, list(state.model.parts), eval_calibs, held_out)
+            reference = _outputs_of(state, state.model, kept, eval_calibs, held_out)
     with state.stage("passes"):
         applied, pass_rows = _apply_passes(state, fit_calib)
     random_weights = bool(state.model.random_weights)
@@ -110,10 +113,11 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
                                                            "identity": recipe.identity()})
         state.model = None          # written: free it before the original and the output are loaded
         host_memory.release()
-        if reference is None:
+        reference = {part: ref for part, ref in (reference or {}).items() if part in manifest["parts"]}
+        missing = [part for part in manifest["parts"] if part not in reference]
+        if missing:
             with state.stage("reference outputs"):
-                reference = _reference_outputs(state, applied, manifest["parts"], eval_calibs, held_out)
-        reference = {part: ref for part, ref in reference.items() if part in manifest["parts"]}
+                reference.update(_reference_outputs(state, applied, missing, eval_calibs, held_out))
         # Everything "after" is measured on the model reloaded from what was written, not on the one in memory.
         with state.stage("reload"):
             reloaded = checkpoint.load_model(tmp, device=state.device)

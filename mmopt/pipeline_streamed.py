@@ -1,14 +1,16 @@
-"""``optimize`` for a model larger than memory: cast and strip, tensor by tensor, from its safetensors weights file
-to the output, without ever loading the model.
+"""``optimize`` for a model larger than memory: cast, strip and int8 quantize, tensor by tensor, from its
+safetensors weights file to the output, without ever loading the model.
 
 The model is built on the meta device (dtypes and shapes, no memory), the passes run on it as usual (a cast
 changes dtypes, a strip drops modules), and each output file is written one tensor at a time, read from the
-source and converted to the dtype the passes chose (``weights.stream_part``). Sizes and the activation estimate
+source and converted to the dtype the passes chose (``weights.stream_part``); what quantize rewrote is made unit by
+unit from the source (``passes.quantize_streamed``). Sizes and the activation estimate
 come from the meta model as they would from a loaded one. Fidelity needs forwards with real weights, which this
 path exists to avoid: it is not measured, the report says so, and a fidelity gate fails rather than pass unseen.
 """
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
     from mmopt.core import Model, ModelSpec
     from mmopt.recipe import Recipe
 
-STREAMING_PASSES = ("cast", "strip")     # passes that change tensors one by one, or drop them
+STREAMING_PASSES = ("cast", "strip", "quantize")     # passes that change tensors one by one, or drop them
 AUTO_SHARE_OF_MEMORY = 0.5               # without --stream, stream when the weights exceed this share of free memory
 NOT_MEASURED = ("not measured: the model was streamed tensor by tensor (--stream, or too large for memory); "
                 "comparing outputs needs it in memory")
@@ -39,6 +41,10 @@ def why_not(recipe: Recipe) -> str | None:
     if others:
         return f"{', '.join(others)} need{'s' if len(others) == 1 else ''} the model in memory; streaming does " \
                f"{' and '.join(STREAMING_PASSES)}"
+    methods = {p.config.method for p in recipe.passes if p.name == "quantize"} - {"int8"}
+    if methods:
+        return f"quantize method {methods.pop()} (bitsandbytes) needs the model in memory; streaming quantizes " \
+               "with method int8"
     spec = resolve_spec(recipe.model, recipe.base_dir)
     if spec.source == "hf":
         return "it takes open_clip, torchvision and timm models with a safetensors weights file, not Hugging Face folders"
@@ -81,7 +87,13 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
     applied, rows = [], []
     with state.stage("passes"):
         for step in recipe.passes:
+            unquantized = copy.deepcopy(model.module) if step.name == "quantize" else None   # meta: no memory
             result = step.apply(model, ctx)
+            if unquantized is not None:
+                from mmopt.passes.quantize_streamed import UnitValues
+
+                model.info["_stream_made"] = UnitValues(unquantized, result.record, step.config,
+                                                        model.info["_stream_from"])
             ctx.history.append(step)
             config = step.config.model_dump(mode="json")
             applied.append({"name": step.name, "config": config, "record": result.record})

@@ -54,6 +54,7 @@ def recipes(cache: Path) -> dict[str, tuple[str, list[str]]]:
         "vit-l-14-fp16": (clip + "passes:\n  - cast: {dtype: float16}\n", []),
         "vit-l-14-fp16-streamed": (clip + "passes:\n  - cast: {dtype: float16}\n", ["--stream"]),
         "vit-l-14-int8": (clip + "passes:\n  - quantize: {method: int8}\n", []),
+        "vit-l-14-int8-streamed": (clip + "passes:\n  - quantize: {method: int8}\n", ["--stream"]),
         "resnet50-features-fp16": ((ROOT / "configs" / "resnet50-features-fp16.yaml").read_text(), []),
     }
 

@@ -84,6 +84,20 @@ def tiny_clip_name(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_clip_full_vocab(tmp_path_factory) -> str:
+    """The tiny open_clip with the real tokenizer's vocabulary: text forwards on real captions (fidelity,
+    image-text agreement) give token ids beyond a tiny vocabulary."""
+    import open_clip
+
+    name = "mmopt-tiny-clip-full-vocab"
+    config = {**TINY_CLIP_CONFIG, "text_cfg": {**TINY_CLIP_CONFIG["text_cfg"], "vocab_size": 49408}}
+    folder = tmp_path_factory.mktemp("open_clip_full_vocab")
+    (folder / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder)
+    return name
+
+
+@pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """A sentence-transformers style folder: tiny random BertModel + MiniLM's tokenizer and pooling config."""
     import torch

@@ -51,24 +51,6 @@ CHAINS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_clip_full_vocab(tmp_path_factory) -> str:
-    """The conftest's tiny open_clip with the real tokenizer's vocabulary: the substitute pass scores image-text
-    agreement on real captions, whose token ids exceed a tiny vocabulary."""
-    import json
-
-    import open_clip
-
-    from tests.conftest import TINY_CLIP_CONFIG
-
-    name = "mmopt-tiny-clip-full-vocab"
-    config = {**TINY_CLIP_CONFIG, "text_cfg": {**TINY_CLIP_CONFIG["text_cfg"], "vocab_size": 49408}}
-    folder = tmp_path_factory.mktemp("open_clip_full_vocab")
-    (folder / f"{name}.json").write_text(json.dumps(config))
-    open_clip.add_model_config(folder)
-    return name
-
-
 CASES = [(name, family, [options]) for name, per in PASSES.items() for family, options in per.items()] + \
         [(name, family, chain) for name, per in CHAINS.items() for family, chain in per.items()]
 

@@ -105,11 +105,13 @@ def split_attention_from(module: nn.Module) -> tuple[SplitAttention | None, str]
     """A SplitAttention equivalent to ``module``, or (None, why not): an ``nn.MultiheadAttention``, or a fused
     self-attention called as (x, attn_mask) -> out whose only weights are ``in_proj_weight``, ``in_proj_bias``
     and ``out_proj`` (which modules those are is the adapter's call: ``QuantLayout.fused_attention``)."""
+    ref = module.in_proj_weight if getattr(module, "in_proj_weight", None) is not None else module.out_proj.weight
     if isinstance(module, nn.MultiheadAttention):
         if module.bias_k is not None or module.add_zero_attn:
             return None, "attention with bias_k/add_zero_attn has no Linear-only form here"
-        new = SplitAttention(module.embed_dim, module.num_heads, module.kdim, module.vdim,
-                             module.in_proj_bias is not None, module.batch_first, "mha")
+        with ref.device:            # built where the attention is (the meta device: no memory)
+            new = SplitAttention(module.embed_dim, module.num_heads, module.kdim, module.vdim,
+                                 module.in_proj_bias is not None, module.batch_first, "mha")
         if module._qkv_same_embed_dim:
             weights = module.in_proj_weight.detach().chunk(3)
         else:
@@ -120,7 +122,8 @@ def split_attention_from(module: nn.Module) -> tuple[SplitAttention | None, str]
         if extra:
             return None, "attention with scaled cosine, head scale or inner norms is kept fused"
         dim = module.in_proj_weight.shape[1]
-        new = SplitAttention(dim, module.num_heads, dim, dim, module.in_proj_bias is not None, True, "self")
+        with ref.device:
+            new = SplitAttention(dim, module.num_heads, dim, dim, module.in_proj_bias is not None, True, "self")
         weights = module.in_proj_weight.detach().chunk(3)
     biases = module.in_proj_bias.detach().chunk(3) if module.in_proj_bias is not None else (None,) * 3
     with torch.no_grad():
@@ -133,7 +136,6 @@ def split_attention_from(module: nn.Module) -> tuple[SplitAttention | None, str]
             new.out_proj.bias.copy_(module.out_proj.bias)
         else:
             new.out_proj.bias = None
-    ref = module.in_proj_weight if getattr(module, "in_proj_weight", None) is not None else module.out_proj.weight
     return new.to(device=ref.device, dtype=ref.dtype), ""
 
 

@@ -39,7 +39,8 @@ def is_patch_conv(module: nn.Module) -> bool:
 
 
 def patch_linear_from(conv: nn.Conv2d) -> PatchLinear:
-    new = PatchLinear(conv.in_channels, conv.out_channels, conv.kernel_size, conv.bias is not None)
+    with conv.weight.device:        # built where the conv is (a model on the meta device stays without memory)
+        new = PatchLinear(conv.in_channels, conv.out_channels, conv.kernel_size, conv.bias is not None)
     with torch.no_grad():
         new.linear.weight.copy_(conv.weight.reshape(conv.out_channels, -1))
         if conv.bias is not None:
@@ -62,7 +63,8 @@ class MatmulLinear(nn.Module):
 
 
 def matmul_linear_from(matrix: torch.Tensor) -> MatmulLinear:
-    new = MatmulLinear(matrix.shape[0], matrix.shape[1])
+    with matrix.device:
+        new = MatmulLinear(matrix.shape[0], matrix.shape[1])
     with torch.no_grad():
         new.linear.weight.copy_(matrix.detach().T)
     return new.to(device=matrix.device, dtype=matrix.dtype)

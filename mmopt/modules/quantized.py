@@ -75,7 +75,7 @@ def quantize_groups4(weight: torch.Tensor, group_size: int, grid: int = 20, max_
     w = weight.detach().float()
     rows, cols = w.shape
     wg = w.reshape(rows, cols // group_size, group_size)
-    best = torch.full(wg.shape[:2], float("inf"))
+    best = torch.full(wg.shape[:2], float("inf"), device=w.device)
     scale = zero = None
     for k in range(grid + 1):
         shrink = 1 - k / grid * max_shrink
@@ -139,7 +139,8 @@ class Int4Embedding(nn.Module):
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, group_size: int) -> "Int4Embedding":
-        new = cls(emb.num_embeddings, emb.embedding_dim, group_size, emb.weight.dtype, emb.padding_idx)
+        with emb.weight.device:     # the meta device too (a streamed model)
+            new = cls(emb.num_embeddings, emb.embedding_dim, group_size, emb.weight.dtype, emb.padding_idx)
         codes, scale, zero = quantize_groups4(emb.weight, group_size)
         device = emb.weight.device
         new.weight.data = pack4(codes).to(device)

@@ -127,6 +127,10 @@ class Pass(ABC):
     def align_reference(self, teacher: Model, record: dict, adapter: Adapter) -> None:
         """Make the original ``teacher`` comparable with the changed model (default: nothing to do)."""
 
+    def parts_after(self, parts: list[str]) -> list[str]:
+        """The parts left after this pass, from its options alone (default: all of them)."""
+        return parts
+
     @property
     def aligns_reference(self) -> bool:
         """Whether ``align_reference`` changes what the original is compared as: if none of a recipe's passes

@@ -52,6 +52,9 @@ class Strip(Pass):
         if self.config.heads or self.config.features:
             adapter.drop_unused_heads(model, features=self.config.features)
 
+    def parts_after(self, parts: list[str]) -> list[str]:
+        return [p for p in parts if self.config.keep is None or p in self.config.keep]
+
     @property
     def aligns_reference(self) -> bool:
         return self.config.features
