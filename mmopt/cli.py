@@ -60,7 +60,7 @@ def optimize(
     latency: bool = typer.Option(False, "--latency", help="On a CPU, time the forward at the recipe's batch (slow "
                                                           "for float16); by default a batch-1 run is scaled."),
     stream: Optional[bool] = typer.Option(None, "--stream/--no-stream",
-                                          help="Cast / strip tensor by tensor from a safetensors weights file "
+                                          help="Cast / strip / quantize (int8) tensor by tensor from a safetensors weights file "
                                                "without loading the model (fidelity is not measured). Default: "
                                                "when the weights would not fit in memory."),
 ) -> None:
