@@ -63,6 +63,9 @@ class QuantizeConfig(PassConfig):
     embeddings: Literal["int8", "int4", "keep"] = Field(
         "int8", description="int8: embedding tables as per-row int8; int4 (method int8 only): tables in 4-bit "
                             "groups of group_size (mixed scheme, mmopt's own format); keep: leave them as they are")
+    bias_correction: bool = Field(
+        False, description="int8 | int4: subtract each quantized layer's mean output shift on the calibration inputs "
+                           "from its bias (one is added where there is none, except in stock Hugging Face folders)")
     group_size: int = Field(64, ge=2, description="values per 4-bit group: of a Linear weight's inputs (method "
                                                    "int4) and of an embedding row (embeddings int4); a layer or "
                                                    "table whose width is not a multiple stays int8")
@@ -84,9 +87,12 @@ class QuantizeConfig(PassConfig):
     def _int4_tables(self) -> "QuantizeConfig":
         if self.embeddings == "int4" and self.method not in TORCHAO_METHODS:
             raise ValueError(f"embeddings int4 goes with method int8 or int4, got {self.method}")
-        for option in ("algorithm", "max_size"):
-            if option in self.model_fields_set and self.method != "int4":
+        # by value, not by the fields set: a manifest's config lists every field with its default
+        for option, default in (("algorithm", "auto"), ("max_size", None)):
+            if getattr(self, option) != default and self.method != "int4":
                 raise ValueError(f"{option} goes with method int4, got method {self.method}")
+        if self.bias_correction and self.method not in TORCHAO_METHODS:
+            raise ValueError(f"bias_correction goes with method int8 or int4, got method {self.method}")
         return self
 
 
@@ -96,8 +102,8 @@ class Quantize(Pass):
 
     @property
     def learns_from_calibration(self) -> bool:
-        """GPTQ fits each layer's rounding to the calibration inputs."""
-        return self.config.method == "int4" and self.config.algorithm != "rtn"
+        """GPTQ fits each layer's rounding to the calibration inputs; bias correction each bias to their means."""
+        return (self.config.method == "int4" and self.config.algorithm != "rtn") or self.config.bias_correction
 
     def apply(self, model: Model, ctx: Context) -> PassResult:
         cfg = self.config
@@ -114,19 +120,22 @@ class Quantize(Pass):
         result = PassResult()
         record: dict = {"parts": parts, "backend": backend_of(cfg.method), "swaps": [], "linear": [],
                         "embeddings": [], "int4_embeddings": [], "int4_linear": [], "convs": [], "tables": [],
-                        "compute_dtype": {}}
+                        "bias_added": [], "compute_dtype": {}}
         float_linear: list[str] = []
         for part in parts:
             record["compute_dtype"][part] = str(model.part_dtype(part)).removeprefix("torch.")
             if layout.structural:
                 _swap_structures(model, part, cfg, layout, record, result)
             extra: dict = {}
+            targets = _input_means(model, part, ctx) if cfg.bias_correction else None
             if cfg.method in BNB_METHODS:
                 _quantize_part(model, part, cfg, layout, record, result, float_linear)
             elif cfg.method == "int4":
                 extra = _quantize_part_int4(model, part, cfg, layout, record, result, float_linear, ctx)
             else:
                 _quantize_part_torchao(model, part, cfg, layout, record, result, float_linear)
+            if targets is not None:
+                extra["bias_corrected"] = _correct_biases(model, part, targets, layout, record, result)
             _note_uncovered(model, part, result)
             result.metrics[part] = {"quantized_fraction": round(quantized_fraction(model, part), 6),
                                     "high_precision": _summary([s for s in result.skipped
@@ -314,6 +323,11 @@ def _restore(model: Model, cfg: QuantizeConfig, record: dict) -> None:
     for name in record.get("convs", []):
         if _present(model, name):
             int8_channels_on(_get(model.module, name))
+    for name in record.get("bias_added", []):
+        if _present(model, name):
+            module = _get(model.module, name)
+            dtype = getattr(torch, record["compute_dtype"].get(model.part_of(name), "float32"))
+            module.bias = torch.nn.Parameter(torch.zeros(_out_channels(module), dtype=dtype), requires_grad=False)
     for name in record["tables"]:
         if _present(model, name):
             _int8_table(model, name)
@@ -447,6 +461,69 @@ def _quantize_part_int4(model: Model, part: str, cfg: QuantizeConfig, layout: Qu
     metrics["int4_linear"] = sum(1 for name in record["int4_linear"] if model.owns(part, name))
     metrics["int8_linear"] = sum(1 for name in record["linear"] if model.owns(part, name))
     return metrics
+
+
+def _input_means(model: Model, part: str, ctx: Context) -> dict:
+    """Before quantizing: each Linear / convolution of ``part`` with its float weight and the mean of its inputs on
+    the calibration inputs (``bias_correction``); refused on synthetic inputs (their mean is not the data's)."""
+    import torch
+
+    from mmopt.calibration import describe_inputs, inputs_for
+    from mmopt.errors import DataError
+    from mmopt.modules.linear import PatchLinear
+    from mmopt.quant import bias
+    from mmopt.quant.plan import SEQ_LEN
+
+    description, synthetic = describe_inputs(model, ctx.adapter, part, ctx.calibration)
+    if synthetic:
+        raise DataError(f"quantize: bias_correction on part {part!r} needs calibration data, got {description}",
+                        hint="add calibration: {texts: ...} or {images: ...} to the recipe")
+    modules = {name: module for name, module in model.named_modules(part)
+               if (type(module) in _LINEAR_TYPES() or isinstance(module, torch.nn.modules.conv._ConvNd))
+               and not isinstance(module, PatchLinear)}
+    batches = inputs_for(model, ctx.adapter, part, ctx.calibration, SEQ_LEN, ctx.seed)
+    means = bias.collect(modules, lambda batch: ctx.adapter.run(model, part, batch), batches)
+    return {name: (module.weight.detach().clone(), means.of(name), getattr(module, "groups", 1))
+            for name, module in modules.items() if means.of(name) is not None}
+
+
+def _correct_biases(model: Model, part: str, targets: dict, layout: QuantLayout, record: dict,
+                    result: PassResult) -> int:
+    """Subtract each quantized layer's mean output shift from its bias; returns how many were corrected."""
+    import torch
+
+    from mmopt.quant.bias import output_shift
+
+    quantized = set(record["linear"] + record["int4_linear"] + record["convs"])
+    corrected = 0
+    for name, (weight, mean, groups) in targets.items():
+        if name not in quantized:
+            continue
+        module = _get(model.module, name)
+        shift = output_shift(weight, _effective_weight(module), mean, groups)
+        if module.bias is None:
+            if not layout.structural:
+                result.skipped.append(Skip(name, "bias correction: no bias, and a stock folder cannot gain one"))
+                continue
+            module.bias = torch.nn.Parameter(torch.zeros_like(shift, dtype=weight.dtype), requires_grad=False)
+            record["bias_added"].append(name)
+        module.bias.data -= shift.to(module.bias.dtype)
+        corrected += 1
+    return corrected
+
+
+def _effective_weight(module: nn.Module) -> torch.Tensor:
+    """The float weight a quantized layer computes with."""
+    from mmopt.modules.quantized import Int4Linear, is_int8_tensor
+
+    if isinstance(module, Int4Linear):
+        return module.dequantized()
+    weight = module.weight
+    return weight.dequantize() if is_int8_tensor(weight) else weight.detach()
+
+
+def _out_channels(module: nn.Module) -> int:
+    return module.out_channels if hasattr(module, "out_channels") else module.out_features
 
 
 def _torchao_state(model: Model, record: dict, state: dict) -> dict:

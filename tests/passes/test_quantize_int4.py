@@ -167,9 +167,56 @@ def test_int4_on_a_cnn_covers_1x1_convolutions_and_reloads(tmp_path):
     ("{method: nf4, max_size: 0.2}", "max_size goes with method int4"),
     ("{method: int4, algorithm: awq}", "passes[0].quantize.algorithm"),
     ("{method: int4, max_size: 1.5}", "passes[0].quantize.max_size"),
+    ("{method: nf4, bias_correction: true}", "bias_correction goes with method int8 or int4"),
 ])
 def test_bad_int4_options_fail_in_the_recipe(options, message):
     text = f"model: {{source: open_clip, name: ViT-B-32}}\noutput: out\npasses:\n  - quantize: {options}\n"
     with pytest.raises(RecipeError) as err:
         parse_recipe(text, where="r.yaml")
     assert message in err.value.message and "\n" not in err.value.message
+
+
+def test_output_shift_is_the_mean_change_of_a_grouped_convolution():
+    from mmopt.quant.bias import output_shift
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, groups=4, bias=False)
+    quantized = conv.weight.detach() + 0.05 * torch.randn_like(conv.weight)
+    mean = torch.randn(8)
+    x = mean[None, :, None, None].expand(1, 8, 5, 5)          # every tap sees the channel mean
+    change = nn.functional.conv2d(x, quantized, groups=4) - conv(x)
+    torch.testing.assert_close(output_shift(conv.weight, quantized, mean, groups=4), change[0, :, 0, 0].detach())
+    linear = nn.Linear(6, 3)
+    shifted = linear.weight.detach() + 0.1
+    torch.testing.assert_close(output_shift(linear.weight, shifted, mean[:6]), 0.1 * mean[:6].sum().expand(3))
+
+
+def test_bias_correction_adds_biases_to_a_cnn_and_they_reload(tmp_path):
+    from PIL import Image
+
+    from mmopt.calibration import Calibration
+
+    gen = torch.Generator().manual_seed(0)
+    (tmp_path / "images").mkdir()
+    for i in range(4):
+        pixels = (torch.rand(40, 40, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / "images" / f"{i}.png")
+    adapter = registry.adapter_for("torchvision")
+    torch.manual_seed(0)
+    model = adapter.build({"name": "mobilenet_v2", "kwargs": {"width_mult": 0.25, "num_classes": 10}},
+                          {"image_size": 32}, {})
+    config = quantize.QuantizeConfig(method="int8", bias_correction=True)
+    calibration = Calibration(images_dir=tmp_path / "images", batch_size=4, cache=False, num_workers=0)
+    quantized = copy.deepcopy(model)
+    result = quantize.Quantize(config).apply(quantized, Context(adapter=adapter, calibration=calibration))
+    assert result.metrics["visual"]["bias_corrected"] == 53                   # 52 convolutions + the classifier
+    assert len(result.record["bias_added"]) == 52 and quantized.module.features[1].conv[0][0].bias is not None
+    passes = [{"name": "quantize", "config": config.model_dump(mode="json"), "record": result.record}]
+    (tmp_path / "out").mkdir()
+    checkpoint.write_checkpoint(quantized, adapter, tmp_path / "out", {"source": "torchvision",
+                                                                       "name": "mobilenet_v2"}, passes)
+    reloaded = checkpoint.load_model(tmp_path / "out")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.module(x), quantized.module(x))
+        assert not torch.equal(quantized.module(x), _apply(model, method="int8")[0].module(x))
