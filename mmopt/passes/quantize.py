@@ -105,6 +105,17 @@ class Quantize(Pass):
         """GPTQ fits each layer's rounding to the calibration inputs; bias correction each bias to their means."""
         return (self.config.method == "int4" and self.config.algorithm != "rtn") or self.config.bias_correction
 
+    def check(self, model: Model, ctx: Context) -> None:
+        """GPTQ and bias correction need real calibration inputs: refused before anything is measured."""
+        from mmopt.quant.plan import require_real_inputs
+
+        super().check(model, ctx)
+        cfg = self.config
+        for option, wanted in (("algorithm gptq", cfg.method == "int4" and cfg.algorithm == "gptq"),
+                               ("bias_correction", cfg.bias_correction)):
+            for part in target_parts(model, cfg.parts) if wanted else []:
+                require_real_inputs(model, part, ctx, option)
+
     def apply(self, model: Model, ctx: Context) -> PassResult:
         cfg = self.config
         if any(isinstance(earlier, Quantize) for earlier in ctx.history):
@@ -468,16 +479,12 @@ def _input_means(model: Model, part: str, ctx: Context) -> dict:
     the calibration inputs (``bias_correction``); refused on synthetic inputs (their mean is not the data's)."""
     import torch
 
-    from mmopt.calibration import describe_inputs, inputs_for
-    from mmopt.errors import DataError
+    from mmopt.calibration import inputs_for
     from mmopt.modules.linear import PatchLinear
     from mmopt.quant import bias
-    from mmopt.quant.plan import SEQ_LEN
+    from mmopt.quant.plan import SEQ_LEN, require_real_inputs
 
-    description, synthetic = describe_inputs(model, ctx.adapter, part, ctx.calibration)
-    if synthetic:
-        raise DataError(f"quantize: bias_correction on part {part!r} needs calibration data, got {description}",
-                        hint="add calibration: {texts: ...} or {images: ...} to the recipe")
+    require_real_inputs(model, part, ctx, "bias_correction")
     modules = {name: module for name, module in model.named_modules(part)
                if (type(module) in _LINEAR_TYPES() or isinstance(module, torch.nn.modules.conv._ConvNd))
                and not isinstance(module, PatchLinear)}

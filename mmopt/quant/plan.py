@@ -42,9 +42,8 @@ def four_bit_codes(model: Model, part: str, linears: dict[str, nn.Module], algor
     from mmopt.quant import gptq
 
     description, synthetic = describe_inputs(model, ctx.adapter, part, ctx.calibration)
-    if algorithm == "gptq" and synthetic:
-        raise DataError(f"quantize: algorithm gptq on part {part!r} needs calibration data, got {description}",
-                        hint="add calibration: {texts: ...} or {images: ...} to the recipe, or use algorithm rtn")
+    if algorithm == "gptq":
+        require_real_inputs(model, part, ctx, "algorithm gptq")
     use_gptq = algorithm == "gptq" or (algorithm == "auto" and not synthetic)
     hessians = None
     if use_gptq:
@@ -57,6 +56,19 @@ def four_bit_codes(model: Model, part: str, linears: dict[str, nn.Module], algor
         # a layer no calibration input reached (a head the part's forward skips) is rounded to nearest
         out.codes[name] = gptq.gptq(weight, h, size) if h is not None else gptq.round_to_nearest(weight, size)
     return out
+
+
+def require_real_inputs(model: Model, part: str, ctx: Context, option: str) -> str:
+    """The description of ``part``'s calibration inputs; refused when they would be synthetic (fitting codes or
+    biases to noise is no calibration)."""
+    from mmopt.calibration import describe_inputs
+
+    description, synthetic = describe_inputs(model, ctx.adapter, part, ctx.calibration)
+    if synthetic:
+        raise DataError(f"quantize: {option} on part {part!r} needs calibration data, got {description}",
+                        hint="add calibration: {texts: ...} or {images: ...} to the recipe"
+                             + (", or use algorithm rtn" if "gptq" in option else ""))
+    return description
 
 
 def int8_within(candidates: dict[str, tuple[float, int]], spare_bytes: int) -> list[str]:

@@ -114,6 +114,9 @@ def test_auto_is_round_to_nearest_on_synthetic_inputs_and_gptq_refuses_them(tmp_
     assert result.metrics["text"]["algorithm"] == "rtn" and "calibration" not in result.metrics["text"]
     with pytest.raises(DataError, match="algorithm gptq on part 'text' needs calibration data, got synthetic"):
         _apply(bert, method="int4", algorithm="gptq", group_size=16)
+    biased = quantize.Quantize(quantize.QuantizeConfig(method="int8", bias_correction=True))
+    with pytest.raises(DataError, match="bias_correction on part 'text' needs calibration data"):
+        biased.check(bert, Context(adapter=registry.adapter_for("hf")))        # before anything is measured
 
 
 def test_max_size_keeps_the_costliest_layers_int8_within_the_budget(tiny_bert_dir):
