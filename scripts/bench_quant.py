@@ -46,7 +46,7 @@ MMOPT = {
     "text": [("mmopt int8", {"method": "int8"}), ("mmopt int8 + 4-bit tables", {"method": "int8", "embeddings": "int4"}),
              ("mmopt int4 rtn", {"method": "int4", "algorithm": "rtn"}),
              ("mmopt int4 gptq", {"method": "int4", "algorithm": "gptq"}),
-             ("mmopt int4 gptq, max_size 0.21", {"method": "int4", "algorithm": "gptq", "max_size": 0.21}),
+             ("mmopt int4 gptq + max_size 0.21", {"method": "int4", "algorithm": "gptq", "max_size": 0.21}),
              ("mmopt llm_int8", {"method": "llm_int8"}), ("mmopt nf4", {"method": "nf4"})],
     "visual": [("mmopt int8", {"method": "int8"}), ("mmopt llm_int8", {"method": "llm_int8"}),
                ("mmopt nf4", {"method": "nf4"})],
