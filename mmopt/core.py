@@ -151,14 +151,20 @@ class Quantization:
     """What the quantize pass tells the adapter's ``save`` (a Hugging Face folder writes it as transformers'
     ``quantization_config``, so the folder loads quantized without mmopt); recorded in the manifest."""
 
-    method: str                     # int8 (torchao) | llm_int8 | nf4 | fp4 (bitsandbytes)
+    method: str                     # int8 (torchao) | int4 (mmopt's 4-bit groups + torchao) | llm_int8 | nf4 | fp4
     int8_threshold: float
     blocksize: int
     embeddings: str                 # int8 | int4 | keep
     compute_dtype: str              # the dtype the quantized layers compute in ("float32", "float16")
     float_linear: list[str] = field(default_factory=list)   # Linear modules left in float, by name
     int8_modules: list[str] = field(default_factory=list)   # int8: modules whose weight is a torchao Int8Tensor
-    group_size: int = 64            # embeddings int4: values per group
+    group_size: int = 64            # int4 Linear layers and tables: values per group
+
+    @property
+    def has_4bit_groups(self) -> bool:
+        """mmopt's own 4-bit groups (Linear layers or tables) next to int8 rows: no stock loader reads the mix
+        (transformers' compressed-tensors loader decodes one scheme per checkpoint)."""
+        return self.method == "int4" or self.embeddings == "int4"
 
     def to_json(self) -> dict:
         return {"method": self.method, "int8_threshold": self.int8_threshold, "blocksize": self.blocksize,

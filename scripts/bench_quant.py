@@ -8,9 +8,16 @@ Models and inputs (nothing here is tuned on; the eval sentences are held-aside d
   ViT-B-32   open_clip image tower, RANDOM weights (no checkpoint here): 16 seeded random 224x224 images
   MobileNetV2  torchvision with its ImageNet weights (``--mobilenet-weights``): top-1 agreement with fp32 on the
              photos in ``--photos`` (resize 256, centre crop 224, ImageNet mean/std)
-Rows: fp32; mmopt int8 (torchao weight-only, the default), int8 + 4-bit tables (mixed), llm_int8 and nf4
-(bitsandbytes); peers: torchao's own ``quantize_(Int8WeightOnlyConfig())`` (Linear only), transformers +
+Rows: fp32; mmopt int8 (torchao weight-only, the default), int8 + 4-bit tables (mixed), int4 (4-bit Linear
+groups: GPTQ, round-to-nearest, GPTQ under a size budget), int8 / int4 with bias correction (MobileNetV2), llm_int8
+and nf4 (bitsandbytes); peers: torchao's own ``quantize_(Int8WeightOnlyConfig())`` (Linear only), transformers +
 bitsandbytes ``load_in_8bit`` / ``load_in_4bit`` (MiniLM).
+Calibration of the rows that learn from data (GPTQ, bias correction), never the data they are judged on:
+  MiniLM       400 Python standard-library docstring sentences (``bench_substitute.corpus``, another domain)
+  MobileNetV2  96 augmented views (random resized crops, flips) of 3 natural photos that ship with matplotlib and
+               scikit-learn (grace_hopper, china, flower): none of the judged photos
+MobileNetV2 is also judged on 10 views of each photo (TenCrop: 4 corners + centre, and their mirror images;
+``top1_views``): 280 images instead of 28, so one near-tie photo moves the figure by 0.4 % instead of 3.6 %.
 Columns: folder = bytes of the whole output folder (weights, config, tokenizer, ...) / the original's; est =
 weights + activation peak at batch 64 in float16, ESTIMATED for CUDA by mmopt's fake-tensor trace (LLM.int8 through
 its CUDA allocation model), / fp16's; lat = CPU latency / fp32's (measured here, noisy on a shared machine);
@@ -37,11 +44,19 @@ MIB = 2 ** 20
 # (label, quantize options); every row runs through the real pass, checkpoint writer and loader
 MMOPT = {
     "text": [("mmopt int8", {"method": "int8"}), ("mmopt int8 + 4-bit tables", {"method": "int8", "embeddings": "int4"}),
+             ("mmopt int4 rtn", {"method": "int4", "algorithm": "rtn"}),
+             ("mmopt int4 gptq", {"method": "int4", "algorithm": "gptq"}),
+             ("mmopt int4 gptq + max_size 0.21", {"method": "int4", "algorithm": "gptq", "max_size": 0.21}),
              ("mmopt llm_int8", {"method": "llm_int8"}), ("mmopt nf4", {"method": "nf4"})],
     "visual": [("mmopt int8", {"method": "int8"}), ("mmopt llm_int8", {"method": "llm_int8"}),
                ("mmopt nf4", {"method": "nf4"})],
     "cnn": [("mmopt int8", {"method": "int8"}),
             ("mmopt int8, first conv float", {"method": "int8", "exclude": ["features.0.0"]}),
+            ("mmopt int8 + bias correction", {"method": "int8", "bias_correction": True}),
+            ("mmopt int4 rtn (1x1 + classifier)", {"method": "int4", "algorithm": "rtn", "group_size": 32}),
+            ("mmopt int4 gptq (1x1 + classifier)", {"method": "int4", "algorithm": "gptq", "group_size": 32}),
+            ("mmopt int4 gptq + bias correction", {"method": "int4", "algorithm": "gptq", "group_size": 32,
+                                                   "bias_correction": True}),
             ("mmopt nf4 (1x1 + classifier)", {"method": "nf4"})],
 }
 
@@ -54,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photos", type=Path, default=PHOTOS)
     parser.add_argument("--mobilenet-weights", type=Path, default=MOBILENET)
     parser.add_argument("--quick", action="store_true", help="tiny random models: check the script runs")
+    parser.add_argument("--rows", help="only these mmopt rows: labels separated by commas (fp32 stays; peers and "
+                                       "fp16 rounding are left out)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     import torch
@@ -91,12 +108,14 @@ def bench_minilm(tmp: Path, args) -> list[dict]:
         texts = [line.strip() for line in args.sentences.read_text().splitlines() if line.strip()]
     model = adapter.load(ModelSpec(source="hf", path=str(path)))
     batches = [adapter.tokenize(model, texts[i:i + 64], 128) for i in range(0, len(texts), 64)]
-    bench = Bench(name, "text", model, adapter, batches, tmp, Path(path), seq_len=128)
-    for label, options in MMOPT["text"]:
+    bench = Bench(name, "text", model, adapter, batches, tmp, Path(path), seq_len=128,
+                  calibration=_text_calibration(tmp, 16 if args.quick else 400))
+    for label, options in _rows("text", args.rows):
         bench.mmopt(label, options)
-    bench.torchao_peer()
-    for bits in ("8bit", "4bit"):
-        bench.transformers_bnb(Path(path), bits)
+    if args.rows is None:
+        bench.torchao_peer()
+        for bits in ("8bit", "4bit"):
+            bench.transformers_bnb(Path(path), bits)
     return bench.rows
 
 
@@ -131,30 +150,78 @@ def bench_mobilenet(tmp: Path, args) -> list[dict]:
 
         model = adapter.load(ModelSpec(source="torchvision", name="mobilenet_v2"))
         images = [(torch.randn(4, 3, 64, 64),)]
+        views = [(torch.randn(8, 3, 64, 64),)]
         size = 64
     else:
         model = adapter.load(ModelSpec(source="torchvision", name="mobilenet_v2", weights=str(args.mobilenet_weights)))
         images = [(_photos(args.photos),)]
+        views = [(batch,) for batch in _ten_views(args.photos).split(40)]
         size = 224
-    bench = Bench("MobileNetV2", "visual", model, adapter, images, tmp, None, image_size=size, top1=True)
-    bench.fp16_rounding()
-    for label, options in MMOPT["cnn"]:
+    calibration = _image_calibration(tmp, 8 if args.quick else 96, size)
+    bench = Bench("MobileNetV2", "visual", model, adapter, images, tmp, None, image_size=size, top1=True,
+                  calibration=calibration, views=views)
+    if args.rows is None:
+        bench.fp16_rounding()
+    for label, options in _rows("cnn", args.rows):
         bench.mmopt(label, options)
     return bench.rows
+
+
+def _rows(kind: str, only: str | None) -> list:
+    return [(label, options) for label, options in MMOPT[kind] if only is None or label in only.split(",")]
+
+
+def _text_calibration(tmp: Path, n: int):
+    """Docstring sentences (another domain than the everyday sentences the rows are judged on)."""
+    from bench_substitute import corpus
+
+    from mmopt.calibration import Calibration
+
+    file = tmp / "calibration.txt"
+    file.write_text("\n".join(corpus(n, 0)[0]) + "\n")
+    return Calibration(texts_file=file, num_samples=n, batch_size=32)
+
+
+CALIBRATION_PHOTOS = ["matplotlib/mpl-data/sample_data/grace_hopper.jpg", "sklearn/datasets/images/china.jpg",
+                      "sklearn/datasets/images/flower.jpg"]
+
+
+def _image_calibration(tmp: Path, n: int, size: int):
+    """``n`` augmented views (random resized crops, flips; seeded) of natural photos shipped inside installed
+    packages, written as PNG files: calibration images that are none of the judged photos."""
+    import sysconfig
+
+    import torch
+    from PIL import Image
+    from torchvision import transforms
+
+    from mmopt.calibration import Calibration
+
+    site = Path(sysconfig.get_paths()["purelib"])
+    sources = [Image.open(site / rel).convert("RGB") for rel in CALIBRATION_PHOTOS]
+    augment = transforms.Compose([transforms.RandomResizedCrop(size, scale=(0.1, 0.6)),
+                                  transforms.RandomHorizontalFlip()])
+    folder = tmp / "calibration-images"
+    folder.mkdir()
+    torch.manual_seed(0)
+    for i in range(n):
+        augment(sources[i % len(sources)]).save(folder / f"{i:03d}.png")
+    return Calibration(images_dir=folder, num_samples=n, batch_size=16, cache=False)
 
 
 # --- one model, one row per method -----------------------------------------------------------------------------
 
 class Bench:
     def __init__(self, name, part, model, adapter, batches, tmp: Path, assets: Path | None, seq_len: int = 128,
-                 image_size: int = 224, top1: bool = False) -> None:
+                 image_size: int = 224, top1: bool = False, calibration=None, views: list | None = None) -> None:
         from mmopt import checkpoint
         from mmopt.core import Shapes
 
         self.name, self.part, self.model, self.adapter, self.batches = name, part, model, adapter, batches
-        self.tmp, self.top1, self.rows = tmp, top1, []
+        self.tmp, self.top1, self.rows, self.calibration, self.views = tmp, top1, [], calibration, views
         self.shapes = Shapes(batch_size=64, seq_len=seq_len, image_size=image_size)
         self.ref = self._outputs(model)
+        self.ref_views = self._outputs(model, views) if views else None
         folder = tmp / f"{name}-fp32"
         folder.mkdir()
         checkpoint.write_checkpoint(model, adapter, folder, {"source": model.source}, [])
@@ -173,16 +240,22 @@ class Bench:
 
         model = copy.deepcopy(self.model)
         config = quantize.QuantizeConfig(**options)
-        result = quantize.Quantize(config).apply(model, Context(adapter=self.adapter))
+        started = time.perf_counter()
+        result = quantize.Quantize(config).apply(model, Context(adapter=self.adapter, calibration=self.calibration))
+        seconds = time.perf_counter() - started
         folder = self.tmp / f"{self.name}-{label}".replace(" ", "_")
         folder.mkdir()
         passes = [{"name": "quantize", "config": config.model_dump(mode="json"), "record": result.record}]
         checkpoint.write_checkpoint(model, self.adapter, folder, {"source": model.source}, passes)
         reloaded = checkpoint.load_model(folder)      # every figure from the model as it loads from disk
         stock = "model.safetensors" in {p.name for p in folder.iterdir()}
+        metrics = result.metrics[self.part]
+        note = "stock-loadable" if stock else "mmopt format"
+        if "algorithm" in metrics:
+            note += f"; {metrics['algorithm']}, {metrics['int4_linear']} Linear 4-bit / {metrics['int8_linear']} int8"
         self._row(label, folder_bytes=_folder_bytes(folder), model=reloaded, outputs=self._outputs(reloaded),
                   latency=self._latency(reloaded), total=self._estimate(self._fp16(self.model), options),
-                  note="stock-loadable" if stock else "mmopt format")
+                  note=note, quantize_s=seconds)
 
     def torchao_peer(self) -> None:
         """torchao's own API as a user would call it: ``quantize_(model, Int8WeightOnlyConfig())`` (Linear only)."""
@@ -229,11 +302,11 @@ class Bench:
 
     # --- measurements --------------------------------------------------------------------------------------
 
-    def _outputs(self, model):
+    def _outputs(self, model, batches: list | None = None):
         import torch
 
         with torch.inference_mode():
-            return torch.cat([self.adapter.run(model, self.part, batch).float() for batch in self.batches])
+            return torch.cat([self.adapter.run(model, self.part, batch).float() for batch in batches or self.batches])
 
     def _latency(self, model) -> float:
         from mmopt.memory import tracing
@@ -256,16 +329,20 @@ class Bench:
 
         model = copy.deepcopy(half)
         if options:
-            quantize.Quantize(quantize.QuantizeConfig(**options)).apply(model, Context(adapter=self.adapter))
+            # bytes and activations do not depend on the codes: round-to-nearest, no calibration pass (a bias
+            # correction's added biases, a few KiB, are left out)
+            plain = {**options, "bias_correction": False, **({"algorithm": "rtn"} if "algorithm" in options else {})}
+            quantize.Quantize(quantize.QuantizeConfig(**plain)).apply(model, Context(adapter=self.adapter))
         return self._total(model)
 
     def _total(self, model) -> int:
         from mmopt.memory import counting, tracing
 
-        peak = tracing.part_runtime(model, self.adapter, self.part, self.shapes, latency=False)
+        peak = tracing.part_runtime(model, self.adapter, self.part, self.shapes, latency="off")
         return counting.part_weight_bytes(model, self.part) + peak["peak_activation_bytes"]
 
-    def _row(self, method: str, folder_bytes, model, outputs, latency, total, note: str = "") -> None:
+    def _row(self, method: str, folder_bytes, model, outputs, latency, total, note: str = "",
+             quantize_s: float | None = None) -> None:
         import torch
 
         from mmopt.memory import counting
@@ -283,6 +360,11 @@ class Bench:
             if self.top1:
                 row["top1"] = round(float((outputs.argmax(-1) == self.ref.argmax(-1)).float().mean()), 4)
                 row["top1_count"] = f"{int((outputs.argmax(-1) == self.ref.argmax(-1)).sum())}/{len(outputs)}"
+            if self.ref_views is not None and model is not None:
+                same = self._outputs(model, self.views).argmax(-1) == self.ref_views.argmax(-1)
+                row["top1_views"] = f"{int(same.sum())}/{len(same)}"
+        if quantize_s is not None:
+            row["quantize_s"] = round(quantize_s, 1)
         self.rows.append(row)
         print(f"  {self.name} {method}: {json.dumps(row)}", file=sys.stderr, flush=True)
 
@@ -302,6 +384,19 @@ def _photos(folder: Path):
     return torch.stack([prep(Image.open(p).convert("RGB")) for p in files])
 
 
+def _ten_views(folder: Path):
+    """TenCrop views of each photo (resize 256; 4 corners + centre at 224, and their mirror images), normalised."""
+    import torch
+    from PIL import Image
+    from torchvision import transforms
+
+    norm = transforms.Compose([transforms.ToTensor(),
+                               transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    crop = transforms.Compose([transforms.Resize(256), transforms.TenCrop(224)])
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    return torch.stack([norm(view) for p in files for view in crop(Image.open(p).convert("RGB"))])
+
+
 def _tiny_bert(path: Path) -> None:
     from transformers import BertConfig, BertModel
 
@@ -318,7 +413,7 @@ def _tiny_bert(path: Path) -> None:
 # --- output ------------------------------------------------------------------------------------------------
 
 COLUMNS = ["model", "method", "folder", "est_total_mib", "est", "lat", "qfrac", "cos_mean", "cos_min", "top1_count",
-           "note"]
+           "top1_views", "quantize_s", "note"]
 
 
 def print_table(rows: list[dict]) -> None:

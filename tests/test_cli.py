@@ -151,7 +151,7 @@ def test_internal_errors_exit_3_never_a_verdict_code(monkeypatch, capsys, tmp_pa
 def test_every_recipe_problem_is_reported_with_its_line(tmp_path, monkeypatch, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {source: torchvision, name: resnet18}\npasses:\n  - cast: {dtyp: float16}\n"
-                      "  - quantize: {method: int4}\noutputt: o\n")
+                      "  - quantize: {method: int3}\noutputt: o\n")
     code, _, err = run_cli(monkeypatch, capsys, "validate", recipe)
     lines = err.strip().splitlines()
     assert code == 2 and all(line.startswith("error: ") for line in lines)

@@ -413,11 +413,11 @@ class HFAdapter:
     def save(self, model: Model, out: Path) -> dict[str, str]:
         """One weight set: a stock Hugging Face folder (``model.safetensors`` + ``config.json``, quantized weights
         in transformers' torchao or bitsandbytes format) that ``mmopt.load`` reads too; mmopt's own per-part files
-        when no stock format can carry the model (a swapped part, 4-bit embedding tables)."""
+        when no stock format can carry the model (a swapped part, mmopt's 4-bit groups next to int8 rows)."""
         if model.assets is not None:
             copy_assets(model.assets, out)
         quant = model.quantization
-        if not self.is_stock_folder(model) or (quant is not None and quant.embeddings == "int4"):
+        if not self.is_stock_folder(model) or (quant is not None and quant.has_4bit_groups):
             return save_parts(model, out)
         # transformers loads with dtype="auto" from this field: it must name the dtype actually stored (and a
         # torchao Int8Tensor dequantizes to the dtype it was written in, so the folder runs in that dtype)

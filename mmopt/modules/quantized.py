@@ -8,6 +8,7 @@
   (1x1 convolutions are matrix multiplies; depthwise and the first conv are covered the same way).
 - ``Int4Embedding``: an embedding table in 4-bit groups (asymmetric, range chosen per group by a small clipping
   search), two codes per byte; only the looked-up rows are dequantized.
+- ``Int4Linear``: a Linear weight in the same 4-bit groups (``method: int4``; codes from GPTQ or round-to-nearest).
 """
 from __future__ import annotations
 
@@ -156,3 +157,62 @@ class Int4Embedding(nn.Module):
         zero = F.embedding(ids, self.zero).to(torch.float32).unsqueeze(-1)
         scale = F.embedding(ids, self.scale).to(torch.float32).unsqueeze(-1)
         return ((groups - zero) * scale).reshape(codes.shape).to(self.dtype)
+
+
+class Int4Linear(nn.Module):
+    """``nn.Linear`` with its weight in 4-bit groups along the input: the storage of ``Int4Embedding`` (packed
+    codes 0..15, a float16 scale and a uint8 zero point per group, ``w = (q - zero) * scale``). The weight is
+    dequantized for each forward (weight-only, like torchao's int8: no activation quantization). The codes come
+    from ``mmopt.quant`` (GPTQ or round-to-nearest); the module only stores and runs them."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.weight = Packed4bit(torch.zeros(out_features, in_features // 2, dtype=torch.uint8),
+                                 (out_features, in_features))
+        self.register_buffer("scale", torch.ones(out_features, groups, dtype=torch.float16))
+        self.register_buffer("zero", torch.zeros(out_features, groups, dtype=torch.uint8))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        # open_clip reads its compute dtype from the first MLP's weight dtype (uint8 here) unless this says otherwise
+        self.int8_original_dtype = dtype
+
+    @staticmethod
+    def group_for(linear: nn.Linear, group_size: int) -> int | None:
+        """The group size ``linear`` gets: ``group_size``, or when its input width is not a multiple, the largest
+        even divisor of that width below it (MobileNet's 1x1 convolutions read 16, 24, 144 channels); None when
+        that would be under 8 values per group (the layer stays int8)."""
+        width = linear.in_features
+        size = next((d for d in range(min(group_size, width), 7, -1) if width % d == 0 and d % 2 == 0), None)
+        return size
+
+    @classmethod
+    def like(cls, linear: nn.Linear, group_size: int) -> "Int4Linear":
+        """An empty 4-bit copy of ``linear``'s shape (filled by a state dict at load time)."""
+        return cls(linear.in_features, linear.out_features, group_size, linear.bias is not None,
+                   linear.weight.dtype).to(linear.weight.device)
+
+    @classmethod
+    def from_codes(cls, linear: nn.Linear, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                   group_size: int) -> "Int4Linear":
+        """``linear`` stored as ``codes`` (out, in) 0..15 with ``scale`` / ``zero`` (out, in / group_size)."""
+        new = cls.like(linear, group_size)
+        device = linear.weight.device
+        new.weight.data = pack4(codes.to(torch.uint8)).to(device)
+        new.scale, new.zero = scale.to(torch.float16).to(device), zero.to(torch.uint8).to(device)
+        if linear.bias is not None:
+            new.bias.data = linear.bias.detach().clone()
+        return new
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, 4-bit groups of {self.group_size}"
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        codes = unpack4(self.weight).to(torch.float32)
+        groups = codes.reshape(self.out_features, -1, self.group_size)
+        w = (groups - self.zero.to(torch.float32).unsqueeze(-1)) * self.scale.to(torch.float32).unsqueeze(-1)
+        return w.reshape(self.out_features, self.in_features).to(dtype or self.int8_original_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized(x.dtype), self.bias)

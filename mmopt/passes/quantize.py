@@ -36,24 +36,39 @@ if TYPE_CHECKING:
     from torch import nn
 
     from mmopt.adapters.base import Adapter
+    from mmopt.quant.plan import FourBit
 
 # What bitsandbytes' blockwise 4-bit kernels accept (bitsandbytes/_ops.py, the same on CPU and CUDA).
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 BNB_METHODS = ("llm_int8", "nf4", "fp4")
+TORCHAO_METHODS = ("int8", "int4")     # int8 weights as torchao Int8Tensors (int4: next to mmopt's 4-bit groups)
 
 
 class QuantizeConfig(PassConfig):
-    method: Literal["int8", "llm_int8", "nf4", "fp4"] = Field(
+    method: Literal["int8", "int4", "llm_int8", "nf4", "fp4"] = Field(
         "int8", description="int8: torchao weight-only int8 rows (stock-loadable, no activation penalty); "
+                            "int4: Linear layers in 4-bit groups (GPTQ or round-to-nearest), the rest as int8; "
                             "llm_int8: bitsandbytes LLM.int8 (outlier decomposition); nf4 | fp4: bitsandbytes 4-bit")
+    algorithm: Literal["auto", "gptq", "rtn"] = Field(
+        "auto", description="int4: gptq (error feedback through the calibration inputs' Hessian, act-order) | rtn "
+                            "(round to nearest, no data) | auto: gptq when the part's calibration inputs are real "
+                            "(texts, bundled sample texts, images), rtn when they would be synthetic")
+    max_size: float | None = Field(
+        None, gt=0, le=1, description="int4: ceiling on each quantized part's weight bytes as a share of its bytes "
+                                      "before the pass; the Linear layers whose 4 bits cost the most output error "
+                                      "per byte saved stay int8 while the part fits")
     parts: list[str] | None = Field(None, description="parts to quantize (default: all)")
     embeddings: Literal["int8", "int4", "keep"] = Field(
         "int8", description="int8: embedding tables as per-row int8; int4 (method int8 only): tables in 4-bit "
                             "groups of group_size (mixed scheme, mmopt's own format); keep: leave them as they are")
-    group_size: int = Field(64, ge=2, description="embeddings int4: values per 4-bit group (a table's width must "
-                                                   "be a multiple; others stay int8)")
+    bias_correction: bool = Field(
+        False, description="int8 | int4: subtract each quantized layer's mean output shift on the calibration inputs "
+                           "from its bias (one is added where there is none, except in stock Hugging Face folders)")
+    group_size: int = Field(64, ge=2, description="values per 4-bit group: of a Linear weight's inputs (method "
+                                                   "int4) and of an embedding row (embeddings int4); a layer or "
+                                                   "table whose width is not a multiple stays int8")
     exclude: list[str] = Field(default_factory=list,
                                description="module-name globs kept in higher precision; each must match something")
     blocksize: int = Field(64, description=f"4-bit block size, one of {', '.join(map(str, BLOCKSIZES))}")
@@ -70,14 +85,36 @@ class QuantizeConfig(PassConfig):
 
     @model_validator(mode="after")
     def _int4_tables(self) -> "QuantizeConfig":
-        if self.embeddings == "int4" and self.method != "int8":
-            raise ValueError(f"embeddings int4 goes with method int8 (int8 matmuls, 4-bit tables), got {self.method}")
+        if self.embeddings == "int4" and self.method not in TORCHAO_METHODS:
+            raise ValueError(f"embeddings int4 goes with method int8 or int4, got {self.method}")
+        # by value, not by the fields set: a manifest's config lists every field with its default
+        for option, default in (("algorithm", "auto"), ("max_size", None)):
+            if getattr(self, option) != default and self.method != "int4":
+                raise ValueError(f"{option} goes with method int4, got method {self.method}")
+        if self.bias_correction and self.method not in TORCHAO_METHODS:
+            raise ValueError(f"bias_correction goes with method int8 or int4, got method {self.method}")
         return self
 
 
 class Quantize(Pass):
     name = "quantize"
     Config = QuantizeConfig
+
+    @property
+    def learns_from_calibration(self) -> bool:
+        """GPTQ fits each layer's rounding to the calibration inputs; bias correction each bias to their means."""
+        return (self.config.method == "int4" and self.config.algorithm != "rtn") or self.config.bias_correction
+
+    def check(self, model: Model, ctx: Context) -> None:
+        """GPTQ and bias correction need real calibration inputs: refused before anything is measured."""
+        from mmopt.quant.plan import require_real_inputs
+
+        super().check(model, ctx)
+        cfg = self.config
+        for option, wanted in (("algorithm gptq", cfg.method == "int4" and cfg.algorithm == "gptq"),
+                               ("bias_correction", cfg.bias_correction)):
+            for part in target_parts(model, cfg.parts) if wanted else []:
+                require_real_inputs(model, part, ctx, option)
 
     def apply(self, model: Model, ctx: Context) -> PassResult:
         cfg = self.config
@@ -93,24 +130,31 @@ class Quantize(Pass):
         _check_globs(model, parts, cfg.exclude)
         result = PassResult()
         record: dict = {"parts": parts, "backend": backend_of(cfg.method), "swaps": [], "linear": [],
-                        "embeddings": [], "int4_embeddings": [], "convs": [], "tables": [], "compute_dtype": {}}
+                        "embeddings": [], "int4_embeddings": [], "int4_linear": [], "convs": [], "tables": [],
+                        "bias_added": [], "compute_dtype": {}}
         float_linear: list[str] = []
         for part in parts:
             record["compute_dtype"][part] = str(model.part_dtype(part)).removeprefix("torch.")
             if layout.structural:
                 _swap_structures(model, part, cfg, layout, record, result)
+            extra: dict = {}
+            targets = _input_means(model, part, ctx) if cfg.bias_correction else None
             if cfg.method in BNB_METHODS:
                 _quantize_part(model, part, cfg, layout, record, result, float_linear)
+            elif cfg.method == "int4":
+                extra = _quantize_part_int4(model, part, cfg, layout, record, result, float_linear, ctx)
             else:
                 _quantize_part_torchao(model, part, cfg, layout, record, result, float_linear)
+            if targets is not None:
+                extra["bias_corrected"] = _correct_biases(model, part, targets, layout, record, result)
             _note_uncovered(model, part, result)
             result.metrics[part] = {"quantized_fraction": round(quantized_fraction(model, part), 6),
                                     "high_precision": _summary([s for s in result.skipped
-                                                                if model.owns(part, s.module)])}
+                                                                if model.owns(part, s.module)]), **extra}
         model.quantization = Quantization(
             method=cfg.method, int8_threshold=cfg.int8_threshold, blocksize=cfg.blocksize, embeddings=cfg.embeddings,
             compute_dtype=record["compute_dtype"][parts[0]] if parts else "float32", float_linear=sorted(float_linear),
-            int8_modules=sorted(record["linear"] + record["embeddings"]) if cfg.method == "int8" else [],
+            int8_modules=sorted(record["linear"] + record["embeddings"]) if cfg.method in TORCHAO_METHODS else [],
             group_size=cfg.group_size)
         result.record = record
         return result
@@ -122,7 +166,7 @@ class Quantize(Pass):
     def load_state(self, model: Model, record: dict, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """torchao weights: each ``Int8Tensor`` from its saved inner tensors; bitsandbytes 4-bit weights: each
         ``Params4bit`` from its packed data and saved quantization state."""
-        if self.config.method == "int8":
+        if self.config.method in TORCHAO_METHODS:
             return _torchao_state(model, record, state)
         if self.config.method == "llm_int8":
             return state
@@ -137,11 +181,13 @@ class Quantize(Pass):
         return state
 
     def brief(self, metrics: dict) -> str:
-        return f"{metrics['quantized_fraction']:.1%} of weights in 8/4 bits; kept: {metrics['high_precision']}"
+        four = f"{metrics['int4_linear']} Linear 4-bit ({metrics['algorithm']}), {metrics['int8_linear']} int8; " \
+            if "int4_linear" in metrics else ""
+        return f"{four}{metrics['quantized_fraction']:.1%} of weights in 8/4 bits; kept: {metrics['high_precision']}"
 
 
 def backend_of(method: str) -> str:
-    return "torchao" if method == "int8" else "bitsandbytes"
+    return "torchao" if method in TORCHAO_METHODS else "bitsandbytes"
 
 
 def _torchao() -> Any:
@@ -250,7 +296,7 @@ def _restore(model: Model, cfg: QuantizeConfig, record: dict) -> None:
     from mmopt.modules.attention import split_attention_from
     from mmopt.modules.embedding import Int8Embedding
     from mmopt.modules.linear import matmul_linear_from, patch_linear_from
-    from mmopt.modules.quantized import Int4Embedding, int8_channels_on
+    from mmopt.modules.quantized import Int4Embedding, Int4Linear, int8_channels_on
 
     if cfg.method == "int8" and "backend" not in record:
         # before torchao became the default, method int8 meant bitsandbytes LLM.int8 (and wrote no backend)
@@ -285,9 +331,18 @@ def _restore(model: Model, cfg: QuantizeConfig, record: dict) -> None:
     for name in record.get("int4_embeddings", []):
         if _present(model, name):
             _set(model.module, name, Int4Embedding.from_embedding(_get(model.module, name), cfg.group_size))
+    for name in record.get("int4_linear", []):
+        if _present(model, name):
+            linear = _get(model.module, name)
+            _set(model.module, name, Int4Linear.like(linear, Int4Linear.group_for(linear, cfg.group_size)))
     for name in record.get("convs", []):
         if _present(model, name):
             int8_channels_on(_get(model.module, name))
+    for name in record.get("bias_added", []):
+        if _present(model, name):
+            module = _get(model.module, name)
+            dtype = getattr(torch, record["compute_dtype"].get(model.part_of(name), "float32"))
+            module.bias = torch.nn.Parameter(torch.zeros(_out_channels(module), dtype=dtype), requires_grad=False)
     for name in record["tables"]:
         if _present(model, name):
             _int8_table(model, name)
@@ -326,12 +381,13 @@ def _quantize_part(model: Model, part: str, cfg: QuantizeConfig, layout: QuantLa
 
 
 def _quantize_part_torchao(model: Model, part: str, cfg: QuantizeConfig, layout: QuantLayout, record: dict,
-                           result: PassResult, float_linear: list[str]) -> None:
-    """``method: int8``: torchao Int8Tensor weights in the stock Linear / Embedding modules, int8 convolutions."""
+                           result: PassResult, float_linear: list[str], four_bit: FourBit | None = None) -> None:
+    """``method: int8``: torchao Int8Tensor weights in the stock Linear / Embedding modules, int8 convolutions;
+    ``method: int4``: the Linear layers ``four_bit`` has codes for become ``Int4Linear``."""
     import torch
 
     from mmopt.modules.linear import PatchLinear
-    from mmopt.modules.quantized import Int4Embedding, int8_channels_on, int8_tensor
+    from mmopt.modules.quantized import Int4Embedding, Int4Linear, int8_channels_on, int8_tensor
 
     fused = _fused_attention(model, part, layout)
     for name, module in list(model.named_modules(part)):
@@ -356,6 +412,12 @@ def _quantize_part_torchao(model: Model, part: str, cfg: QuantizeConfig, layout:
             if _stays_float(name, cfg, {**layout.keep, **fused}, result, float_linear):
                 continue
             before = describe(module.weight)
+            if four_bit is not None and name in four_bit.codes:
+                q = four_bit.codes[name]
+                _set(model.module, name, Int4Linear.from_codes(module, q.codes, q.scale, q.zero, q.group_size))
+                record["int4_linear"].append(name)
+                result.changed.append(Change(name, before, f"4-bit groups of {q.group_size} ({four_bit.algorithm})"))
+                continue
             module.weight = torch.nn.Parameter(int8_tensor(module.weight.detach()), requires_grad=False)
             record["linear"].append(name)
             result.changed.append(Change(name, before, "int8 rows (torchao)"))
@@ -370,6 +432,109 @@ def _quantize_part_torchao(model: Model, part: str, cfg: QuantizeConfig, layout:
             result.changed.append(Change(name, before, "int8 per output channel"))
     if cfg.embeddings != "keep":
         _quantize_tables(model, part, cfg, layout, record, result)
+
+
+def _quantize_part_int4(model: Model, part: str, cfg: QuantizeConfig, layout: QuantLayout, record: dict,
+                        result: PassResult, float_linear: list[str], ctx: Context) -> dict:
+    """``method: int4``: every Linear layer not kept float in 4-bit groups (GPTQ or round-to-nearest, codes made
+    before anything is quantized, so GPTQ's Hessians are the float model's), everything else as ``method: int8``;
+    with ``max_size``, the layers whose 4 bits cost the most output error per byte go back to int8 rows. Returns
+    the part's int4 metrics."""
+    import torch
+
+    from mmopt.memory.counting import module_weight_bytes, part_weight_bytes, unique_bytes
+    from mmopt.modules.quantized import Int4Linear, int8_tensor
+    from mmopt.quant.plan import four_bit_codes, int8_within
+
+    before = part_weight_bytes(model, part)
+    keep = {**layout.keep, **_fused_attention(model, part, layout)}
+    linears = {name: module for name, module in model.named_modules(part) if type(module) in _LINEAR_TYPES()
+               and _keep_reason(name, cfg.exclude, keep) is None and Int4Linear.group_for(module, cfg.group_size)}
+    four = four_bit_codes(model, part, linears, cfg.algorithm, cfg.group_size, ctx)
+    _quantize_part_torchao(model, part, cfg, layout, record, result, float_linear, four)
+    metrics: dict = {"algorithm": four.algorithm}
+    if four.inputs:
+        metrics["calibration"] = four.inputs
+    if cfg.max_size is not None:
+        budget, now = int(cfg.max_size * before), part_weight_bytes(model, part)
+        candidates = {}
+        for name, linear in linears.items():
+            # the Linear module taken out still holds its float weight: its int8 form is what a promotion costs
+            as_int8 = unique_bytes([int8_tensor(linear.weight.detach()), linear.bias])
+            candidates[name] = (four.codes[name].rel_error, as_int8 - module_weight_bytes(_get(model.module, name)))
+        for name in int8_within(candidates, budget - now):
+            linear = linears[name]
+            linear.weight = torch.nn.Parameter(int8_tensor(linear.weight.detach()), requires_grad=False)
+            _set(model.module, name, linear)
+            record["int4_linear"].remove(name)
+            record["linear"].append(name)
+            change = next(c for c in result.changed if c.module == name)
+            change.after = f"int8 rows (torchao): within max_size {cfg.max_size:g}, 4-bit error " \
+                           f"{four.codes[name].rel_error:.2e}"
+        after = part_weight_bytes(model, part)
+        metrics.update(max_size=cfg.max_size, size_ratio=round(after / before, 4), max_size_met=after <= budget)
+    metrics["int4_linear"] = sum(1 for name in record["int4_linear"] if model.owns(part, name))
+    metrics["int8_linear"] = sum(1 for name in record["linear"] if model.owns(part, name))
+    return metrics
+
+
+def _input_means(model: Model, part: str, ctx: Context) -> dict:
+    """Before quantizing: each Linear / convolution of ``part`` with its float weight and the mean of its inputs on
+    the calibration inputs (``bias_correction``); refused on synthetic inputs (their mean is not the data's)."""
+    import torch
+
+    from mmopt.calibration import inputs_for
+    from mmopt.modules.linear import PatchLinear
+    from mmopt.quant import bias
+    from mmopt.quant.plan import SEQ_LEN, require_real_inputs
+
+    require_real_inputs(model, part, ctx, "bias_correction")
+    modules = {name: module for name, module in model.named_modules(part)
+               if (type(module) in _LINEAR_TYPES() or isinstance(module, torch.nn.modules.conv._ConvNd))
+               and not isinstance(module, PatchLinear)}
+    batches = inputs_for(model, ctx.adapter, part, ctx.calibration, SEQ_LEN, ctx.seed)
+    means = bias.collect(modules, lambda batch: ctx.adapter.run(model, part, batch), batches)
+    return {name: (module.weight.detach().clone(), means.of(name), getattr(module, "groups", 1))
+            for name, module in modules.items() if means.of(name) is not None}
+
+
+def _correct_biases(model: Model, part: str, targets: dict, layout: QuantLayout, record: dict,
+                    result: PassResult) -> int:
+    """Subtract each quantized layer's mean output shift from its bias; returns how many were corrected."""
+    import torch
+
+    from mmopt.quant.bias import output_shift
+
+    quantized = set(record["linear"] + record["int4_linear"] + record["convs"])
+    corrected = 0
+    for name, (weight, mean, groups) in targets.items():
+        if name not in quantized:
+            continue
+        module = _get(model.module, name)
+        shift = output_shift(weight, _effective_weight(module), mean, groups)
+        if module.bias is None:
+            if not layout.structural:
+                result.skipped.append(Skip(name, "bias correction: no bias, and a stock folder cannot gain one"))
+                continue
+            module.bias = torch.nn.Parameter(torch.zeros_like(shift, dtype=weight.dtype), requires_grad=False)
+            record["bias_added"].append(name)
+        module.bias.data -= shift.to(module.bias.dtype)
+        corrected += 1
+    return corrected
+
+
+def _effective_weight(module: nn.Module) -> torch.Tensor:
+    """The float weight a quantized layer computes with."""
+    from mmopt.modules.quantized import Int4Linear, is_int8_tensor
+
+    if isinstance(module, Int4Linear):
+        return module.dequantized()
+    weight = module.weight
+    return weight.dequantize() if is_int8_tensor(weight) else weight.detach()
+
+
+def _out_channels(module: nn.Module) -> int:
+    return module.out_channels if hasattr(module, "out_channels") else module.out_features
 
 
 def _torchao_state(model: Model, record: dict, state: dict) -> dict:

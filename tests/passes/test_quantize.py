@@ -326,7 +326,7 @@ def test_traces_run_on_a_copy_of_a_self_modifying_layer():
 # --- bad input -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("options, message", [
-    ("{method: int4}", "passes[0].quantize.method"),
+    ("{method: int3}", "passes[0].quantize.method"),
     ("{blocksize: 48}", "bitsandbytes accepts blocksize 32, 64"),
     ("{embedings: int8}", "passes[0].quantize.embedings"),
     ("{method: nf4, embeddings: int4}", "embeddings int4 goes with method int8"),
