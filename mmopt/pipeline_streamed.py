@@ -41,10 +41,12 @@ def why_not(recipe: Recipe) -> str | None:
     if others:
         return f"{', '.join(others)} need{'s' if len(others) == 1 else ''} the model in memory; streaming does " \
                f"{' and '.join(STREAMING_PASSES)}"
-    methods = {p.config.method for p in recipe.passes if p.name == "quantize"} - {"int8"}
-    if methods:
-        return f"quantize method {methods.pop()} (bitsandbytes) needs the model in memory; streaming quantizes " \
-               "with method int8"
+    for step in [p for p in recipe.passes if p.name == "quantize"]:
+        if step.config.method != "int8":
+            return f"quantize method {step.config.method} needs the model in memory; streaming quantizes with " \
+                   "method int8"
+        if step.config.bias_correction:
+            return "quantize's bias_correction runs the model on calibration data; streaming does not load it"
     spec = resolve_spec(recipe.model, recipe.base_dir)
     if spec.source == "hf":
         return "it takes open_clip, torchvision and timm models with a safetensors weights file, not Hugging Face folders"

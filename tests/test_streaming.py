@@ -149,6 +149,8 @@ output: {name}
 
 @pytest.mark.parametrize("passes, model, expect", [
     ("[quantize: {method: nf4}]", "weights", "streaming quantizes with method int8"),
+    ("[quantize: {method: int4}]", "weights", "streaming quantizes with method int8"),
+    ("[quantize: {method: int8, bias_correction: true}]", "weights", "bias_correction runs the model"),
     ("[cast: {dtype: float16}]", "pth", "reads the model's weights from a safetensors file"),
     ("[cast: {dtype: float16}]", "hf", "not Hugging Face folders"),
 ])
