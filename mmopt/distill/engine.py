@@ -166,7 +166,7 @@ def distill(student_model: Model, teacher_model: Model, adapter: Adapter, part: 
             p.grad = None
     keeper.load_best()
     before = keeper.curve[0][1]
-    stats = {"steps": len(losses), "steps_planned": steps, "lr": float(f"{lr:.4g}"), "lr_source": source,
+    info = {"steps": len(losses), "steps_planned": steps, "lr": float(f"{lr:.4g}"), "lr_source": source,
             "range_test": range_test, "first_loss": round(losses[0], 6) if losses else None,
             "final_loss": round(losses[-1], 6) if losses else None, "held_out_before": before,
             "held_out_best": round(keeper.best, 5), "best_step": keeper.best_step, "curve": keeper.curve,
@@ -176,5 +176,5 @@ def distill(student_model: Model, teacher_model: Model, adapter: Adapter, part: 
                          else "the fit samples themselves (too few to hold any out)"},
             "augment": data.describe_augmentation(), "loss": options.loss, "match": "tokens" if tokens else "output",
             "seconds": round(time.perf_counter() - started, 2)}
-    parallel.check_agreement(params, stats)
-    return stats
+    parallel.check_agreement(params, info)   # several processes: all decided alike (parallel.py)
+    return info
