@@ -43,14 +43,16 @@ def validate(recipe: str | Path, overrides: Overrides | None = None) -> Recipe:
 
 
 def optimize(recipe: str | Path, force: bool = False, progress: Progress = NO_PROGRESS,
-             overrides: Overrides | None = None, latency: bool = False, stream: bool | None = None) -> dict:
+             overrides: Overrides | None = None, latency: bool = False, stream: bool | None = None) -> dict | None:
     """Carry out a recipe file; return the report dict (also written into the output folder).
 
     ``latency``: time forwards at the recipe's batch even on a CPU (otherwise a batch-1 run, scaled).
     ``stream``: write a cast / strip tensor by tensor without loading the model (True), never (False), or when
     the weights would not fit in memory (None).
 
-    A failed gate does not raise: the output is written and ``report["passed"]`` is False.
+    A failed gate does not raise: the output is written and ``report["passed"]`` is False. In a process that a
+    launcher started beside others (``accelerate launch``, ``torchrun``) only the main one (RANK 0) writes and
+    returns the report; the others share the distillation and return None.
     """
     from mmopt import pipeline
     from mmopt.warnings_filter import say_once
@@ -60,6 +62,10 @@ def optimize(recipe: str | Path, force: bool = False, progress: Progress = NO_PR
     from mmopt import pipeline_streamed
 
     if pipeline_streamed.wanted(parsed, stream):
+        from mmopt.distill import parallel
+
+        if not parallel.is_main():      # nothing to share: streaming learns nothing
+            return None
         return pipeline_streamed.run(parsed, force=force, progress=progress, recipe_path=str(recipe))
     return pipeline.run(parsed, force=force, progress=progress, recipe_path=str(recipe), latency=latency)
 

@@ -63,12 +63,27 @@ def optimize(
                                           help="Cast / strip / quantize (int8) tensor by tensor from a safetensors weights file "
                                                "without loading the model (fidelity is not measured). Default: "
                                                "when the weights would not fit in memory."),
+    processes: int = typer.Option(1, "--processes", min=1,
+                                  help="Run the distillation data-parallel in N processes on this machine (gloo on "
+                                       "CPUs, NCCL with one GPU each); the first writes the output. Or launch with "
+                                       "`accelerate launch -m mmopt optimize ...`."),
 ) -> None:
     """Apply RECIPE: load the model, run its passes, write the checkpoint and the before/after report."""
     from mmopt import api, report
+    from mmopt.distill import parallel
 
     out, err = _consoles()
     overrides = api.Overrides(values=list(set_ or []), output=output)
+    if processes > 1:
+        if dry_run or check:
+            raise typer.BadParameter("--processes shares a run's training; --dry-run and --check train nothing",
+                                     param_hint="--processes")
+        from mmopt import processes as workers
+
+        api.validate(recipe, overrides)          # bad input is said once, not once per process
+        raise typer.Exit(workers.launch(processes, workers.strip_option(sys.argv[1:])))
+    if not parallel.is_main() and (dry_run or check):
+        return                                   # a launcher's other processes: rank 0 answers
     if dry_run:
         plan = api.plan(recipe, overrides=overrides, progress=report.progress_for(err))
         _print_json(plan) if json_ else report.show_plan(plan, out)
@@ -78,6 +93,8 @@ def optimize(
     else:
         result = api.optimize(recipe, force=force, progress=report.progress_for(err), overrides=overrides,
                               latency=latency, stream=stream)
+        if result is None:                       # another process of a launched run: rank 0 reports
+            return
     if json_:
         _print_json(result)
     elif check:

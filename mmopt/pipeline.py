@@ -71,16 +71,35 @@ def source_record(recipe: Recipe) -> dict:
 
 
 def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, recipe_path: str | None = None,
-        latency: bool = False) -> dict:
+        latency: bool = False) -> dict | None:
     """Carry out ``recipe``; return the report (also written as report.json / report.md in the output).
 
     ``latency``: time the forward at the recipe's shapes even on a CPU (on CUDA it always is; on a CPU the
     default is a batch-1 run scaled to the batch, labelled as an estimate).
+
+    Launched as several processes (``accelerate launch``, ``torchrun``, ``--processes``): the passes that learn
+    share their steps (``mmopt.distill.parallel``); only the main process measures, writes and returns the report,
+    the others return None (at once when no pass learns).
     """
+    from mmopt.distill import parallel
+
+    if not parallel.is_main():
+        if not any(step.learns_from_calibration for step in recipe.passes):
+            return None
+        progress = NO_PROGRESS
+    with parallel.group(recipe.device):
+        return _run(recipe, force, progress, recipe_path, latency)
+
+
+def _run(recipe: Recipe, force: bool, progress: Progress, recipe_path: str | None, latency: bool) -> dict | None:
     import torch
 
+    from mmopt.distill import parallel
+
+    main = parallel.is_main()
     started = time.perf_counter()
-    checkpoint.check_output(recipe.output_path, force)
+    if main:
+        checkpoint.check_output(recipe.output_path, force)
     calib = Calibration.from_recipe(recipe)
     torch.manual_seed(recipe.seed)
     host_memory.fix_mmap_threshold()
@@ -89,22 +108,26 @@ def run(recipe: Recipe, force: bool = False, progress: Progress = NO_PROGRESS, r
     state.latency = "full" if latency or state.device != "cpu" else "quick"
     fit_calib, eval_calib, held_out = _split_calibration(recipe, calib, list(state.model.parts))
     _check_passes(state, fit_calib)
-    with state.stage("measure original"):
-        before = measure_parts(state, state.model, "measuring original")
-        original = original_files(state.model)
-    host_memory.release()       # what the traces left (fake tensors in reference cycles), before the passes grow
-    eval_calibs = fidelity_inputs(recipe, eval_calib, before)
     reference = None
-    if state.teacher is None and not any(step.aligns_reference for step in recipe.passes):
-        # The original is in memory now and nothing will change what it is compared as: its outputs now spare
-        # reloading it after the write (a second copy of the weights at the run's peak, for big models).
-        kept = list(state.model.parts)
-        for step in recipe.passes:
-            kept = step.parts_after(kept)
-        with state.stage("reference outputs"):
-            reference = _outputs_of(state, state.model, kept, eval_calibs, held_out)
+    if main:                    # the other processes only share the passes' training
+        with state.stage("measure original"):
+            before = measure_parts(state, state.model, "measuring original")
+            original = original_files(state.model)
+        host_memory.release()   # what the traces left (fake tensors in reference cycles), before the passes grow
+        eval_calibs = fidelity_inputs(recipe, eval_calib, before)
+        if state.teacher is None and not any(step.aligns_reference for step in recipe.passes):
+            # The original is in memory now and nothing will change what it is compared as: its outputs now spare
+            # reloading it after the write (a second copy of the weights at the run's peak, for big models).
+            kept = list(state.model.parts)
+            for step in recipe.passes:
+                kept = step.parts_after(kept)
+            with state.stage("reference outputs"):
+                reference = _outputs_of(state, state.model, kept, eval_calibs, held_out)
     with state.stage("passes"):
         applied, pass_rows = _apply_passes(state, fit_calib)
+    parallel.barrier()          # every process got through its passes: only now is the output written
+    if not main:
+        return None
     random_weights = bool(state.model.random_weights)
     with checkpoint.atomic_folder(recipe.output_path, force) as tmp:
         with state.stage("write"), progress.task("writing checkpoint", total=None):

@@ -102,10 +102,12 @@ def distill(student_model: Model, teacher_model: Model, adapter: Adapter, part: 
     import torch
     import torch.nn.functional as F
 
+    from mmopt.distill import parallel
     from mmopt.distill.schedule import BestKeeper, lr_range_test, suggest_lr, warmup_cosine
     from mmopt.progress import NO_PROGRESS
 
     progress = progress or NO_PROGRESS
+    data = parallel.shard(data)          # several processes: this one's share of every batch (parallel.py)
     torch.manual_seed(seed)
     params = trainable(student_model, part)
     criterion, run = loss_fn(options.loss, tokens), runner(adapter, part, tokens)
@@ -116,13 +118,13 @@ def distill(student_model: Model, teacher_model: Model, adapter: Adapter, part: 
         with torch.no_grad():
             cos = [F.cosine_similarity(adapter.run(student_model, part, inputs).float(), ref, dim=-1)
                    for inputs, ref in held]
-        return float(torch.cat(cos).mean())
+        return parallel.mean(cos)
 
     def step_loss() -> Any:
         inputs = data.next_batch()
         with torch.no_grad():
             target = _detach(run(teacher_model, inputs))     # the teacher labels every (augmented) batch
-        return criterion(run(student_model, inputs), target)
+        return parallel.global_loss(criterion(run(student_model, inputs), target), data)
 
     was = [p.requires_grad for p in params]
     for p in params:
@@ -131,7 +133,7 @@ def distill(student_model: Model, teacher_model: Model, adapter: Adapter, part: 
     steps, losses, stopped = options.steps, [], False
     keeper = BestKeeper(params, score, options.patience)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), parallel.shared_gradients(params):
             lr, source, range_test = options.lr, "given", None
             if lr is None:
                 from mmopt.distill.schedule import RANGE_STEPS
@@ -164,13 +166,15 @@ def distill(student_model: Model, teacher_model: Model, adapter: Adapter, part: 
             p.grad = None
     keeper.load_best()
     before = keeper.curve[0][1]
-    return {"steps": len(losses), "steps_planned": steps, "lr": float(f"{lr:.4g}"), "lr_source": source,
+    info = {"steps": len(losses), "steps_planned": steps, "lr": float(f"{lr:.4g}"), "lr_source": source,
             "range_test": range_test, "first_loss": round(losses[0], 6) if losses else None,
             "final_loss": round(losses[-1], 6) if losses else None, "held_out_before": before,
             "held_out_best": round(keeper.best, 5), "best_step": keeper.best_step, "curve": keeper.curve,
             "stopped_early": stopped, "reverted": keeper.best_step == 0 and bool(losses),
-            "held_out": {"samples": sum(int(ref.shape[0]) for _, ref in held),
+            "held_out": {"samples": parallel.total(sum(int(ref.shape[0]) for _, ref in held)),
                          "split": "every 5th calibration sample the pass got" if data.really_held
                          else "the fit samples themselves (too few to hold any out)"},
             "augment": data.describe_augmentation(), "loss": options.loss, "match": "tokens" if tokens else "output",
             "seconds": round(time.perf_counter() - started, 2)}
+    parallel.check_agreement(params, info)   # several processes: all decided alike (parallel.py)
+    return info

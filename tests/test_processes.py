@@ -1,0 +1,128 @@
+"""Distillation in several processes (``--processes N``, ``accelerate launch``): two gloo processes on the CPU give
+the single process's result, only rank 0 writes and prints, and a failing rank fails the run with nothing written."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmopt import api
+from mmopt.processes import strip_option
+from tests.conftest import minilm_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = "red blue green small large quick slow happy sad old new bright dark cold warm".split()
+NOUNS = "cat dog car house tree river city book phone chair".split()
+# Key biases get no gradient at all (softmax is invariant to a constant added to every score): what AdamW makes
+# of their rounding noise differs between runs that add the same numbers in another order, and changes no output.
+NO_GRADIENT = (".attention.self.key.bias",)
+
+
+@pytest.fixture(scope="module")
+def sensitive_bert(tmp_path_factory) -> Path:
+    """A tiny random BERT whose output depends on its FFNs (initializer_range 0.5; the shared tiny BERT's outputs
+    barely change when half its FFN goes), so recovery really trains: cosine 0.72 -> 0.85 on the texts below."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("sensitive_bert")
+    torch.manual_seed(0)
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=30522, max_position_embeddings=128, initializer_range=0.5)).save_pretrained(folder)
+    source = minilm_folder()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "modules.json",
+                 "sentence_bert_config.json"):
+        shutil.copy2(source / name, folder / name)
+    shutil.copytree(source / "1_Pooling", folder / "1_Pooling")
+    pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "word_embedding_dimension": 32}))
+    return folder
+
+
+def _recipe(folder: Path, model: Path, output: str) -> Path:
+    import random
+
+    rng = random.Random(0)
+    (folder / "texts.txt").write_text("".join(
+        f"the {rng.choice(WORDS)} {rng.choice(NOUNS)} near the {rng.choice(WORDS)} {rng.choice(NOUNS)} was "
+        f"{rng.choice(WORDS)}\n" for _ in range(40)))
+    # No lr: the range test runs, and must choose the same rate in both processes. match: output (one cosine per
+    # sample) makes a 2-process step the 1-process step exactly, up to the order in which floats are added.
+    path = folder / f"{output}.yaml"
+    path.write_text(f"""model: {{source: hf, path: {model}}}
+calibration: {{texts: texts.txt, num_samples: 40}}
+profile: {{batch_size: 2, seq_len: 16}}
+passes:
+  - prune: {{target: mlp, amount: 0.5, recover: {{steps: 12, batch_size: 8, eval_every: 4, patience: null,
+                                                 match: output}}}}
+output: {output}
+""")
+    return path
+
+
+def _mmopt(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "mmopt", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": path, **(env or {})})
+
+
+def _recovery(report: dict) -> dict:
+    return report["passes"][0]["metrics"]["text"]["recovery"]
+
+
+def test_two_processes_give_the_single_process_result_and_only_rank_0_writes_and_prints(tmp_path, sensitive_bert):
+    from safetensors.torch import load_file
+
+    one = api.optimize(_recipe(tmp_path, sensitive_bert, "one"))
+    result = _mmopt("optimize", str(_recipe(tmp_path, sensitive_bert, "two")), "--processes", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    two = json.loads(result.stdout)        # exactly one JSON document: rank 1 printed nothing
+    a, b = _recovery(one), _recovery(two)
+    assert a["lr_source"] == "range test" and a["held_out"] == b["held_out"]
+    assert (a["lr"], a["steps"], a["best_step"]) == (b["lr"], b["steps"], b["best_step"])
+    assert a["curve"][-1][1] > a["curve"][0][1] + 0.05          # it really trained
+    # Same global batches, same rate: what differs is float rounding (reductions split across two processes,
+    # one thread each here, two in this one), about 1e-7 relative per step, far below these bounds.
+    for (step_a, cos_a), (step_b, cos_b) in zip(a["curve"], b["curve"]):
+        assert step_a == step_b and cos_b == pytest.approx(cos_a, abs=1e-4)
+    cos = [r["parts"]["text"]["fidelity"]["mean_cosine"] for r in (one, two)]
+    assert cos[1] == pytest.approx(cos[0], abs=1e-4)
+    wa, wb = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        if not key.endswith(NO_GRADIENT):
+            assert (wa[key] - wb[key]).abs().max() < 1e-4, key
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "one.yaml", "texts.txt", "two", "two.yaml"]
+
+
+def test_a_failing_process_fails_the_run_and_nothing_is_written(tmp_path, sensitive_bert):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    # Rank 1 alone fails as its distillation starts; rank 0 is then waiting for it.
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import mmopt.distill\n"
+        "    def _fail(*args, **kwargs):\n"
+        "        raise ValueError('injected failure of rank 1')\n"
+        "    mmopt.distill.distill = _fail\n")
+    recipe = _recipe(tmp_path, sensitive_bert, "out")
+    path = os.pathsep.join([str(hook), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-m", "mmopt", "optimize", str(recipe), "--processes", "2"],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": path})
+    assert result.returncode != 0
+    assert "injected failure of rank 1" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hook", "out.yaml", "texts.txt"]
+
+
+def test_processes_option_is_refused_where_nothing_trains_and_stripped_for_the_workers(tmp_path, sensitive_bert):
+    result = _mmopt("optimize", str(_recipe(tmp_path, sensitive_bert, "out")), "--processes", "2", "--dry-run")
+    assert result.returncode == 2 and "--dry-run and --check train nothing" in result.stderr
+    assert not (tmp_path / "out").exists()
+    assert strip_option(["optimize", "r.yaml", "--processes", "2", "--json"]) == ["optimize", "r.yaml", "--json"]
+    assert strip_option(["optimize", "--processes=4", "r.yaml"]) == ["optimize", "r.yaml"]
