@@ -399,11 +399,13 @@ def _adopt_student(model: Model, part: str, cfg: SubstituteConfig, ctx: Context,
     data = TextData(texts, tokenize, options.batch_size, augment, lambda: adapter.vocabulary(teacher), ctx.seed)
     fit_texts = list(data.fit) + (data.augmenter.batch(PROJECTION_AUGMENTED) if data.augmenter else [])
     feats, targets = [], []
-    with torch.inference_mode():
-        for i in range(0, len(fit_texts), 64):
+    starts = range(0, len(fit_texts), 64)
+    with torch.inference_mode(), ctx.progress.task(f"fitting the projection of {what}", total=len(starts)) as task:
+        for i in starts:
             mine, theirs = tokenize(fit_texts[i:i + 64])
             feats.append(student_adapter.run(student, part, mine).float().cpu())
             targets.append(adapter.run(teacher, part, theirs).float().cpu())
+            task.advance()
     feat, target = torch.cat(feats), torch.cat(targets)
     d_in, d_out = feat.shape[1], target.shape[1]
     weight, bias = least_squares(feat, target, ridge=PROJECTION_RIDGE)
