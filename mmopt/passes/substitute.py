@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 DISTILL_SEQ_LEN = 128
 LAYER_CHOICE_SAMPLES = 128  # calibration inputs every candidate layer subset is scored on
 # A student's projection is fitted on the fit texts and this many augmented ones: least squares on 320 docstrings
-# alone reached 0.25 on everyday development sentences, on 320 + 2000 augmented 0.47 (ridge 0.1, the best of
+# alone reached 0.23 on everyday development sentences, on 320 + 2000 augmented 0.47 (ridge 0.1, the best of
 # 1e-3 .. 1; /work/scratch/distill/c_proj.jsonl). 1000 keeps the teacher's labelling near a minute on 2 CPU cores.
 PROJECTION_AUGMENTED = 1000
 PROJECTION_RIDGE = 0.1
