@@ -54,6 +54,10 @@ device: cpu
 def test_student_swap_writes_a_sentence_transformers_folder_of_the_student(tiny_bert_dir, tiny_student_dir,
                                                                            tmp_path, capfd, caplog):
     from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    from mmopt import registry
+    from mmopt.checkpoint import load_model
 
     report = mmopt.optimize(_recipe(tmp_path, tiny_bert_dir, tiny_student_dir))
     out = tmp_path / "out"
@@ -62,8 +66,7 @@ def test_student_swap_writes_a_sentence_transformers_folder_of_the_student(tiny_
     assert metrics["distill"]["steps"] == 4 and metrics["distill"]["held_out"]["split"].startswith("every 5th")
     # the memory table compares the teacher with the student (its projection included)
     before, after = (report["parts"]["text"][k] for k in ("before", "after"))
-    student_params = sum(p.numel() for p in __import__("transformers").AutoModel.from_pretrained(
-        str(tiny_student_dir)).parameters())
+    student_params = sum(p.numel() for p in AutoModel.from_pretrained(str(tiny_student_dir)).parameters())
     assert after["params"] == student_params + 16 * 32 + 32 and before["params"] > after["params"]
     assert report["parts"]["text"]["fidelity"]["mean_cosine"] is not None
     # the student's own tokenizer travels, not the teacher's
@@ -82,17 +85,14 @@ def test_student_swap_writes_a_sentence_transformers_folder_of_the_student(tiny_
     assert (stock[2].in_features, stock[2].out_features) == (16, 32)
     stock_emb = torch.as_tensor(stock.encode(TEXTS[:5]))
 
-    # mmopt.load reads the same folder: the same embeddings through the adapter
-    reloaded = mmopt.load(out)
-    adapter = mmopt.registry.adapter_for("hf")
-    from mmopt.checkpoint import load_model
-
+    # mmopt.load reads the same folder (hashes checked): the same embeddings through the adapter
+    assert isinstance(mmopt.load(out), torch.nn.Module)
+    adapter = registry.adapter_for("hf")
     model = load_model(out)
     with torch.no_grad():
         ours = adapter.run(model, "text", adapter.tokenize(model, TEXTS[:5], 64))
     assert stock_emb.shape == (5, 32)
     assert torch.allclose(ours, stock_emb, atol=1e-5)
-    assert isinstance(reloaded, torch.nn.Module)
 
 
 def _cli(monkeypatch, capsys, *args):
