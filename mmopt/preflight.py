@@ -23,11 +23,14 @@ def check(recipe: Recipe) -> None:
             resolve_spec(recipe.model, recipe.base_dir))
     except MmoptError as exc:
         problems.append(f"{recipe.locate(('model',))}: {exc.message}")
-    for path, spec in _other_models(recipe):            # a swap's student model: the same file checks
+    for path, spec in _other_models(recipe):            # a swap's or a student's model: the same file checks
         try:
-            registry.adapter_for(spec.source).parts_without_weights(resolve_spec(spec, recipe.base_dir))
+            other = registry.adapter_for(spec.source).parts_without_weights(resolve_spec(spec, recipe.base_dir))
         except MmoptError as exc:
             problems.append(f"{recipe.locate(path)}: {exc.message}")
+            continue
+        if path[-1] == "student" and other is not None and "text" not in other:   # it replaces a text encoder
+            problems.append(f"{recipe.locate(path)}: not a text encoder (it has parts {', '.join(other)})")
     try:
         checkpoint.check_output(recipe.output_path, force=True)     # an existing folder is --force's business
     except MmoptError as exc:

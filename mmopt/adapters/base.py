@@ -105,6 +105,11 @@ class Adapter(Protocol):
         """Whether ``other``'s text part takes ``model``'s text inputs as they are (the same token ids), so it
         can be swapped in for ``model``'s text part."""
 
+    def adopt_student(self, model: Model, part: str, student: Model, projection: nn.Module | None) -> dict:
+        """Make ``model`` the ``student`` model whole (its own inputs, tokenizer and files), with ``projection``
+        after its output; return what ``mmopt.load`` needs (``substitute: {student: ...}``). UnsupportedError
+        where the family cannot be written as its student."""
+
     # --- training and what-if ------------------------------------------------------------------------------
 
     def enable_grad_checkpointing(self, model: Model, part: str) -> str:

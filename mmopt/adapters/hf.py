@@ -40,6 +40,9 @@ IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 CLIP_NORM = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 IMAGE_NORM = {"vit": HALF, "siglip": HALF, "siglip_vision_model": HALF, "dinov2": IMAGENET}
+# A student text encoder's projection to its teacher's width (``substitute: {student: ...}``): a Linear held on the
+# transformers module under this name, written as a sentence-transformers Dense module (weights ``linear.*``).
+DENSE = "sentence_dense"
 
 
 def _quiet_transformers() -> None:
@@ -117,6 +120,11 @@ class HFAdapter:
 
         config = AutoConfig.for_model(**arch["config"])
         module = _from_config(_model_class(config), config)
+        dense = info.get("dense")
+        if dense:
+            import torch
+
+            module.add_module(DENSE, torch.nn.Linear(dense["in_features"], dense["out_features"]))
         model = Model(module=module.eval(), source=self.source, arch=arch, parts=list(info["part_prefixes"]),
                       preprocess=dict(preprocess), info=dict(info))
         return model
@@ -207,7 +215,14 @@ class HFAdapter:
             return out.last_hidden_state.mean(dim=1)
         ids, mask = inputs
         hidden = module(input_ids=ids, attention_mask=mask).last_hidden_state
-        return _pool(hidden, mask, model.info.get("pooling", "mean"), model.info.get("normalize", False))
+        pooled = _pool(hidden, mask, model.info.get("pooling", "mean"), model.info.get("normalize", False))
+        dense = model.info.get("dense")
+        if not dense:
+            return pooled
+        import torch
+
+        out = getattr(module, DENSE)(pooled.to(getattr(module, DENSE).weight.dtype))
+        return torch.nn.functional.normalize(out, dim=-1) if dense["normalize"] else out
 
     def can_run_hidden(self, model: Model, part: str) -> bool:
         return part == "text" and part in model.parts
@@ -410,6 +425,30 @@ class HFAdapter:
         else:
             install_swapped(model, part, module, [], True)
 
+    def adopt_student(self, model: Model, part: str, student: Model, projection: nn.Module | None) -> dict:
+        """Make ``model`` (a text encoder) the ``student`` text encoder, with its own tokenizer and
+        sentence-transformers modules, and ``projection`` (a Linear to ``model``'s output width) after its pooled
+        output, normalised when ``model``'s output is. Returns what ``mmopt.load`` needs: the projection's
+        weight names in the written Dense file -> in the module."""
+        model.check_part(part)
+        student.check_part(part)
+        if model.info.get("model_type") in DUAL_TOWER or student.info.get("model_type") in DUAL_TOWER or \
+                list(student.parts) != [part] or list(model.parts) != [part]:
+            raise UnsupportedError("substitute.student: teacher and student must both be text encoders with one "
+                                   "part, text (a CLIP text tower cannot be written as a sentence-transformers "
+                                   "folder)")
+        info = {k: v for k, v in student.info.items()}
+        names = {}
+        if projection is not None:
+            student.module.add_module(DENSE, projection)
+            info["dense"] = {"in_features": projection.in_features, "out_features": projection.out_features,
+                             "normalize": bool(model.info.get("normalize"))}
+            names = {f"linear.{k}": f"{DENSE}.{k}" for k, _ in projection.named_parameters()}
+        model.module, model.arch, model.parts = student.module, student.arch, list(student.parts)
+        model.preprocess, model.info, model.assets = dict(student.preprocess), info, student.assets
+        model.random_weights = student.random_weights
+        return {"state_keys": names}
+
     def save(self, model: Model, out: Path) -> dict[str, str]:
         """One weight set: a stock Hugging Face folder (``model.safetensors`` + ``config.json``, quantized weights
         in transformers' torchao or bitsandbytes format) that ``mmopt.load`` reads too; mmopt's own per-part files
@@ -430,8 +469,13 @@ class HFAdapter:
             _add_quantization_config(out / "config.json", quant, dropped)
         # Dropped heads go into the stock file only, so transformers and sentence-transformers load it without a
         # missing-weights report; mmopt's load skips them (Strip.load_state), keeping the memory saving.
-        write_safetensors({**unique_state_dict(model.module), **_stock_heads(model)}, out / "model.safetensors")
-        return {model.parts[0]: "model.safetensors"}
+        state = unique_state_dict(model.module)
+        files = {}
+        if model.info.get("dense"):
+            dense = {"linear." + k[len(DENSE) + 1:]: state.pop(k) for k in list(state) if k.startswith(f"{DENSE}.")}
+            files = _write_sentence_modules(model, out, dense)
+        write_safetensors({**state, **_stock_heads(model)}, out / "model.safetensors")
+        return {model.parts[0]: "model.safetensors", **files}
 
     def quantization_layout(self, model: Model) -> QuantLayout:
         """No structural swaps: the folder must still rebuild in transformers (whose CLIP, e.g., reads
@@ -504,6 +548,44 @@ def torchao_quantization_config(quant: Quantization) -> dict:
 
     regex = "re:^(" + "|".join(re.escape(name) for name in quant.int8_modules) + r")\.weight$"
     return TorchAoConfig(FqnToConfig({regex: Int8WeightOnlyConfig()})).to_dict()
+
+
+def _write_sentence_modules(model: Model, out: Path, dense: dict) -> dict[str, str]:
+    """The sentence-transformers modules of a student with a projection: its own (Transformer, Pooling and
+    Normalize, or a Transformer and mean Pooling where its folder had none), then ``Dense`` (identity
+    activation) and ``Normalize`` when the teacher normalises. Returns {"text.dense": the Dense weights file},
+    a weight file of no part (``mmopt.load`` reads it with the part's)."""
+    modules_file = out / "modules.json"
+    if modules_file.is_file():
+        modules = json.loads(modules_file.read_text())
+    else:
+        hidden = model.module.config.hidden_size
+        (out / "1_Pooling").mkdir(exist_ok=True)
+        (out / "1_Pooling" / "config.json").write_text(json.dumps(
+            {"word_embedding_dimension": hidden, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+             "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}, indent=2) + "\n")
+        (out / "sentence_bert_config.json").write_text(json.dumps(
+            {"max_seq_length": model.preprocess.get("max_length", 512), "do_lower_case": False}) + "\n")
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    spec = model.info["dense"]
+
+    def add(kind: str) -> str:
+        n = len(modules)
+        modules.append({"idx": n, "name": str(n), "path": f"{n}_{kind}",
+                        "type": f"sentence_transformers.models.{kind}"})
+        return f"{n}_{kind}"
+
+    folder = add("Dense")
+    (out / folder).mkdir()
+    (out / folder / "config.json").write_text(json.dumps(
+        {"in_features": spec["in_features"], "out_features": spec["out_features"], "bias": "linear.bias" in dense,
+         "activation_function": "torch.nn.modules.linear.Identity"}, indent=2) + "\n")
+    write_safetensors({k: v.contiguous() for k, v in dense.items()}, out / folder / "model.safetensors")
+    if spec["normalize"]:
+        add("Normalize")
+    modules_file.write_text(json.dumps(modules, indent=2) + "\n")
+    return {"text.dense": f"{folder}/model.safetensors"}
 
 
 def _add_quantization_config(file: Path, quant: Quantization, dropped: list[str]) -> None:

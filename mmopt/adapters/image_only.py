@@ -11,6 +11,7 @@ from mmopt.weights import check_weights_file
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
 
 class ImageOnlyAdapter:
@@ -52,6 +53,10 @@ class ImageOnlyAdapter:
     def drop_part(self, model: Model, part: str) -> None:
         model.check_part(part)
         raise UnsupportedError(f"cannot drop {part!r}: it is this model's only part")
+
+    def adopt_student(self, model: Model, part: str, student: Model, projection: nn.Module | None) -> dict:
+        raise UnsupportedError("substitute.student replaces a Hugging Face text encoder by another; image models "
+                               "take substitute.swap")
 
     def shares_text_inputs(self, model: Model, other: Model) -> bool:
         return False      # no text part

@@ -256,6 +256,10 @@ class OpenClipAdapter:
                 for name, module in model.module.named_modules() if type(module).__name__ == "AttentionPool2d"}
         return QuantLayout(structural=True, bare_weights=bare, keep=keep, fused_attention=_is_open_clip_attention)
 
+    def adopt_student(self, model: Model, part: str, student: Model, projection: nn.Module | None) -> dict:
+        raise UnsupportedError("substitute.student replaces a Hugging Face text encoder by another; open_clip models "
+                               "take substitute.swap")
+
     def shares_text_inputs(self, model: Model, other: Model) -> bool:
         return False      # no other model is known to take open_clip's token ids
 

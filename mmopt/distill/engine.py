@@ -92,9 +92,13 @@ def trainable(model: Model, part: str) -> list:
 
 
 def distill(student_model: Model, teacher_model: Model, adapter: Adapter, part: str, data: TextData | TensorData,
-            options: Training, seed: int = 0, progress: Progress | None = None, tokens: bool = False) -> dict:
+            options: Training, seed: int = 0, progress: Progress | None = None, tokens: bool = False,
+            split: Callable[[Any], tuple[Any, Any]] | None = None) -> dict:
     """Train ``part`` of ``student_model`` toward the teacher for up to ``options.steps`` steps; keep the weights
     that scored best on ``data``'s held-out split (those from before training, should none beat them).
+
+    ``split`` turns one batch of ``data`` into (student inputs, teacher inputs); by default both take the batch.
+    A student with its own tokenizer (``substitute: {student: ...}``) gets batches holding both tokenizations.
 
     Returns what the report shows: the rate and where it came from, steps run, the held-out curve
     ([[step, mean cosine to the teacher], ...]), the best step, whether it stopped early, the augmentation.
@@ -111,8 +115,10 @@ def distill(student_model: Model, teacher_model: Model, adapter: Adapter, part: 
     torch.manual_seed(seed)
     params = trainable(student_model, part)
     criterion, run = loss_fn(options.loss, tokens), runner(adapter, part, tokens)
+    split = split or (lambda batch: (batch, batch))
     with torch.no_grad():
-        held = [(inputs, adapter.run(teacher_model, part, inputs).float()) for inputs in data.held_batches()]
+        held = [(mine, adapter.run(teacher_model, part, theirs).float())
+                for mine, theirs in map(split, data.held_batches())]
 
     def score() -> float:
         with torch.no_grad():
@@ -121,10 +127,10 @@ def distill(student_model: Model, teacher_model: Model, adapter: Adapter, part: 
         return parallel.mean(cos)
 
     def step_loss() -> Any:
-        inputs = data.next_batch()
+        mine, theirs = split(data.next_batch())
         with torch.no_grad():
-            target = _detach(run(teacher_model, inputs))     # the teacher labels every (augmented) batch
-        return parallel.global_loss(criterion(run(student_model, inputs), target), data)
+            target = _detach(run(teacher_model, theirs))     # the teacher labels every (augmented) batch
+        return parallel.global_loss(criterion(run(student_model, mine), target), data)
 
     was = [p.requires_grad for p in params]
     for p in params:

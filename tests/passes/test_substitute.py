@@ -214,7 +214,7 @@ def test_choosing_image_layers_without_calibration_images_is_a_data_error():
     ("{layer_drop: {keep_every: 1}}", "passes[0].substitute.layer_drop.keep_every: Input should be greater than "
                                       "or equal to 2, got 1"),
     ("{layer_drop: {keep_every: 2}, swap: {source: torchvision, name: resnet18}}",
-     "passes[0].substitute: give exactly one of layer_drop or swap"),
+     "passes[0].substitute: give exactly one of layer_drop, swap or student"),
     ("{layer_drop: {keep_every: 2, layers: 3}}", "passes[0].substitute.layer_drop: give exactly one of keep_every, "
                                                  "keep or layers"),
     ("{layer_drop: {keep: [3, 1]}}", "passes[0].substitute.layer_drop: keep must list distinct non-negative layer "
@@ -224,6 +224,9 @@ def test_choosing_image_layers_without_calibration_images_is_a_data_error():
     ("{layer_drop: {layers: 0}}", "passes[0].substitute.layer_drop.layers: Input should be greater than or equal "
                                   "to 1, got 0"),
     ("{swap: {source: hf, name: x}}", "passes[0].substitute.swap: source hf needs path: a local Hugging Face folder"),
+    ("{student: {source: hf, path: x}, distill: {match: tokens}}",
+     "passes[0].substitute: distill.match: tokens needs the original's token positions and width; a student with "
+     "its own tokenizer matches the output"),
     ("{layer_drop: {keep_every: 2}, distill: {loss: l1}}", "passes[0].substitute.distill.loss: Input should be "
                                                            "'cosine' or 'mse', got 'l1'"),
 ])
