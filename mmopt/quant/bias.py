@@ -8,54 +8,29 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Iterable
 
+from mmopt.quant.inputs import InputStatistic
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 
-class InputMeans:
-    """The mean input channel of chosen modules over forward passes (``with InputMeans(modules) as m: run(...)``):
-    channels are the last dim of a Linear's input, dim 1 of a convolution's."""
+class InputMeans(InputStatistic):
+    """The mean input channel of chosen modules: channels are the last dim of a Linear's input, dim 1 of a
+    convolution's."""
 
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
-        self.modules = modules
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-        self._handles: list = []
-
-    def __enter__(self) -> "InputMeans":
-        for name, module in self.modules.items():
-            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _hook(self, name: str) -> Callable:
+    def rows_of(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         import torch
 
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().float()
-            rows = x.movedim(1, -1) if isinstance(module, torch.nn.modules.conv._ConvNd) else x
-            rows = rows.reshape(-1, rows.shape[-1])
-            self.sums[name] = self.sums.get(name, 0) + rows.sum(0)
-            self.counts[name] = self.counts.get(name, 0) + rows.shape[0]
-        return hook
+        rows = x.float().movedim(1, -1) if isinstance(module, torch.nn.modules.conv._ConvNd) else x.float()
+        return rows.reshape(-1, rows.shape[-1])
 
-    def of(self, name: str) -> torch.Tensor | None:
-        return self.sums[name] / self.counts[name] if name in self.sums else None
+    def summand(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.sum(0)
 
 
 def collect(modules: dict[str, nn.Module], run: Callable[[tuple], object], batches: Iterable[tuple]) -> InputMeans:
-    import torch
-
-    means = InputMeans(modules)
-    with means, torch.no_grad():
-        for batch in batches:
-            run(batch)
-    return means
+    return InputMeans.collect(modules, run, batches)
 
 
 def output_shift(float_weight: torch.Tensor, quantized_weight: torch.Tensor, mean: torch.Tensor,

@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable
 
+from mmopt.quant.inputs import InputStatistic
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -51,54 +53,17 @@ class Quantized4:
         return ((q - self.zero.float().unsqueeze(-1)) * self.scale.float().unsqueeze(-1)).reshape(rows, cols)
 
 
-class Hessians:
-    """``X^T X`` of the inputs of chosen Linear modules, summed over forward passes (``with Hessians(modules) as h:
-    run(...)``): one float32 (in, in) matrix per module, and the number of input rows it has seen."""
+class Hessians(InputStatistic):
+    """``X^T X`` of the inputs of chosen Linear modules: one float32 (in, in) matrix per module; ``of`` is the mean
+    ``x x^T``."""
 
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
-        self.modules = modules
-        self.sums: dict[str, torch.Tensor] = {}
-        self.rows: dict[str, int] = {}
-        self._handles: list = []
-
-    def __enter__(self) -> "Hessians":
-        for name, module in self.modules.items():
-            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _hook(self, name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            rows = x.reshape(-1, x.shape[-1]).float()
-            product = rows.T @ rows
-            if name in self.sums:
-                self.sums[name] += product
-            else:
-                self.sums[name] = product
-            self.rows[name] = self.rows.get(name, 0) + rows.shape[0]
-        return hook
-
-    def of(self, name: str) -> torch.Tensor | None:
-        """The mean ``x x^T`` of ``name``'s inputs (None when no input reached it)."""
-        if name not in self.sums:
-            return None
-        return self.sums[name] / max(1, self.rows[name])
+    def summand(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.T @ rows
 
 
 def collect(modules: dict[str, nn.Module], run: Callable[[tuple], object], batches: Iterable[tuple]) -> Hessians:
     """Hessians of ``modules``' inputs over ``run(batch)`` for every batch (no gradients)."""
-    import torch
-
-    hessians = Hessians(modules)
-    with hessians, torch.no_grad():
-        for batch in batches:
-            run(batch)
-    return hessians
+    return Hessians.collect(modules, run, batches)
 
 
 def round_to_nearest(weight: torch.Tensor, group_size: int, hessian: torch.Tensor | None = None) -> Quantized4:
