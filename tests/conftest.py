@@ -97,17 +97,16 @@ def tiny_clip_full_vocab(tmp_path_factory) -> str:
     return name
 
 
-@pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory) -> Path:
-    """A sentence-transformers style folder: tiny random BertModel + MiniLM's tokenizer and pooling config."""
+def save_tiny_bert(folder: Path, **config) -> Path:
+    """A sentence-transformers style folder: a tiny random BertModel (2 layers, width 32; ``config`` overrides)
+    with MiniLM's tokenizer and pooling config."""
     import torch
     from transformers import BertConfig, BertModel
 
-    folder = tmp_path_factory.mktemp("tiny_bert")
     torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                        vocab_size=30522, max_position_embeddings=128)
-    BertModel(config).save_pretrained(folder)
+    BertModel(BertConfig(**{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                            "intermediate_size": 64, "vocab_size": 30522, "max_position_embeddings": 128,
+                            **config})).save_pretrained(folder)
     source = minilm_folder()
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "modules.json",
                  "sentence_bert_config.json"):
@@ -117,6 +116,11 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     pooling["word_embedding_dimension"] = 32
     (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 
 from mmopt import api
 from mmopt.processes import strip_option
-from tests.conftest import minilm_folder
+from tests.conftest import save_tiny_bert
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "red blue green small large quick slow happy sad old new bright dark cold warm".split()
@@ -27,21 +26,7 @@ NO_GRADIENT = (".attention.self.key.bias",)
 def sensitive_bert(tmp_path_factory) -> Path:
     """A tiny random BERT whose output depends on its FFNs (initializer_range 0.5; the shared tiny BERT's outputs
     barely change when half its FFN goes), so recovery really trains: cosine 0.72 -> 0.85 on the texts below."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("sensitive_bert")
-    torch.manual_seed(0)
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                         vocab_size=30522, max_position_embeddings=128, initializer_range=0.5)).save_pretrained(folder)
-    source = minilm_folder()
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "modules.json",
-                 "sentence_bert_config.json"):
-        shutil.copy2(source / name, folder / name)
-    shutil.copytree(source / "1_Pooling", folder / "1_Pooling")
-    pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "word_embedding_dimension": 32}))
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("sensitive_bert"), initializer_range=0.5)
 
 
 def _recipe(folder: Path, model: Path, output: str) -> Path:
