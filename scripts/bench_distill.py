@@ -1,13 +1,16 @@
 """Distillation defaults against the issue-13 targets, on text no run has seen; one JSON line per recipe.
 
     python scripts/bench_distill.py [--only minilm-6to3 minilm-ffn30] [--label new] [--out DIR] [--json FILE]
+                                    [--judge dev | eval | dev eval] [--extra "refit: false"]
 
 Calibration: 400 Python standard-library docstring sentences (``bench_substitute.corpus``: one domain).
 Judged on scripts/data/everyday_eval.txt (300 everyday sentences: mean / min cosine of the optimized model's
 embedding to the original's) and scripts/data/paraphrase_eval.tsv (120 pairs: how many first sentences rank
 their own paraphrase first among all 120 second sentences, original vs optimized). Neither file is read by
 any run, tuning or augmentation: only here, after the run, on the written output loaded by stock
-sentence-transformers.
+sentence-transformers. Choices are made with ``--judge dev`` (/work/data/dev: 200 everyday sentences, 60
+pairs, outside the repository) and ``--extra`` (options added to the recipe's training mapping, e.g.
+``"refit: false"``); the evaluation set is judged once, at the end.
 
 The recipes are written as a user would, with no learning rate; ``--label`` names the code under test, so the
 same script run against an older checkout of mmopt (``PYTHONPATH=that/checkout``) gives today's column.

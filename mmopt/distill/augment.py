@@ -1,8 +1,7 @@
 """Unlabeled variations of a small calibration set; the teacher labels every one of them.
 
 Text: crops (spans), word shuffles, two-sentence mixes, words replaced by words from the tokenizer's
-vocabulary, strings of vocabulary words, and templated everyday sentences (``sentences.py``: real words in
-real grammar, unlike the vocabulary strings; issue 13, hypothesis "wider unlabeled text"). In the issue-13 research (MiniLM 6 -> 3 distilled on 400 docstring
+vocabulary, and strings of vocabulary words. In the issue-13 research (MiniLM 6 -> 3 distilled on 400 docstring
 sentences, judged on everyday sentences no run saw) 75% augmented texts per batch raised the everyday cosine
 from 0.77 to 0.83 and FFN -30% recovery from 0.82 to 0.90; 100% with heavier replacement did worse (0.827):
 the student must still see the real sentences.
@@ -17,13 +16,11 @@ import random
 import re
 from typing import TYPE_CHECKING, Any, Sequence
 
-from mmopt.distill.sentences import SentenceMaker
-
 if TYPE_CHECKING:
     import torch
 
 RATIO = 0.75                 # share of each batch that is augmented
-TEXT_OPS = ("span", "shuffle", "concat", "replace", "random", "template")
+TEXT_OPS = ("span", "shuffle", "concat", "replace", "random")
 REPLACE_FRAC = 0.3           # chance a word is replaced in "replace"
 ZIPF_OFFSET = 50             # vocabulary words drawn ~ 1 / (rank + offset): frequent words more often
 _WORD = re.compile(r"^[a-z]{2,}$")
@@ -52,7 +49,6 @@ class TextAugmenter:
         self.sentences, self.words, self.ratio = list(sentences), list(words), ratio
         self.ops = [op for op in TEXT_OPS if self.words or op not in ("replace", "random")]
         self.rng = random.Random(seed)
-        self.maker = SentenceMaker(seed + 7919)      # its own stream: the other ops draw as they did before
         self._order: list[int] = []
         weights = [1.0 / (rank + ZIPF_OFFSET) for rank in range(len(self.words))]
         total, acc, self._cumulative = sum(weights), 0.0, []
@@ -62,8 +58,7 @@ class TextAugmenter:
 
     def describe(self) -> str:
         names = {"span": "crops", "shuffle": "shuffles", "concat": "mixes of two sentences",
-                 "replace": "vocabulary-word replacement", "random": "vocabulary-word strings",
-                 "template": "templated everyday sentences"}
+                 "replace": "vocabulary-word replacement", "random": "vocabulary-word strings"}
         return f"text: {', '.join(names[op] for op in self.ops)} ({self.ratio:.0%} of each batch)"
 
     def _sentence(self) -> str:
@@ -93,8 +88,6 @@ class TextAugmenter:
             return " ".join(self._word() if rng.random() < REPLACE_FRAC else w for w in words)
         if op == "random":
             return " ".join(self._word() for _ in range(rng.randint(4, 30)))
-        if op == "template":
-            return self.maker.sentence()
         raise ValueError(f"unknown augmentation {op!r}")
 
     def batch(self, n: int) -> list[str]:

@@ -77,19 +77,23 @@ class TextData:
         for i in range(0, len(texts), 64):
             yield self.tokenize(texts[i:i + 64])
 
-    def refit_texts(self, extra: int = REFIT_EXTRA) -> list[str]:
-        """The fit texts and, when augmenting, ``extra`` variations of them (every one varied), by length."""
+    def refit_texts(self, extra: int | None = None) -> list[str]:
+        """The fit texts and, when augmenting, ``extra`` (default ``REFIT_EXTRA``) variations of them (every one
+        varied), by length."""
         from mmopt.distill.augment import TextAugmenter
 
+        extra = REFIT_EXTRA if extra is None else extra
         texts = list(self.fit)
         if self.augmenter is not None:      # its own generator: the training draws stay as they were
             texts += TextAugmenter(self.fit, self.words, ratio=1.0, seed=self.seed + 1).batch(extra)
         return sorted(texts, key=len)
 
-    def refit_batches(self, extra: int = REFIT_EXTRA) -> Callable[[], Iterable[tuple]]:
-        """What a least-squares refit runs on: a callable giving the batches of ``refit_texts`` afresh."""
+    def refit_batches(self, extra: int | None = None) -> Callable[[], Iterable[tuple]]:
+        """What a least-squares refit runs on: a callable giving the batches of ``refit_texts`` (tokenized once;
+        a few MB of token ids) again for every block."""
         texts = self.refit_texts(extra)
-        return lambda: (self.tokenize(texts[i:i + REFIT_BATCH]) for i in range(0, len(texts), REFIT_BATCH))
+        batches = [self.tokenize(texts[i:i + REFIT_BATCH]) for i in range(0, len(texts), REFIT_BATCH)]
+        return lambda: iter(batches)
 
     def describe_augmentation(self) -> str | None:
         return self.augmenter.describe() if self.augmenter is not None else None
@@ -138,12 +142,12 @@ class TensorData:
         for i in range(0, n, 64):
             yield tuple(t[i:i + 64] for t in self.held)
 
-    def refit_batches(self, extra: int = REFIT_EXTRA) -> Callable[[], Iterable[tuple]]:
+    def refit_batches(self, extra: int | None = None) -> Callable[[], Iterable[tuple]]:
         """The fit samples and, when augmenting images, up to ``extra`` augmented copies (drawn once, at most
         ``REFIT_IMAGES``: they are held in memory), in batches."""
         import torch
 
-        rows, extra = self.fit, min(extra, REFIT_IMAGES)
+        rows, extra = self.fit, min(REFIT_EXTRA if extra is None else extra, REFIT_IMAGES)
         if self.augment and extra:
             gen = torch.Generator().manual_seed(int(self.generator.initial_seed()) + 1)
             idx = torch.randint(0, rows[0].shape[0], (extra,), generator=gen)
