@@ -57,11 +57,21 @@ def test_refit_of_an_unpruned_model_reproduces_it(bert):
     adapter, teacher = bert
     student = copy.deepcopy(teacher)
     ffn = adapter.prune_layout(student, "text").ffn
-    data = data_for(adapter, teacher)
-    stats = refit_ffn(student, teacher, ffn, data.refit_batches(), lambda m, b: adapter.run(m, "text", b))
-    assert stats["error_before"] == 0.0 or stats["error_before"] < 1e-9
+    data = data_for(adapter, teacher, augment="on")
+    stats = refit_ffn(student, teacher, ffn, data.refit_batches(extra=60), lambda m, b: adapter.run(m, "text", b))
+    assert stats["blocks"] == 2 and stats["error_before"] < 1e-9
     assert stats["error_after"] < 1e-3
-    assert _output_error(adapter, student, teacher, data.refit_batches()()) < 1e-3
+    assert _output_error(adapter, student, teacher, data.refit_batches(extra=60)()) < 1e-3
+
+
+def test_too_few_tokens_for_the_kept_units_leave_the_blocks_as_they_are(bert):
+    adapter, teacher = bert
+    student, ffn = _pruned(adapter, teacher)
+    before = {n: p.clone() for n, p in student.module.named_parameters()}
+    data = data_for(adapter, teacher, texts=TEXTS[:3])       # ~40 tokens for 43 kept units per block
+    stats = refit_ffn(student, teacher, ffn, data.refit_batches(), lambda m, b: adapter.run(m, "text", b))
+    assert stats["blocks"] == 0
+    assert all(torch.equal(p, before[n]) for n, p in student.module.named_parameters())
 
 
 def test_refit_texts_are_the_fit_texts_plus_seeded_variations(bert):
@@ -74,3 +84,9 @@ def test_refit_texts_are_the_fit_texts_plus_seeded_variations(bert):
     held = data_for(adapter, teacher, augment="on").held
     assert not set(held) & set(texts)                      # the held-out split stays unseen
     assert data_for(adapter, teacher, augment="off").refit_texts() == sorted(fit, key=len)
+
+
+def test_refit_variations_default_to_at_most_four_per_fit_text(bert):
+    adapter, teacher = bert
+    data = data_for(adapter, teacher, augment="on")
+    assert len(data.refit_texts()) == len(data.fit) * 5

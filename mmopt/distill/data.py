@@ -21,6 +21,7 @@ BUCKET = 16         # text batches are drawn BUCKET at a time and grouped by len
 # Augmented variations a least-squares refit (``refit.py``) sees beside the fit samples: the research's 1000
 # (fit + 1000 variations: 0.918 on everyday development text; fit alone: 0.840).
 REFIT_EXTRA = 1000
+REFIT_PER_SAMPLE = 4   # at most this many variations per fit text: those of a few texts add little but time
 REFIT_BATCH = 32
 REFIT_IMAGES = 256  # 256 images of 3 x 224 x 224 in float32: 154 MB
 
@@ -78,11 +79,11 @@ class TextData:
             yield self.tokenize(texts[i:i + 64])
 
     def refit_texts(self, extra: int | None = None) -> list[str]:
-        """The fit texts and, when augmenting, ``extra`` (default ``REFIT_EXTRA``) variations of them (every one
-        varied), by length."""
+        """The fit texts and, when augmenting, ``extra`` variations of them (every one varied), by length; by
+        default ``REFIT_EXTRA``, at most ``REFIT_PER_SAMPLE`` per fit text (the benchmark's 256: all 1000)."""
         from mmopt.distill.augment import TextAugmenter
 
-        extra = REFIT_EXTRA if extra is None else extra
+        extra = min(REFIT_EXTRA, REFIT_PER_SAMPLE * len(self.fit)) if extra is None else extra
         texts = list(self.fit)
         if self.augmenter is not None:      # its own generator: the training draws stay as they were
             texts += TextAugmenter(self.fit, self.words, ratio=1.0, seed=self.seed + 1).batch(extra)

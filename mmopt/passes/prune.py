@@ -342,13 +342,33 @@ def _recover(model: Model, teacher: Model, part: str, recover: Recover, ctx: Con
         from mmopt.progress import NO_PROGRESS
 
         run = lambda m, inputs: ctx.adapter.run(m, part, inputs)  # noqa: E731
+        saved = {fc2: copy.deepcopy(model.module.get_submodule(fc2).state_dict()) for _, fc2 in ffn}
+        held_before = _held_out_cosine(model, teacher, part, data, ctx)
         with (ctx.progress or NO_PROGRESS).task(f"refitting the pruned FFNs of {part}", total=len(ffn)) as task:
             out["refit"] = refit_ffn(model, teacher, ffn, data.refit_batches(), run, on_block=task.advance)
+        # Kept only if the held-out split (never fitted on) agrees: a fit on few tokens can overfit them.
+        held_after = _held_out_cosine(model, teacher, part, data, ctx)
+        out["refit"].update(held_out_before=round(held_before, 5), held_out_after=round(held_after, 5),
+                            kept=held_after > held_before)
+        if not out["refit"]["kept"]:
+            for fc2, state in saved.items():
+                model.module.get_submodule(fc2).load_state_dict(state)
         out["fidelity_after_refit"] = measured()
     out["recovery"] = distill(model, teacher, ctx.adapter, part, data, recover, seed=ctx.seed,
                               progress=ctx.progress, tokens=tokens)
     model.module.eval()
     return out
+
+
+def _held_out_cosine(model: Model, teacher: Model, part: str, data, ctx: Context) -> float:
+    """Mean cosine of ``part``'s outputs to the teacher's on the distillation data's held-out split."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        cos = [F.cosine_similarity(ctx.adapter.run(model, part, b).float(), ctx.adapter.run(teacher, part, b).float(),
+                                   dim=-1) for b in data.held_batches()]
+    return float(torch.cat(cos).mean())
 
 
 # --- shapes ------------------------------------------------------------------------------------------------------

@@ -204,6 +204,24 @@ def test_recovery_refits_then_raises_the_held_out_score_deterministically_on_bun
     assert "refit" not in plain and plain["recovery"]["held_out_best"] > plain["recovery"]["held_out_before"]
 
 
+def test_a_refit_that_lowers_the_held_out_score_is_undone(bert_dir, monkeypatch):
+    import mmopt.distill.refit
+
+    def spoil(student, teacher, blocks, batches, run, on_block=None):
+        with torch.no_grad():
+            for _, fc2 in blocks:
+                student.module.get_submodule(fc2).weight.mul_(-1.0)
+        return {"blocks": len(blocks)}
+
+    monkeypatch.setattr(mmopt.distill.refit, "refit_ffn", spoil)
+    model, adapter = _bert(bert_dir)
+    cfg = prune.PruneConfig(target="mlp", amount=0.5, recover={"steps": 1, "lr": 1e-4})
+    metrics = prune.Prune(cfg).apply(model, Context(adapter=adapter, teacher=copy.deepcopy(model))).metrics["text"]
+    assert metrics["refit"]["kept"] is False
+    assert metrics["refit"]["held_out_after"] < metrics["refit"]["held_out_before"]
+    assert metrics["fidelity_after_refit"] == metrics["fidelity_before_recovery"]
+
+
 # --- torchvision ----------------------------------------------------------------------------------------------
 
 def test_resnet_channels_shrink_and_rebuild_from_recorded_counts(tmp_path):
