@@ -338,26 +338,31 @@ def _recover(model: Model, teacher: Model, part: str, recover: Recover, ctx: Con
     data = for_part(teacher, ctx.adapter, part, calib, EVAL_SEQ_LEN, ctx.seed, recover.batch_size, recover.augment,
                     ctx.device)
     if ffn:
-        from mmopt.distill.refit import refit_ffn
-        from mmopt.progress import NO_PROGRESS
-
-        run = lambda m, inputs: ctx.adapter.run(m, part, inputs)  # noqa: E731
-        saved = {fc2: copy.deepcopy(model.module.get_submodule(fc2).state_dict()) for _, fc2 in ffn}
-        held_before = _held_out_cosine(model, teacher, part, data, ctx)
-        with (ctx.progress or NO_PROGRESS).task(f"refitting the pruned FFNs of {part}", total=len(ffn)) as task:
-            out["refit"] = refit_ffn(model, teacher, ffn, data.refit_batches(), run, on_block=task.advance)
-        # Kept only if the held-out split (never fitted on) agrees: a fit on few tokens can overfit them.
-        held_after = _held_out_cosine(model, teacher, part, data, ctx)
-        out["refit"].update(held_out_before=round(held_before, 5), held_out_after=round(held_after, 5),
-                            kept=held_after > held_before)
-        if not out["refit"]["kept"]:
-            for fc2, state in saved.items():
-                model.module.get_submodule(fc2).load_state_dict(state)
+        out["refit"] = _refit(model, teacher, part, data, ffn, ctx)
         out["fidelity_after_refit"] = measured()
     out["recovery"] = distill(model, teacher, ctx.adapter, part, data, recover, seed=ctx.seed,
                               progress=ctx.progress, tokens=tokens)
     model.module.eval()
     return out
+
+
+def _refit(model: Model, teacher: Model, part: str, data, ffn: list[tuple[str, str]], ctx: Context) -> dict:
+    """Least-squares refit of the pruned FFNs' output layers (``mmopt/distill/refit.py``), kept only if the
+    held-out split (never fitted on) agrees: a fit on few tokens can overfit them."""
+    from mmopt.distill.refit import refit_ffn
+    from mmopt.progress import NO_PROGRESS
+
+    run = lambda m, inputs: ctx.adapter.run(m, part, inputs)  # noqa: E731
+    saved = {fc2: copy.deepcopy(model.module.get_submodule(fc2).state_dict()) for _, fc2 in ffn}
+    before = _held_out_cosine(model, teacher, part, data, ctx)
+    with (ctx.progress or NO_PROGRESS).task(f"refitting the pruned FFNs of {part}", total=len(ffn)) as task:
+        stats = refit_ffn(model, teacher, ffn, data.refit_batches(), run, on_block=task.advance)
+    after = _held_out_cosine(model, teacher, part, data, ctx)
+    stats.update(held_out_before=round(before, 5), held_out_after=round(after, 5), kept=after > before)
+    if not stats["kept"]:
+        for fc2, state in saved.items():
+            model.module.get_submodule(fc2).load_state_dict(state)
+    return stats
 
 
 def _held_out_cosine(model: Model, teacher: Model, part: str, data, ctx: Context) -> float:
