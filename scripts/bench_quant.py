@@ -47,6 +47,8 @@ MMOPT = {
              ("mmopt int4 rtn", {"method": "int4", "algorithm": "rtn"}),
              ("mmopt int4 gptq", {"method": "int4", "algorithm": "gptq"}),
              ("mmopt int4 gptq + max_size 0.21", {"method": "int4", "algorithm": "gptq", "max_size": 0.21}),
+             ("mmopt int4 gptq + 4-bit tables + max_size 0.17",
+              {"method": "int4", "algorithm": "gptq", "embeddings": "int4", "max_size": 0.17}),
              ("mmopt llm_int8", {"method": "llm_int8"}), ("mmopt nf4", {"method": "nf4"})],
     "visual": [("mmopt int8", {"method": "int8"}), ("mmopt llm_int8", {"method": "llm_int8"}),
                ("mmopt nf4", {"method": "nf4"})],

@@ -32,9 +32,12 @@ SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_feat
 
 
 class Recover(Training):
-    """``prune.recover``: the shared training options (``mmopt/distill/options.py``), 300 steps."""
+    """``prune.recover``: the shared training options (``mmopt/distill/options.py``), 300 steps, after a
+    least-squares refit of the pruned FFNs' output layers (``target: mlp``)."""
 
     steps: int = Field(300, gt=0, description="optimizer steps of distillation from the original (at most)")
+    refit: bool = Field(True, description="target mlp: first re-solve each pruned FFN's output Linear by least "
+                                          "squares on the original's outputs (fit samples and their variations)")
 
 
 class PruneConfig(PassConfig):
@@ -102,7 +105,8 @@ class Prune(Pass):
                 result.skipped.append(Skip(part, f"not a stock config: {reason}"))
             result.metrics[part] = {"pruned": pruned}
             if cfg.recover is not None:
-                result.metrics[part].update(_recover(model, teacher, part, cfg.recover, ctx))
+                ffn = layouts[part].ffn if cfg.target == "mlp" and cfg.recover.refit else []
+                result.metrics[part].update(_recover(model, teacher, part, cfg.recover, ctx, ffn))
         after = _shapes(model.module)
         changed = {name: list(shape) for name, shape in after.items() if before.get(name) != shape}
         result.record = {"heads": heads, "shapes": changed, "attrs": _attrs(model.module, changed)}
@@ -143,6 +147,8 @@ class Prune(Pass):
         if recovery:
             words.append(f"recovered {describe_run(recovery)}")
             words.append(f"cos before recovery {metrics['fidelity_before_recovery']['mean_cosine']:.4f}")
+            if "fidelity_after_refit" in metrics:
+                words.append(f"after the FFN refit {metrics['fidelity_after_refit']['mean_cosine']:.4f}")
         return "; ".join(words)
 
 
@@ -311,8 +317,10 @@ def _activation_head_scores(model: Model, part: str, layout: PruneLayout, ctx: C
 
 # --- recovery --------------------------------------------------------------------------------------------------
 
-def _recover(model: Model, teacher: Model, part: str, recover: Recover, ctx: Context) -> dict:
-    """Distil ``part`` from the teacher; return fidelity before recovery and the run (``mmopt.distill``)."""
+def _recover(model: Model, teacher: Model, part: str, recover: Recover, ctx: Context,
+             ffn: list[tuple[str, str]]) -> dict:
+    """Refit the pruned FFNs ``ffn`` (fc1, fc2 names; none: no refit), then distil ``part`` from the teacher;
+    return fidelity before recovery (and after the refit) and the run (``mmopt.distill``)."""
     from mmopt.calibration import Calibration, inputs_for
     from mmopt.distill import distill
     from mmopt.distill.data import for_part
@@ -320,15 +328,52 @@ def _recover(model: Model, teacher: Model, part: str, recover: Recover, ctx: Con
 
     calib = ctx.calibration or Calibration()
     ref = embeddings(teacher, ctx.adapter, part, inputs_for(teacher, ctx.adapter, part, calib, EVAL_SEQ_LEN, ctx.seed))
-    new = embeddings(model, ctx.adapter, part, inputs_for(model, ctx.adapter, part, calib, EVAL_SEQ_LEN, ctx.seed))
-    before = fidelity(ref, new)
+
+    def measured() -> dict:
+        new = embeddings(model, ctx.adapter, part, inputs_for(model, ctx.adapter, part, calib, EVAL_SEQ_LEN, ctx.seed))
+        return fidelity(ref, new)
+
+    out = {"fidelity_before_recovery": measured()}
     tokens = use_tokens(recover.match, ctx.adapter, model, part)
     data = for_part(teacher, ctx.adapter, part, calib, EVAL_SEQ_LEN, ctx.seed, recover.batch_size, recover.augment,
                     ctx.device)
-    stats = distill(model, teacher, ctx.adapter, part, data, recover, seed=ctx.seed, progress=ctx.progress,
-                    tokens=tokens)
+    if ffn:
+        out["refit"] = _refit(model, teacher, part, data, ffn, ctx)
+        out["fidelity_after_refit"] = measured()
+    out["recovery"] = distill(model, teacher, ctx.adapter, part, data, recover, seed=ctx.seed,
+                              progress=ctx.progress, tokens=tokens)
     model.module.eval()
-    return {"fidelity_before_recovery": before, "recovery": stats}
+    return out
+
+
+def _refit(model: Model, teacher: Model, part: str, data, ffn: list[tuple[str, str]], ctx: Context) -> dict:
+    """Least-squares refit of the pruned FFNs' output layers (``mmopt/distill/refit.py``), kept only if the
+    held-out split (never fitted on) agrees: a fit on few tokens can overfit them."""
+    from mmopt.distill.refit import refit_ffn
+    from mmopt.progress import NO_PROGRESS
+
+    run = lambda m, inputs: ctx.adapter.run(m, part, inputs)  # noqa: E731
+    saved = {fc2: copy.deepcopy(model.module.get_submodule(fc2).state_dict()) for _, fc2 in ffn}
+    before = _held_out_cosine(model, teacher, part, data, ctx)
+    with (ctx.progress or NO_PROGRESS).task(f"refitting the pruned FFNs of {part}", total=len(ffn)) as task:
+        stats = refit_ffn(model, teacher, ffn, data.refit_batches(), run, on_block=task.advance)
+    after = _held_out_cosine(model, teacher, part, data, ctx)
+    stats.update(held_out_before=round(before, 5), held_out_after=round(after, 5), kept=after > before)
+    if not stats["kept"]:
+        for fc2, state in saved.items():
+            model.module.get_submodule(fc2).load_state_dict(state)
+    return stats
+
+
+def _held_out_cosine(model: Model, teacher: Model, part: str, data, ctx: Context) -> float:
+    """Mean cosine of ``part``'s outputs to the teacher's on the distillation data's held-out split."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        cos = [F.cosine_similarity(ctx.adapter.run(model, part, b).float(), ctx.adapter.run(teacher, part, b).float(),
+                                   dim=-1) for b in data.held_batches()]
+    return float(torch.cat(cos).mean())
 
 
 # --- shapes ------------------------------------------------------------------------------------------------------

@@ -1,0 +1,92 @@
+"""The least-squares refit of pruned FFN output layers (issue 13) and the texts it fits on."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from mmopt.distill.refit import refit_ffn
+from tests.test_distill import TEXTS, bert, data_for  # noqa: F401  (bert is a fixture)
+
+
+def _pruned(adapter, teacher):
+    """The teacher with a third of every FFN's hidden units cut (rows of fc1, columns of fc2), as prune leaves it."""
+    student = copy.deepcopy(teacher)
+    layout = adapter.prune_layout(student, "text")
+    with torch.no_grad():
+        for fc1_name, fc2_name in layout.ffn:
+            fc1, fc2 = student.module.get_submodule(fc1_name), student.module.get_submodule(fc2_name)
+            keep = torch.arange(fc1.out_features)[fc1.out_features // 3:]
+            new1 = torch.nn.Linear(fc1.in_features, len(keep))
+            new1.weight.copy_(fc1.weight[keep])
+            new1.bias.copy_(fc1.bias[keep])
+            new2 = torch.nn.Linear(len(keep), fc2.out_features)
+            new2.weight.copy_(fc2.weight[:, keep])
+            new2.bias.copy_(fc2.bias)
+            owner1, _, attr1 = fc1_name.rpartition(".")
+            owner2, _, attr2 = fc2_name.rpartition(".")
+            setattr(student.module.get_submodule(owner1), attr1, new1)
+            setattr(student.module.get_submodule(owner2), attr2, new2)
+    return student, layout.ffn
+
+
+def _output_error(adapter, student, teacher, batches):
+    with torch.no_grad():
+        return sum(float((adapter.run(student, "text", b) - adapter.run(teacher, "text", b)).pow(2).sum())
+                   for b in batches)
+
+
+def test_refit_lowers_the_block_and_output_error_on_the_calibration_inputs(bert):
+    adapter, teacher = bert
+    student, ffn = _pruned(adapter, teacher)
+    data = data_for(adapter, teacher, augment="on")
+    batches = data.refit_batches(extra=40)
+    before = _output_error(adapter, student, teacher, batches())
+    stats = refit_ffn(student, teacher, ffn, batches, lambda m, b: adapter.run(m, "text", b))
+    after = _output_error(adapter, student, teacher, batches())
+    assert stats["blocks"] == len(ffn) == 2
+    assert stats["error_after"] < stats["error_before"]
+    assert after < 0.5 * before
+    # Only the output layers changed: the kept units (fc1) are as pruning left them.
+    fc1 = ffn[0][0]
+    assert torch.equal(student.module.get_submodule(fc1).weight, _pruned(adapter, teacher)[0].module.get_submodule(
+        fc1).weight)
+
+
+def test_refit_of_an_unpruned_model_reproduces_it(bert):
+    adapter, teacher = bert
+    student = copy.deepcopy(teacher)
+    ffn = adapter.prune_layout(student, "text").ffn
+    data = data_for(adapter, teacher, augment="on")
+    stats = refit_ffn(student, teacher, ffn, data.refit_batches(extra=60), lambda m, b: adapter.run(m, "text", b))
+    assert stats["blocks"] == 2 and stats["error_before"] < 1e-9
+    assert stats["error_after"] < 1e-3
+    assert _output_error(adapter, student, teacher, data.refit_batches(extra=60)()) < 1e-3
+
+
+def test_too_few_tokens_for_the_kept_units_leave_the_blocks_as_they_are(bert):
+    adapter, teacher = bert
+    student, ffn = _pruned(adapter, teacher)
+    before = {n: p.clone() for n, p in student.module.named_parameters()}
+    data = data_for(adapter, teacher, texts=TEXTS[:3])       # ~40 tokens for 43 kept units per block
+    stats = refit_ffn(student, teacher, ffn, data.refit_batches(), lambda m, b: adapter.run(m, "text", b))
+    assert stats["blocks"] == 0
+    assert all(torch.equal(p, before[n]) for n, p in student.module.named_parameters())
+
+
+def test_refit_texts_are_the_fit_texts_plus_seeded_variations(bert):
+    adapter, teacher = bert
+    texts = data_for(adapter, teacher, augment="on").refit_texts(extra=30)
+    again = data_for(adapter, teacher, augment="on").refit_texts(extra=30)
+    fit = data_for(adapter, teacher, augment="on").fit
+    assert texts == again                                  # deterministic for a seed
+    assert len(texts) == len(fit) + 30 and set(fit) <= set(texts)
+    held = data_for(adapter, teacher, augment="on").held
+    assert not set(held) & set(texts)                      # the held-out split stays unseen
+    assert data_for(adapter, teacher, augment="off").refit_texts() == sorted(fit, key=len)
+
+
+def test_refit_variations_default_to_at_most_four_per_fit_text(bert):
+    adapter, teacher = bert
+    data = data_for(adapter, teacher, augment="on")
+    assert len(data.refit_texts()) == len(data.fit) * 5
