@@ -112,6 +112,15 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def emit(row: dict, json_path: str | None) -> None:
+    """One result row: a JSON line on stdout, appended to ``json_path`` too when given."""
+    line = json.dumps(row)
+    print(line, flush=True)
+    if json_path:
+        with open(json_path, "a") as fh:
+            fh.write(line + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", default=list(RECIPES), choices=list(RECIPES))
@@ -132,11 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     calib_file.write_text("\n".join(calib) + "\n")
     for name in args.only:
         row = {"label": args.label, **run(name, work, calib_file, tuple(args.judge), args.extra)}
-        line = json.dumps(row)
-        print(line, flush=True)
-        if args.json:
-            with open(args.json, "a") as fh:
-                fh.write(line + "\n")
+        emit(row, args.json)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_distill import MINILM, paraphrase_hits  # noqa: E402
+from bench_distill import MINILM, emit, paraphrase_hits  # noqa: E402
 from bench_substitute import corpus  # noqa: E402
 from fetch_assets import fetch  # noqa: E402
 
@@ -116,11 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     calib_file = work / "calibration.txt"
     calib_file.write_text("\n".join(calib) + "\n")
     row = {"label": args.label, **run(args, work, teacher_path, calib_file)}
-    line = json.dumps(row)
-    print(line, flush=True)
-    if args.json:
-        with open(args.json, "a") as fh:
-            fh.write(line + "\n")
+    emit(row, args.json)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from bench_distill import emit  # noqa: E402
 from fetch_assets import fetch  # noqa: E402
 
 CALIBRATION = 20
@@ -156,11 +157,7 @@ def main(argv: list[str] | None = None) -> None:
                                                          "held_out_before", "held_out_best", "curve", "held_out")
                             if k in recovery},
                "cpu_s": cpu, "wall_s": wall}
-        line = json.dumps(row)
-        print(line, flush=True)
-        if args.json:
-            with open(args.json, "a") as fh:
-                fh.write(line + "\n")
+        emit(row, args.json)
 
 
 if __name__ == "__main__":
