@@ -51,7 +51,7 @@ MMOPT = {
               {"method": "int4", "algorithm": "gptq", "embeddings": "int4", "max_size": 0.17}),
              ("mmopt llm_int8", {"method": "llm_int8"}), ("mmopt nf4", {"method": "nf4"})],
     "visual": [("mmopt int8", {"method": "int8"}), ("mmopt llm_int8", {"method": "llm_int8"}),
-               ("mmopt nf4", {"method": "nf4"})],
+               ("mmopt nf4", {"method": "nf4"}), ("mmopt int4 (rtn: synthetic inputs)", {"method": "int4"})],
     "cnn": [("mmopt int8", {"method": "int8"}),
             ("mmopt int8, first conv float", {"method": "int8", "exclude": ["features.0.0"]}),
             ("mmopt int8 + bias correction", {"method": "int8", "bias_correction": True}),
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "minilm"):
             rows += bench_minilm(Path(tmp), args)
         if args.only in (None, "clip"):
-            rows += bench_vit(Path(tmp), args.quick)
+            rows += bench_vit(Path(tmp), args)
         if args.only in (None, "mobilenet"):
             rows += bench_mobilenet(Path(tmp), args)
     print_table(rows)
@@ -121,7 +121,8 @@ def bench_minilm(tmp: Path, args) -> list[dict]:
     return bench.rows
 
 
-def bench_vit(tmp: Path, quick: bool) -> list[dict]:
+def bench_vit(tmp: Path, args) -> list[dict]:
+    quick = args.quick
     from mmopt import registry
     from mmopt.adapters.inputs import random_images
     from mmopt.core import ModelSpec
@@ -136,9 +137,10 @@ def bench_vit(tmp: Path, quick: bool) -> list[dict]:
     adapter.drop_part(model, "text")
     bench = Bench("ViT-B-32 (random)" if not quick else "tiny-clip", "visual", model, adapter,
                   [(random_images(16, size, seed=1),)], tmp, None, image_size=size)
-    for label, options in MMOPT["visual"]:
+    for label, options in _rows("visual", args.rows):
         bench.mmopt(label, options)
-    bench.torchao_peer()
+    if args.rows is None:
+        bench.torchao_peer()
     return bench.rows
 
 
