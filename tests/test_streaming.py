@@ -151,6 +151,7 @@ output: {name}
     ("[quantize: {method: nf4}]", "weights", "streaming quantizes with method int8"),
     ("[quantize: {method: int4}]", "weights", "streaming quantizes with method int8"),
     ("[quantize: {method: int8, bias_correction: true}]", "weights", "bias_correction runs the model"),
+    ("[quantize: {method: int8, algorithm: gptq}]", "weights", "algorithm gptq runs the model"),
     ("[cast: {dtype: float16}]", "pth", "reads the model's weights from a safetensors file"),
     ("[cast: {dtype: float16}]", "hf", "not Hugging Face folders"),
 ])

@@ -12,11 +12,16 @@
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from mmopt.modules.embedding import quantize_rows
+
+if TYPE_CHECKING:
+    from mmopt.quant.gptq import Quantized8
 
 
 def int8_tensor(weight: torch.Tensor) -> torch.Tensor:
@@ -26,6 +31,13 @@ def int8_tensor(weight: torch.Tensor) -> torch.Tensor:
 
     q, scale = quantize_rows(weight)
     return Int8Tensor(q, scale.float(), block_size=[1, weight.shape[1]], dtype=weight.dtype)
+
+
+def int8_rows_of(weight: torch.Tensor, codes: Quantized8 | None) -> torch.Tensor:
+    """``weight`` as an ``Int8Tensor``: GPTQ's ``codes`` when given, rounded to nearest otherwise."""
+    if codes is None:
+        return int8_tensor(weight.detach())
+    return int8_tensor_from(codes.codes, codes.scale.float(), weight.dtype)
 
 
 def int8_tensor_from(qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -56,14 +68,19 @@ class Int8Channels(nn.Module):
         return (q.reshape(weight.shape),)     # a one-tuple: lets parametrize change the stored dtype
 
 
-def int8_channels_on(conv: nn.Module) -> None:
-    """Store ``conv.weight`` as int8 per output channel."""
+def int8_channels_on(conv: nn.Module, codes: Quantized8 | None = None) -> None:
+    """Store ``conv.weight`` as int8 per output channel: GPTQ's ``codes`` when given, rounded to nearest
+    otherwise."""
     from torch.nn.utils import parametrize
 
     weight = conv.weight
     weight.requires_grad_(False)
     parametrize.register_parametrization(conv, "weight", Int8Channels(weight.shape[0], weight.dtype)
                                          .to(weight.device), unsafe=True)
+    if codes is not None:
+        stored = conv.parametrizations.weight
+        stored.original0.data = codes.codes.to(weight.device)     # right_inverse returned a one-tuple
+        stored[0].scale = codes.scale.to(device=weight.device, dtype=weight.dtype)
 
 
 # --- 4-bit groups ----------------------------------------------------------------------------------------------

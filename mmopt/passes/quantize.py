@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from mmopt.adapters.base import Adapter
-    from mmopt.quant.plan import FourBit
+    from mmopt.quant.plan import Codes
 
 # What bitsandbytes' blockwise 4-bit kernels accept (bitsandbytes/_ops.py, the same on CPU and CUDA).
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -52,9 +52,10 @@ class QuantizeConfig(PassConfig):
                             "int4: Linear layers in 4-bit groups (GPTQ or round-to-nearest), the rest as int8; "
                             "llm_int8: bitsandbytes LLM.int8 (outlier decomposition); nf4 | fp4: bitsandbytes 4-bit")
     algorithm: Literal["auto", "gptq", "rtn"] = Field(
-        "auto", description="int4: gptq (error feedback through the calibration inputs' Hessian, act-order) | rtn "
-                            "(round to nearest, no data) | auto: gptq when the part's calibration inputs are real "
-                            "(texts, bundled sample texts, images), rtn when they would be synthetic")
+        "auto", description="int8 | int4: gptq (codes chosen with error feedback through the calibration inputs' "
+                            "Hessian, act-order; convolutions too) | rtn (round to nearest, no data) | auto: int4: "
+                            "gptq when the part's calibration inputs are real (texts, bundled sample texts, images), "
+                            "rtn when they would be synthetic; int8: rtn")
     max_size: float | None = Field(
         None, gt=0, le=1, description="int4: ceiling on each quantized part's weight bytes as a share of its bytes "
                                       "before the pass; the Linear layers whose 4 bits cost the most output error "
@@ -88,9 +89,10 @@ class QuantizeConfig(PassConfig):
         if self.embeddings == "int4" and self.method not in TORCHAO_METHODS:
             raise ValueError(f"embeddings int4 goes with method int8 or int4, got {self.method}")
         # by value, not by the fields set: a manifest's config lists every field with its default
-        for option, default in (("algorithm", "auto"), ("max_size", None)):
-            if getattr(self, option) != default and self.method != "int4":
-                raise ValueError(f"{option} goes with method int4, got method {self.method}")
+        if self.max_size is not None and self.method != "int4":
+            raise ValueError(f"max_size goes with method int4, got method {self.method}")
+        if self.algorithm != "auto" and self.method not in TORCHAO_METHODS:
+            raise ValueError(f"algorithm goes with method int8 or int4, got method {self.method}")
         if self.bias_correction and self.method not in TORCHAO_METHODS:
             raise ValueError(f"bias_correction goes with method int8 or int4, got method {self.method}")
         return self
@@ -103,7 +105,8 @@ class Quantize(Pass):
     @property
     def learns_from_calibration(self) -> bool:
         """GPTQ fits each layer's rounding to the calibration inputs; bias correction each bias to their means."""
-        return (self.config.method == "int4" and self.config.algorithm != "rtn") or self.config.bias_correction
+        cfg = self.config
+        return cfg.algorithm == "gptq" or (cfg.method == "int4" and cfg.algorithm == "auto") or cfg.bias_correction
 
     def check(self, model: Model, ctx: Context) -> None:
         """GPTQ and bias correction need real calibration inputs: refused before anything is measured."""
@@ -111,7 +114,7 @@ class Quantize(Pass):
 
         super().check(model, ctx)
         cfg = self.config
-        for option, wanted in (("algorithm gptq", cfg.method == "int4" and cfg.algorithm == "gptq"),
+        for option, wanted in (("algorithm gptq", cfg.algorithm == "gptq"),
                                ("bias_correction", cfg.bias_correction)):
             for part in target_parts(model, cfg.parts) if wanted else []:
                 require_real_inputs(model, part, ctx, option)
@@ -141,10 +144,8 @@ class Quantize(Pass):
             targets = _input_means(model, part, ctx) if cfg.bias_correction else None
             if cfg.method in BNB_METHODS:
                 _quantize_part(model, part, cfg, layout, record, result, float_linear)
-            elif cfg.method == "int4":
-                extra = _quantize_part_int4(model, part, cfg, layout, record, result, float_linear, ctx)
             else:
-                _quantize_part_torchao(model, part, cfg, layout, record, result, float_linear)
+                extra = _quantize_part_coded(model, part, cfg, layout, record, result, float_linear, ctx)
             if targets is not None:
                 extra["bias_corrected"] = _correct_biases(model, part, targets, layout, record, result)
             _note_uncovered(model, part, result)
@@ -182,7 +183,7 @@ class Quantize(Pass):
 
     def brief(self, metrics: dict) -> str:
         four = f"{metrics['int4_linear']} Linear 4-bit ({metrics['algorithm']}), {metrics['int8_linear']} int8; " \
-            if "int4_linear" in metrics else ""
+            if "int4_linear" in metrics else ("int8 codes by GPTQ; " if metrics.get("algorithm") == "gptq" else "")
         return f"{four}{metrics['quantized_fraction']:.1%} of weights in 8/4 bits; kept: {metrics['high_precision']}"
 
 
@@ -381,13 +382,14 @@ def _quantize_part(model: Model, part: str, cfg: QuantizeConfig, layout: QuantLa
 
 
 def _quantize_part_torchao(model: Model, part: str, cfg: QuantizeConfig, layout: QuantLayout, record: dict,
-                           result: PassResult, float_linear: list[str], four_bit: FourBit | None = None) -> None:
-    """``method: int8``: torchao Int8Tensor weights in the stock Linear / Embedding modules, int8 convolutions;
-    ``method: int4``: the Linear layers ``four_bit`` has codes for become ``Int4Linear``."""
+                           result: PassResult, float_linear: list[str], codes: Codes) -> None:
+    """torchao Int8Tensor weights in the stock Linear / Embedding modules, int8 convolutions (GPTQ's codes where
+    ``codes`` has them, rounded to nearest otherwise); the Linear layers ``codes`` has 4-bit groups for become
+    ``Int4Linear``."""
     import torch
 
     from mmopt.modules.linear import PatchLinear
-    from mmopt.modules.quantized import Int4Embedding, Int4Linear, int8_channels_on, int8_tensor
+    from mmopt.modules.quantized import Int4Embedding, Int4Linear, int8_channels_on, int8_rows_of, int8_tensor
 
     fused = _fused_attention(model, part, layout)
     for name, module in list(model.named_modules(part)):
@@ -412,70 +414,88 @@ def _quantize_part_torchao(model: Model, part: str, cfg: QuantizeConfig, layout:
             if _stays_float(name, cfg, {**layout.keep, **fused}, result, float_linear):
                 continue
             before = describe(module.weight)
-            if four_bit is not None and name in four_bit.codes:
-                q = four_bit.codes[name]
+            if name in codes.four:
+                q = codes.four[name]
                 _set(model.module, name, Int4Linear.from_codes(module, q.codes, q.scale, q.zero, q.group_size))
                 record["int4_linear"].append(name)
-                result.changed.append(Change(name, before, f"4-bit groups of {q.group_size} ({four_bit.algorithm})"))
+                result.changed.append(Change(name, before, f"4-bit groups of {q.group_size} ({codes.algorithm})"))
                 continue
-            module.weight = torch.nn.Parameter(int8_tensor(module.weight.detach()), requires_grad=False)
+            module.weight = torch.nn.Parameter(int8_rows_of(module.weight, codes.int8(name, module)),
+                                               requires_grad=False)
             record["linear"].append(name)
-            result.changed.append(Change(name, before, "int8 rows (torchao)"))
+            result.changed.append(Change(name, before, f"int8 rows (torchao{_by(codes, name)})"))
         elif isinstance(module, torch.nn.modules.conv._ConvNd) and not isinstance(module, PatchLinear):
             reason = _keep_reason(name, cfg.exclude, layout.keep)
             if reason:
                 result.skipped.append(Skip(name, reason))
                 continue
             before = describe(module.weight)
-            int8_channels_on(module)
+            int8_channels_on(module, codes.int8(name, module))
             record["convs"].append(name)
-            result.changed.append(Change(name, before, "int8 per output channel"))
+            result.changed.append(Change(name, before, f"int8 per output channel{_by(codes, name)}"))
     if cfg.embeddings != "keep":
         _quantize_tables(model, part, cfg, layout, record, result)
 
 
-def _quantize_part_int4(model: Model, part: str, cfg: QuantizeConfig, layout: QuantLayout, record: dict,
-                        result: PassResult, float_linear: list[str], ctx: Context) -> dict:
-    """``method: int4``: every Linear layer not kept float in 4-bit groups (GPTQ or round-to-nearest, codes made
-    before anything is quantized, so GPTQ's Hessians are the float model's), everything else as ``method: int8``;
-    with ``max_size``, the layers whose 4 bits cost the most output error per byte go back to int8 rows. Returns
-    the part's int4 metrics."""
+def _quantize_part_coded(model: Model, part: str, cfg: QuantizeConfig, layout: QuantLayout, record: dict,
+                         result: PassResult, float_linear: list[str], ctx: Context) -> dict:
+    """``method: int8`` / ``int4``: codes made before anything is quantized (so GPTQ's Hessians are the float
+    model's), then stored. int4: every Linear layer not kept float in 4-bit groups (GPTQ or round-to-nearest),
+    everything else int8; with ``max_size``, the layers whose 4 bits cost the most output error per byte go back
+    to int8 rows. Returns the part's metrics."""
     import torch
 
     from mmopt.memory.counting import module_weight_bytes, part_weight_bytes, unique_bytes
-    from mmopt.modules.quantized import Int4Linear, int8_tensor
-    from mmopt.quant.plan import four_bit_codes, int8_within
+    from mmopt.modules.linear import PatchLinear
+    from mmopt.modules.quantized import Int4Linear, int8_rows_of, int8_tensor
+    from mmopt.quant.plan import int8_within, part_output_errors, plan_codes, uses_gptq
 
     before = part_weight_bytes(model, part)
     keep = {**layout.keep, **_fused_attention(model, part, layout)}
-    linears = {name: module for name, module in model.named_modules(part) if type(module) in _LINEAR_TYPES()
-               and _keep_reason(name, cfg.exclude, keep) is None and Int4Linear.group_for(module, cfg.group_size)}
-    four = four_bit_codes(model, part, linears, cfg.algorithm, cfg.group_size, ctx)
-    _quantize_part_torchao(model, part, cfg, layout, record, result, float_linear, four)
-    metrics: dict = {"algorithm": four.algorithm}
-    if four.inputs:
-        metrics["calibration"] = four.inputs
+    coded = {name: module for name, module in model.named_modules(part)
+             if (type(module) in _LINEAR_TYPES() or (isinstance(module, torch.nn.modules.conv._ConvNd)
+                                                     and not isinstance(module, PatchLinear)))
+             and _keep_reason(name, cfg.exclude, keep) is None}
+    linears = {name: module for name, module in coded.items() if cfg.method == "int4"
+               and type(module) in _LINEAR_TYPES() and Int4Linear.group_for(module, cfg.group_size)}
+    gptq_on = uses_gptq(model, part, cfg.method, cfg.algorithm, ctx)
+    codes = plan_codes(model, part, linears, {n: m for n, m in coded.items() if n not in linears}, gptq_on,
+                       cfg.group_size, ctx)
+    # measured while the part is still float: what each layer's 4 bits alone do to the part's output
+    errors = (part_output_errors(model, part, codes, list(linears), ctx) if cfg.max_size is not None and gptq_on
+              else {name: q.rel_error for name, q in codes.four.items()})
+    _quantize_part_torchao(model, part, cfg, layout, record, result, float_linear, codes)
+    metrics: dict = {"algorithm": codes.algorithm}
+    if codes.inputs:
+        metrics["calibration"] = codes.inputs
+    if cfg.method != "int4":
+        return metrics
     if cfg.max_size is not None:
         budget, now = int(cfg.max_size * before), part_weight_bytes(model, part)
         candidates = {}
         for name, linear in linears.items():
             # the Linear module taken out still holds its float weight: its int8 form is what a promotion costs
             as_int8 = unique_bytes([int8_tensor(linear.weight.detach()), linear.bias])
-            candidates[name] = (four.codes[name].rel_error, as_int8 - module_weight_bytes(_get(model.module, name)))
+            candidates[name] = (errors[name], as_int8 - module_weight_bytes(_get(model.module, name)))
         for name in int8_within(candidates, budget - now):
             linear = linears[name]
-            linear.weight = torch.nn.Parameter(int8_tensor(linear.weight.detach()), requires_grad=False)
+            linear.weight = torch.nn.Parameter(int8_rows_of(linear.weight, codes.int8(name, linear)),
+                                               requires_grad=False)
             _set(model.module, name, linear)
             record["int4_linear"].remove(name)
             record["linear"].append(name)
             change = next(c for c in result.changed if c.module == name)
-            change.after = f"int8 rows (torchao): within max_size {cfg.max_size:g}, 4-bit error " \
-                           f"{four.codes[name].rel_error:.2e}"
+            change.after = f"int8 rows (torchao{_by(codes, name)}): within max_size {cfg.max_size:g}, 4-bit " \
+                           f"{'part output' if gptq_on else 'weight'} error {errors[name]:.2e}"
         after = part_weight_bytes(model, part)
         metrics.update(max_size=cfg.max_size, size_ratio=round(after / before, 4), max_size_met=after <= budget)
     metrics["int4_linear"] = sum(1 for name in record["int4_linear"] if model.owns(part, name))
     metrics["int8_linear"] = sum(1 for name in record["linear"] if model.owns(part, name))
     return metrics
+
+
+def _by(codes: Codes, name: str) -> str:
+    return ", gptq" if name in codes.eight else ""
 
 
 def _input_means(model: Model, part: str, ctx: Context) -> dict:

@@ -1,4 +1,4 @@
-"""GPTQ (Frantar et al. 2022) for 4-bit weight groups, on CPU or GPU, pure torch.
+"""GPTQ (Frantar et al. 2022) for 4-bit weight groups and int8 rows, on CPU or GPU, pure torch.
 
 A Linear layer's weight ``W`` (out, in) is quantized one input column at a time; each column's rounding error is
 spread over the columns not yet quantized through the inverse of ``H = X^T X``, the second moment of the layer's
@@ -13,6 +13,11 @@ minimises the weight error instead). Options as in the reference implementation 
 - damping: ``damp * mean(diag H)`` added to the diagonal (1 %, GPTQ's default), raised tenfold while the Cholesky
   factorisation fails (rank-deficient Hessians from few calibration tokens);
 - dead inputs (always zero in calibration) are zeroed, as their columns never matter on these inputs.
+
+int8 rows (``gptq_int8``) keep round-to-nearest's storage (one ``max|row| / 127`` scale per output channel) and only
+choose the codes. Convolutions are covered through their im2col patches, one Hessian per group: a depthwise 3x3
+convolution's 9 inputs per channel are where round-to-nearest hurts MobileNetV2 most (docs/quantization.md), and
+error feedback within those 9 taps recovers most of it.
 
 Why our own and not a library (checked for issue #14): llmcompressor and gptqmodel are built for GPUs and LLMs
 (gptqmodel compiles CUDA kernels; llmcompressor pulls in accelerate, datasets and a model-tracing stack) and
@@ -53,16 +58,55 @@ class Quantized4:
         return ((q - self.zero.float().unsqueeze(-1)) * self.scale.float().unsqueeze(-1)).reshape(rows, cols)
 
 
+@dataclass
+class Quantized8:
+    """A weight as int8 rows: ``codes`` (the weight's shape, int8), ``scale`` (out, 1) in the weight's dtype, and
+    the output error as in ``Quantized4``."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    rel_error: float = 0.0
+
+
 class Hessians(InputStatistic):
-    """``X^T X`` of the inputs of chosen Linear modules: one float32 (in, in) matrix per module; ``of`` is the mean
-    ``x x^T``."""
+    """``X^T X`` of the inputs of chosen Linear modules and 2-D convolutions: one float32 (in, in) matrix per Linear;
+    per convolution one (n, n) matrix per group of its im2col patches (``n`` = in / groups * kh * kw); ``of`` is
+    the mean ``x x^T``."""
 
     def summand(self, rows: torch.Tensor) -> torch.Tensor:
         return rows.T @ rows
 
+    def accumulate(self, module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        import torch
+        from torch.nn import functional as F
+
+        if not isinstance(module, torch.nn.Conv2d):
+            return super().accumulate(module, x)
+        total, count = None, 0
+        # one image at a time: a batch's im2col patches of a wide 3x3 convolution would take gigabytes
+        for image in x.float().split(1):
+            cols = F.unfold(image, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                            stride=module.stride)[0]
+            cols = cols.reshape(module.groups, -1, cols.shape[-1])
+            h = cols @ cols.transpose(1, 2)
+            total = h if total is None else total + h
+            count += cols.shape[-1]
+        return total, count
+
+
+def covers(module: nn.Module) -> bool:
+    """Whether GPTQ can take ``module``: a Linear, or a 2-D convolution with numeric zero padding (its patches are
+    what ``F.unfold`` gives)."""
+    import torch
+
+    if isinstance(module, torch.nn.Linear):
+        return True
+    return (isinstance(module, torch.nn.Conv2d) and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str))
+
 
 def collect(modules: dict[str, nn.Module], run: Callable[[tuple], object], batches: Iterable[tuple]) -> Hessians:
-    """Hessians of ``modules``' inputs over ``run(batch)`` for every batch (no gradients)."""
+    """Hessians of ``modules``' (Linear layers, convolutions GPTQ ``covers``) inputs over ``run(batch)`` for every batch (no gradients)."""
     return Hessians.collect(modules, run, batches)
 
 
@@ -88,36 +132,90 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, act_order
     from mmopt.modules.quantized import quantize_groups4
 
     original = weight.detach().float()
-    W = original.clone()
-    H = hessian.detach().float().clone().to(W.device)
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    _, scale, zero = quantize_groups4(W, group_size)
+    W, H = _without_dead_inputs(original[None], hessian.detach().float()[None].to(original.device))
+    _, scale, zero = quantize_groups4(W[0], group_size)
     scale, zero = scale.half().float().to(W.device), zero.float().to(W.device)   # the stored (float16) scale
-    cols = W.shape[1]
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
-    group = perm // group_size
-    col_scale, col_zero = scale[:, group], zero[:, group]
+
+    def quantize_column(w: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        group = int(columns[0]) // group_size
+        s, z = scale[:, group], zero[:, group]
+        return torch.round(w / s + z).clamp(0, 15), lambda q: (q - z) * s
+
+    codes = _error_feedback(W, H, quantize_column, act_order, damp)[0].to(torch.uint8)
+    out = Quantized4(codes, scale, zero.to(torch.uint8), group_size)
+    out.rel_error = relative_error(original, out.dequantize(), hessian)
+    return out
+
+
+def gptq_int8(weight: torch.Tensor, hessian: torch.Tensor, act_order: bool = True, damp: float = DAMP) -> Quantized8:
+    """GPTQ of ``weight`` into int8 rows: one symmetric scale per output channel (``max|row| / 127``, the scale of
+    round-to-nearest, so the storage is unchanged), the codes chosen with error feedback. ``weight`` is a Linear's
+    (out, in) or a convolution's (out, in / groups, kh, kw); ``hessian`` is (n, n), or (groups, n, n) with ``n``
+    the inputs of one group's filters (a depthwise 3x3 convolution: one 9x9 matrix per channel)."""
+    import torch
+
+    from mmopt.modules.embedding import quantize_rows
+
+    original = weight.detach()
+    rows = original.reshape(original.shape[0], -1).float()
+    h = hessian.detach().float().to(rows.device)
+    h = h if h.dim() == 3 else h[None]
+    groups = h.shape[0]
+    _, scale = quantize_rows(original.reshape(original.shape[0], -1))
+    stored = scale.float().reshape(groups, -1)          # the scale as the weight's dtype keeps it
+    W, H = _without_dead_inputs(rows.reshape(groups, -1, rows.shape[1]), h)
+
+    def quantize_column(w: torch.Tensor, columns: torch.Tensor) -> tuple:
+        return torch.round(w / stored).clamp(-127, 127), lambda q: q * stored
+
+    codes = _error_feedback(W, H, quantize_column, act_order, damp).reshape(rows.shape).to(torch.int8)
+    out = Quantized8(codes.reshape(original.shape), scale)
+    approx = codes.float() * scale.float()
+    out.rel_error = sum(relative_error(rows.reshape(groups, -1, rows.shape[1])[g],
+                                       approx.reshape(groups, -1, rows.shape[1])[g], h[g]) for g in range(groups)) \
+        / groups
+    return out
+
+
+def _without_dead_inputs(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs that were always zero in calibration get a unit diagonal and a zero weight column (they never
+    matter on these inputs, and would make ``H`` singular). ``W`` (groups, out, n), ``H`` (groups, n, n)."""
+    import torch
+
+    dead = torch.diagonal(H, dim1=1, dim2=2) == 0
+    return W * (~dead).unsqueeze(1), H + torch.diag_embed(dead.float())
+
+
+def _error_feedback(W: torch.Tensor, H: torch.Tensor, quantize_column: Callable, act_order: bool,
+                    damp: float) -> torch.Tensor:
+    """GPTQ's loop over columns, batched over independent groups: ``W`` (groups, out, n), ``H`` (groups, n, n).
+    ``quantize_column(w (groups, out), columns (groups,))`` gives the codes of a column (by its original index)
+    and a function from codes to their values; each column's error is spread over the columns not yet quantized.
+    Returns the codes (groups, out, n) in the original column order."""
+    import torch
+
+    groups, rows, cols = W.shape
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H, dim1=1, dim2=2), dim=-1, descending=True)
+    else:
+        perm = torch.arange(cols, device=W.device).expand(groups, cols)
+    W = torch.gather(W, 2, perm.unsqueeze(1).expand(groups, rows, cols)).clone()
+    H = torch.gather(torch.gather(H, 1, perm.unsqueeze(2).expand(groups, cols, cols)), 2,
+                     perm.unsqueeze(1).expand(groups, cols, cols))
     hinv = _inverse_cholesky(H, damp)
     Q = torch.zeros_like(W)
     for i1 in range(0, cols, BLOCK):
         i2 = min(i1 + BLOCK, cols)
-        W1, H1 = W[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        W1, H1 = W[:, :, i1:i2].clone(), hinv[:, i1:i2, i1:i2]
         errors = torch.zeros_like(W1)
         for i in range(i2 - i1):
-            s, z = col_scale[:, i1 + i], col_zero[:, i1 + i]
-            q = torch.round(W1[:, i] / s + z).clamp(0, 15)
-            Q[:, i1 + i] = q
-            err = (W1[:, i] - (q - z) * s) / H1[i, i]
-            W1[:, i:] -= err[:, None] * H1[i, i:][None, :]
-            errors[:, i] = err
-        W[:, i2:] -= errors @ hinv[i1:i2, i2:]
-    codes = Q[:, torch.argsort(perm)].to(torch.uint8)
-    out = Quantized4(codes, scale, zero.to(torch.uint8), group_size)
-    out.rel_error = relative_error(original, out.dequantize(), hessian)
-    return out
+            q, value = quantize_column(W1[:, :, i], perm[:, i1 + i])
+            Q[:, :, i1 + i] = q
+            err = (W1[:, :, i] - value(q)) / H1[:, i, i].unsqueeze(1)
+            W1[:, :, i:] -= err.unsqueeze(2) * H1[:, i, i:].unsqueeze(1)
+            errors[:, :, i] = err
+        W[:, :, i2:] -= errors @ hinv[:, i1:i2, i2:]
+    return torch.gather(Q, 2, torch.argsort(perm, dim=-1).unsqueeze(1).expand(groups, rows, cols))
 
 
 def relative_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor | None) -> float:
@@ -141,17 +239,16 @@ def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size:
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """The upper Cholesky factor of ``H^-1`` after damping; the damping grows tenfold until ``H`` factorises."""
+    """The upper Cholesky factors of ``H^-1`` (batched: (groups, n, n)) after damping; the damping grows tenfold
+    until every ``H`` factorises."""
     import torch
 
-    mean = torch.diag(H).mean()
-    eye = torch.eye(H.shape[0], device=H.device)
+    mean = torch.diagonal(H, dim1=-2, dim2=-1).mean(-1)[..., None, None]
+    eye = torch.eye(H.shape[-1], device=H.device)
     for attempt in range(4):
-        try:
-            lower = torch.linalg.cholesky(H + eye * damp * 10 ** attempt * mean)
+        lower, info = torch.linalg.cholesky_ex(H + eye * damp * 10 ** attempt * mean)
+        if not bool(info.any()):
             return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
-        except torch.linalg.LinAlgError:
-            continue
     from mmopt.errors import DataError
 
     raise DataError(f"quantize: a calibration Hessian does not factorise even with damping {damp * 1000:g} x its "

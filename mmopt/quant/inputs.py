@@ -26,6 +26,11 @@ class InputStatistic:
     def summand(self, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def accumulate(self, module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """This batch's term of the sum, and how many rows it counts for."""
+        rows = self.rows_of(module, x)
+        return self.summand(rows), rows.shape[0]
+
     def __enter__(self) -> "InputStatistic":
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_pre_hook(self._hook(name)))
@@ -38,13 +43,12 @@ class InputStatistic:
 
     def _hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
-            rows = self.rows_of(module, args[0].detach())
-            value = self.summand(rows)
+            value, count = self.accumulate(module, args[0].detach())
             if name in self.sums:
                 self.sums[name] += value
             else:
                 self.sums[name] = value
-            self.rows[name] = self.rows.get(name, 0) + rows.shape[0]
+            self.rows[name] = self.rows.get(name, 0) + count
         return hook
 
     def of(self, name: str) -> torch.Tensor | None:

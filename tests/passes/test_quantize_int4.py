@@ -166,8 +166,9 @@ def test_int4_on_a_cnn_covers_1x1_convolutions_and_reloads(tmp_path):
 
 
 @pytest.mark.parametrize("options, message", [
-    ("{method: int8, algorithm: gptq}", "algorithm goes with method int4"),
+    ("{method: nf4, algorithm: gptq}", "algorithm goes with method int8 or int4"),
     ("{method: nf4, max_size: 0.2}", "max_size goes with method int4"),
+    ("{method: int8, max_size: 0.2}", "max_size goes with method int4"),
     ("{method: int4, algorithm: awq}", "passes[0].quantize.algorithm"),
     ("{method: int4, max_size: 1.5}", "passes[0].quantize.max_size"),
     ("{method: nf4, bias_correction: true}", "bias_correction goes with method int8 or int4"),
@@ -194,32 +195,84 @@ def test_output_shift_is_the_mean_change_of_a_grouped_convolution():
     torch.testing.assert_close(output_shift(linear.weight, shifted, mean[:6]), 0.1 * mean[:6].sum().expand(3))
 
 
-def test_bias_correction_adds_biases_to_a_cnn_and_they_reload(tmp_path):
+def _tiny_cnn_with_images(folder):
+    """A random-weights MobileNetV2 (width 0.25) and a calibration of 4 random images."""
     from PIL import Image
 
     from mmopt.calibration import Calibration
 
     gen = torch.Generator().manual_seed(0)
-    (tmp_path / "images").mkdir()
+    (folder / "images").mkdir()
     for i in range(4):
         pixels = (torch.rand(40, 40, 3, generator=gen) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(tmp_path / "images" / f"{i}.png")
-    adapter = registry.adapter_for("torchvision")
+        Image.fromarray(pixels).save(folder / "images" / f"{i}.png")
     torch.manual_seed(0)
-    model = adapter.build({"name": "mobilenet_v2", "kwargs": {"width_mult": 0.25, "num_classes": 10}},
-                          {"image_size": 32}, {})
-    config = quantize.QuantizeConfig(method="int8", bias_correction=True)
-    calibration = Calibration(images_dir=tmp_path / "images", batch_size=4, cache=False, num_workers=0)
+    model = registry.adapter_for("torchvision").build(
+        {"name": "mobilenet_v2", "kwargs": {"width_mult": 0.25, "num_classes": 10}}, {"image_size": 32}, {})
+    return model, Calibration(images_dir=folder / "images", batch_size=4, cache=False, num_workers=0)
+
+
+def _quantize_write_reload(model, calibration, folder, **options):
+    """``model`` quantized with ``options`` on ``calibration``, written to ``folder / "out"`` and loaded back:
+    (quantized, reloaded, result)."""
+    adapter = registry.adapter_for(model.source)
+    config = quantize.QuantizeConfig(**options)
     quantized = copy.deepcopy(model)
     result = quantize.Quantize(config).apply(quantized, Context(adapter=adapter, calibration=calibration))
+    passes = [{"name": "quantize", "config": config.model_dump(mode="json"), "record": result.record}]
+    (folder / "out").mkdir()
+    checkpoint.write_checkpoint(quantized, adapter, folder / "out", {"source": "torchvision",
+                                                                     "name": "mobilenet_v2"}, passes)
+    return quantized, checkpoint.load_model(folder / "out"), result
+
+
+def test_bias_correction_adds_biases_to_a_cnn_and_they_reload(tmp_path):
+    model, calibration = _tiny_cnn_with_images(tmp_path)
+    quantized, reloaded, result = _quantize_write_reload(model, calibration, tmp_path, method="int8",
+                                                         bias_correction=True)
     assert result.metrics["visual"]["bias_corrected"] == 53                   # 52 convolutions + the classifier
     assert len(result.record["bias_added"]) == 52 and quantized.module.features[1].conv[0][0].bias is not None
-    passes = [{"name": "quantize", "config": config.model_dump(mode="json"), "record": result.record}]
-    (tmp_path / "out").mkdir()
-    checkpoint.write_checkpoint(quantized, adapter, tmp_path / "out", {"source": "torchvision",
-                                                                       "name": "mobilenet_v2"}, passes)
-    reloaded = checkpoint.load_model(tmp_path / "out")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(reloaded.module(x), quantized.module(x))
         assert not torch.equal(quantized.module(x), _apply(model, method="int8")[0].module(x))
+
+
+def test_int8_gptq_codes_every_layer_of_a_cnn_in_the_same_storage_and_reload(tmp_path):
+    model, calibration = _tiny_cnn_with_images(tmp_path)
+    quantized, reloaded, result = _quantize_write_reload(model, calibration, tmp_path, method="int8",
+                                                         algorithm="gptq")
+    metrics = result.metrics["visual"]
+    assert metrics["algorithm"] == "gptq" and metrics["calibration"] == "calibration images (4)"
+    assert "int8 codes by GPTQ" in quantize.Quantize(quantize.QuantizeConfig(method="int8")).brief(metrics)
+    # every convolution (first, depthwise; 1x1 as PatchLinear) and the classifier: 52 + 1 layers, none rounded
+    coded = [c for c in result.changed if "int8" in c.after]
+    assert len(coded) == 53 and all("gptq" in c.after for c in coded)
+    rtn = _apply(model, method="int8")[0]
+    codes = {name: m.module.get_submodule("features.1.conv.0.0").parametrizations.weight      # a depthwise conv
+             for name, m in (("gptq", quantized), ("rtn", rtn))}
+    torch.testing.assert_close(codes["gptq"][0].scale, codes["rtn"][0].scale)      # the storage is unchanged
+    assert codes["gptq"].original0.dtype == torch.int8
+    assert not torch.equal(codes["gptq"].original0, codes["rtn"].original0)         # the codes are not
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.module(x), quantized.module(x))
+
+
+def test_part_output_errors_rank_by_what_reaches_the_output_and_leave_the_model_as_it_was(tiny_bert_dir):
+    from mmopt.quant.plan import part_output_errors, plan_codes
+
+    bert = _tiny_bert(tiny_bert_dir)
+    ctx = Context(adapter=registry.adapter_for("hf"))
+    linears = {name: m for name, m in bert.named_modules("text") if isinstance(m, nn.Linear)}
+    codes = plan_codes(bert, "text", linears, {}, True, 16, ctx)
+    batch = ctx.adapter.tokenize(bert, ["a sentence", "another one"], 16)
+    with torch.no_grad():
+        before = ctx.adapter.run(bert, "text", batch)
+        errors = part_output_errors(bert, "text", codes, list(linears), ctx)
+        torch.testing.assert_close(ctx.adapter.run(bert, "text", batch), before, rtol=0, atol=0)
+    pooler = [name for name in errors if "pooler" in name]
+    assert pooler and all(errors[name] == 0 for name in pooler)          # mean pooling never reads the pooler
+    assert all(errors[name] > 0 for name in errors if name not in pooler)
+    _, _, result = _apply(bert, method="int4", group_size=16, max_size=0.5)
+    assert any("4-bit part output error" in c.after for c in result.changed)

@@ -1,0 +1,67 @@
+"""GPTQ for int8 rows: the storage of round-to-nearest, better codes; convolutions through their im2col patches."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mmopt.modules.embedding import quantize_rows
+from mmopt.quant import gptq
+
+
+def _smooth_images(n: int, channels: int, size: int, seed: int) -> torch.Tensor:
+    """Images whose neighbouring pixels are correlated (upsampled noise), as a convolution's real inputs are."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(n, channels, size // 4, size // 4, generator=gen)
+    return F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False) + 3.0
+
+
+def _output_error(module: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        reference = module(x)
+        original = module.weight.data.clone()
+        module.weight.data = weight.reshape(original.shape).to(original.dtype)
+        error = float((module(x) - reference).pow(2).mean())
+        module.weight.data = original
+    return error
+
+
+def test_conv_hessians_are_the_second_moment_of_each_groups_patches():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 9, 9)
+    for conv in (nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),
+                 nn.Conv2d(4, 8, 3)):
+        stat = gptq.collect({"c": conv}, lambda batch: conv(batch[0]), [(x[:2],), (x[2:],)])
+        cols = F.unfold(x, 3, padding=conv.padding, stride=conv.stride)               # (N, C * 9, L)
+        per_group = cols.reshape(3, conv.groups, -1, cols.shape[-1]).permute(1, 0, 3, 2).flatten(1, 2)
+        expected = per_group.transpose(1, 2) @ per_group / per_group.shape[1]
+        torch.testing.assert_close(stat.of("c"), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_gptq_int8_keeps_the_rows_scale_and_lowers_a_linear_output_error():
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 32)
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(512, 96, generator=gen) @ torch.randn(96, 96, generator=gen)) * torch.logspace(-1, 1, 96)
+    q = gptq.gptq_int8(linear.weight, x.T @ x / len(x))
+    rtn_codes, rtn_scale = quantize_rows(linear.weight)
+    assert q.codes.dtype == torch.int8 and int(q.codes.abs().max()) <= 127
+    torch.testing.assert_close(q.scale, rtn_scale)                 # the same storage: only the codes differ
+    approx = q.codes.float() * q.scale
+    errors = {name: _output_error(linear, w, x) for name, w in (("gptq", approx),
+                                                                ("rtn", rtn_codes.float() * rtn_scale))}
+    assert errors["gptq"] < 0.7 * errors["rtn"]
+    assert q.rel_error > 0
+
+
+def test_gptq_int8_on_a_depthwise_convolution_beats_round_to_nearest():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+    x = _smooth_images(8, 16, 24, seed=2)
+    stat = gptq.collect({"dw": conv}, lambda batch: conv(batch[0]), [(x,)])
+    q = gptq.gptq_int8(conv.weight, stat.of("dw"))
+    assert q.codes.shape == conv.weight.shape and stat.of("dw").shape == (16, 9, 9)
+    rtn_codes, rtn_scale = quantize_rows(conv.weight.reshape(16, -1))
+    gptq_error = _output_error(conv, q.codes.reshape(16, -1).float() * q.scale, x)
+    rtn_error = _output_error(conv, rtn_codes.float() * rtn_scale, x)
+    assert gptq_error < 0.5 * rtn_error
