@@ -423,7 +423,7 @@ def _quantize_part_torchao(model: Model, part: str, cfg: QuantizeConfig, layout:
             module.weight = torch.nn.Parameter(int8_rows_of(module.weight, codes.int8(name, module)),
                                                requires_grad=False)
             record["linear"].append(name)
-            result.changed.append(Change(name, before, f"int8 rows (torchao{_by(codes, name)})"))
+            result.changed.append(Change(name, before, f"int8 rows (torchao{_gptq_note(codes, name)})"))
         elif isinstance(module, torch.nn.modules.conv._ConvNd) and not isinstance(module, PatchLinear):
             reason = _keep_reason(name, cfg.exclude, layout.keep)
             if reason:
@@ -432,7 +432,7 @@ def _quantize_part_torchao(model: Model, part: str, cfg: QuantizeConfig, layout:
             before = describe(module.weight)
             int8_channels_on(module, codes.int8(name, module))
             record["convs"].append(name)
-            result.changed.append(Change(name, before, f"int8 per output channel{_by(codes, name)}"))
+            result.changed.append(Change(name, before, f"int8 per output channel{_gptq_note(codes, name)}"))
     if cfg.embeddings != "keep":
         _quantize_tables(model, part, cfg, layout, record, result)
 
@@ -485,7 +485,7 @@ def _quantize_part_coded(model: Model, part: str, cfg: QuantizeConfig, layout: Q
             record["int4_linear"].remove(name)
             record["linear"].append(name)
             change = next(c for c in result.changed if c.module == name)
-            change.after = f"int8 rows (torchao{_by(codes, name)}): within max_size {cfg.max_size:g}, 4-bit " \
+            change.after = f"int8 rows (torchao{_gptq_note(codes, name)}): within max_size {cfg.max_size:g}, 4-bit " \
                            f"{'part output' if gptq_on else 'weight'} error {errors[name]:.2e}"
         after = part_weight_bytes(model, part)
         metrics.update(max_size=cfg.max_size, size_ratio=round(after / before, 4), max_size_met=after <= budget)
@@ -494,7 +494,7 @@ def _quantize_part_coded(model: Model, part: str, cfg: QuantizeConfig, layout: Q
     return metrics
 
 
-def _by(codes: Codes, name: str) -> str:
+def _gptq_note(codes: Codes, name: str) -> str:
     return ", gptq" if name in codes.eight else ""
 
 

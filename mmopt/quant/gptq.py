@@ -106,7 +106,8 @@ def covers(module: nn.Module) -> bool:
 
 
 def collect(modules: dict[str, nn.Module], run: Callable[[tuple], object], batches: Iterable[tuple]) -> Hessians:
-    """Hessians of ``modules``' (Linear layers, convolutions GPTQ ``covers``) inputs over ``run(batch)`` for every batch (no gradients)."""
+    """Hessians of ``modules``' inputs (Linear layers, convolutions GPTQ ``covers``) over ``run(batch)`` for every
+    batch (no gradients)."""
     return Hessians.collect(modules, run, batches)
 
 
@@ -168,12 +169,12 @@ def gptq_int8(weight: torch.Tensor, hessian: torch.Tensor, act_order: bool = Tru
     def quantize_column(w: torch.Tensor, columns: torch.Tensor) -> tuple:
         return torch.round(w / stored).clamp(-127, 127), lambda q: q * stored
 
-    codes = _error_feedback(W, H, quantize_column, act_order, damp).reshape(rows.shape).to(torch.int8)
-    out = Quantized8(codes.reshape(original.shape), scale)
-    approx = codes.float() * scale.float()
-    out.rel_error = sum(relative_error(rows.reshape(groups, -1, rows.shape[1])[g],
-                                       approx.reshape(groups, -1, rows.shape[1])[g], h[g]) for g in range(groups)) \
-        / groups
+    codes = _error_feedback(W, H, quantize_column, act_order, damp)
+    delta = codes * stored.unsqueeze(-1) - W
+    # tr(dW H dW^T) / tr(W H W^T), summed over the groups
+    energy = torch.einsum("goi,gij,goj->", W, H, W).clamp(min=1e-30)
+    out = Quantized8(codes.to(torch.int8).reshape(original.shape), scale)
+    out.rel_error = float(torch.einsum("goi,gij,goj->", delta, H, delta) / energy)
     return out
 
 

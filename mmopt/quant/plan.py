@@ -53,6 +53,8 @@ class Codes:
 
 
 def uses_gptq(model: Model, part: str, method: str, algorithm: str, ctx: Context) -> bool:
+    """Whether ``part``'s codes come from GPTQ: asked for (real calibration inputs required), or ``auto`` for
+    ``method: int4`` on real inputs."""
     from mmopt.calibration import describe_inputs
 
     if algorithm == "gptq":
