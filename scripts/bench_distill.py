@@ -8,8 +8,9 @@ Judged on scripts/data/everyday_eval.txt (300 everyday sentences: mean / min cos
 embedding to the original's) and scripts/data/paraphrase_eval.tsv (120 pairs: how many first sentences rank
 their own paraphrase first among all 120 second sentences, original vs optimized). Neither file is read by
 any run, tuning or augmentation: only here, after the run, on the written output loaded by stock
-sentence-transformers. Choices are made with ``--judge dev`` (/work/data/dev: 200 everyday sentences, 60
-pairs, outside the repository) and ``--extra`` (options added to the recipe's training mapping, e.g.
+sentence-transformers. Choices are made with ``--judge dev`` (scripts/data/everyday_dev.txt and
+paraphrase_dev.tsv: 169 everyday sentences, 50 pairs, none sharing more than 40 % of its words with a sentence of
+the evaluation files) and ``--extra`` (options added to the recipe's training mapping, e.g.
 ``"refit: false"``); the evaluation set is judged once, at the end.
 
 The recipes are written as a user would, with no learning rate; ``--label`` names the code under test, so the
@@ -42,7 +43,7 @@ TARGETS = {"minilm-6to3": 0.90, "minilm-ffn30": 0.95}
 
 # What a run is judged on: the evaluation set once, at the end; the development set for every choice before.
 JUDGE = {"eval": (HERE / "data/everyday_eval.txt", HERE / "data/paraphrase_eval.tsv"),
-         "dev": (Path("/work/data/dev/everyday_dev.txt"), Path("/work/data/dev/paraphrase_dev.tsv"))}
+         "dev": (HERE / "data/everyday_dev.txt", HERE / "data/paraphrase_dev.tsv")}
 
 
 def eval_data(judge: str = "eval") -> tuple[list[str], list[tuple[str, str]]]:

@@ -8,8 +8,8 @@ by the engine's augmentation. The recipe is written as a user would (``substitut
 hf, path: MiniLM}, distill: {steps: N}}``; ``--lr`` adds a rate). Judged after the run, on the written folder
 loaded by stock sentence-transformers, against the TEACHER's embeddings: ``--judge eval`` on the held-aside
 scripts/data/everyday_eval.txt (300 sentences) and paraphrase_eval.tsv (120 pairs), ``--judge dev`` on the
-development sentences (/work/data/dev or ``--dev DIR``), the only data choices are made on. ``training.curve`` is
-the run's own held-out split (docstrings) at each check; runs with other ``--steps`` give the judged curve.
+development sentences (scripts/data/everyday_dev.txt and paraphrase_dev.tsv, or ``--dev DIR``), the only data
+choices are made on. ``training.curve`` is the run's own held-out split (docstrings) at each check; runs with other ``--steps`` give the judged curve.
 ``--reuse`` judges the output an earlier run with the same options wrote (its report.json) without running
 again: a setting chosen on the development sentences is judged on the held-aside ones as it was chosen.
 """
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--lr", type=float, default=None, help="a given rate (default: the engine's range test)")
     parser.add_argument("--judge", choices=["eval", "dev"], default="eval")
-    parser.add_argument("--dev", type=Path, default=Path("/work/data/dev"))
+    parser.add_argument("--dev", type=Path, default=HERE / "data")
     parser.add_argument("--label", default="this checkout")
     parser.add_argument("--out", type=Path, default=None, help="where outputs go (default: a temp folder)")
     parser.add_argument("--json", type=Path, default=None, help="append the row here")

@@ -65,3 +65,21 @@ def test_gptq_int8_on_a_depthwise_convolution_beats_round_to_nearest():
     gptq_error = _output_error(conv, q.codes.reshape(16, -1).float() * q.scale, x)
     rtn_error = _output_error(conv, rtn_codes.float() * rtn_scale, x)
     assert gptq_error < 0.5 * rtn_error
+
+
+def test_convolutions_gptq_cannot_unfold_are_left_to_round_to_nearest():
+    assert gptq.covers(nn.Linear(4, 4)) and gptq.covers(nn.Conv2d(4, 4, 3, padding=1, groups=2))
+    assert not gptq.covers(nn.Conv2d(4, 4, 3, padding="same"))                # F.unfold takes numbers
+    assert not gptq.covers(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+    assert not gptq.covers(nn.Conv1d(4, 4, 3))
+
+
+def test_gptq_int8_on_a_grouped_convolution_keeps_each_groups_filters_apart():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 6, 3, padding=1, groups=2, bias=False)
+    x = _smooth_images(6, 8, 16, seed=3)
+    stat = gptq.collect({"g": conv}, lambda batch: conv(batch[0]), [(x,)])
+    q = gptq.gptq_int8(conv.weight, stat.of("g"))
+    rtn_codes, rtn_scale = quantize_rows(conv.weight.reshape(6, -1))
+    assert _output_error(conv, q.codes.reshape(6, -1).float() * q.scale, x) \
+        < _output_error(conv, rtn_codes.float() * rtn_scale, x)
