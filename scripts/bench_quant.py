@@ -51,6 +51,7 @@ MIB = 2 ** 20
 # (label, quantize options); every row runs through the real pass, checkpoint writer and loader
 MMOPT = {
     "text": [("mmopt int8", {"method": "int8"}), ("mmopt int8 + 4-bit tables", {"method": "int8", "embeddings": "int4"}),
+             ("mmopt int8 gptq", {"method": "int8", "algorithm": "gptq"}),
              ("mmopt int4 rtn", {"method": "int4", "algorithm": "rtn"}),
              ("mmopt int4 gptq", {"method": "int4", "algorithm": "gptq"}),
              ("mmopt int4 gptq + max_size 0.21", {"method": "int4", "algorithm": "gptq", "max_size": 0.21}),
