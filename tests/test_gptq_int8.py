@@ -1,6 +1,7 @@
 """GPTQ for int8 rows: the storage of round-to-nearest, better codes; convolutions through their im2col patches."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -54,17 +55,22 @@ def test_gptq_int8_keeps_the_rows_scale_and_lowers_a_linear_output_error():
     assert q.rel_error > 0
 
 
-def test_gptq_int8_on_a_depthwise_convolution_beats_round_to_nearest():
+@pytest.mark.parametrize("in_channels, out_channels, groups, size, seed, bound", [
+    (16, 16, 16, 24, 2, 0.5),       # depthwise: one 9x9 Hessian per channel
+    (8, 6, 2, 16, 3, 1.0),          # grouped: each group's filters see only their own inputs
+])
+def test_gptq_int8_on_a_convolution_beats_round_to_nearest(in_channels, out_channels, groups, size, seed, bound):
     torch.manual_seed(0)
-    conv = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
-    x = _smooth_images(8, 16, 24, seed=2)
-    stat = gptq.collect({"dw": conv}, lambda batch: conv(batch[0]), [(x,)])
-    q = gptq.gptq_int8(conv.weight, stat.of("dw"))
-    assert q.codes.shape == conv.weight.shape and stat.of("dw").shape == (16, 9, 9)
-    rtn_codes, rtn_scale = quantize_rows(conv.weight.reshape(16, -1))
-    gptq_error = _output_error(conv, q.codes.reshape(16, -1).float() * q.scale, x)
-    rtn_error = _output_error(conv, rtn_codes.float() * rtn_scale, x)
-    assert gptq_error < 0.5 * rtn_error
+    conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, groups=groups, bias=False)
+    x = _smooth_images(6, in_channels, size, seed=seed)
+    stat = gptq.collect({"c": conv}, lambda batch: conv(batch[0]), [(x,)])
+    n = in_channels // groups * 9
+    assert stat.of("c").shape == (groups, n, n)
+    q = gptq.gptq_int8(conv.weight, stat.of("c"))
+    assert q.codes.shape == conv.weight.shape
+    rtn_codes, rtn_scale = quantize_rows(conv.weight.reshape(out_channels, -1))
+    gptq_error = _output_error(conv, q.codes.reshape(out_channels, -1).float() * q.scale, x)
+    assert gptq_error < bound * _output_error(conv, rtn_codes.float() * rtn_scale, x)
 
 
 def test_convolutions_gptq_cannot_unfold_are_left_to_round_to_nearest():
@@ -72,14 +78,3 @@ def test_convolutions_gptq_cannot_unfold_are_left_to_round_to_nearest():
     assert not gptq.covers(nn.Conv2d(4, 4, 3, padding="same"))                # F.unfold takes numbers
     assert not gptq.covers(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
     assert not gptq.covers(nn.Conv1d(4, 4, 3))
-
-
-def test_gptq_int8_on_a_grouped_convolution_keeps_each_groups_filters_apart():
-    torch.manual_seed(0)
-    conv = nn.Conv2d(8, 6, 3, padding=1, groups=2, bias=False)
-    x = _smooth_images(6, 8, 16, seed=3)
-    stat = gptq.collect({"g": conv}, lambda batch: conv(batch[0]), [(x,)])
-    q = gptq.gptq_int8(conv.weight, stat.of("g"))
-    rtn_codes, rtn_scale = quantize_rows(conv.weight.reshape(6, -1))
-    assert _output_error(conv, q.codes.reshape(6, -1).float() * q.scale, x) \
-        < _output_error(conv, rtn_codes.float() * rtn_scale, x)
