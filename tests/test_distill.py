@@ -10,7 +10,7 @@ from mmopt import registry
 from mmopt.calibration import Calibration
 from mmopt.core import ModelSpec
 from mmopt.distill import Training, distill
-from mmopt.distill.augment import TextAugmenter, augment_images, vocab_words
+from mmopt.distill.augment import TextAugmenter, augment_images, general_sentences, vocab_words
 from mmopt.distill.data import TensorData, for_part, split
 from mmopt.distill.schedule import LR_CEILING, LR_FLOOR, suggest_lr, warmup_cosine
 
@@ -34,8 +34,9 @@ def student_of(adapter, teacher):
     return student
 
 
-def data_for(adapter, teacher, augment="off", texts=TEXTS, batch_size=8):
-    return for_part(teacher, adapter, "text", _texts(texts), 16, 0, batch_size, augment, "cpu")
+def data_for(adapter, teacher, augment="off", texts=TEXTS, batch_size=8, general_text=0.5):
+    options = Training(augment=augment, batch_size=batch_size, general_text=general_text)
+    return for_part(teacher, adapter, "text", _texts(texts), 16, 0, options, "cpu")
 
 
 _FILES = {}
@@ -149,6 +150,22 @@ def test_text_augmentation_varies_the_fit_texts_only_when_the_set_is_small(bert,
     one, two = TextAugmenter(TEXTS, words, seed=3), TextAugmenter(TEXTS, words, seed=3)
     assert one.batch(20) == two.batch(20)
     assert data_for(adapter, teacher, augment="off").augmenter is None
+    assert "general English sentences (50%)" in data.describe_augmentation()
+    assert data_for(adapter, teacher, augment="on", general_text=0).augmenter.general_ratio == 0.0
+
+
+def test_general_sentences_fill_their_share_of_each_batch_and_stay_clear_of_the_benchmark_sets():
+    from tests.conftest import script
+
+    general = general_sentences()
+    assert len(general) == len(set(general)) == 12000
+    drawn = TextAugmenter(TEXTS, ["word"], seed=0, general=general, general_ratio=0.5).batch(1000)
+    share = sum(t in general for t in drawn) / len(drawn)
+    assert abs(share - 0.5) < 0.05 and sum(t in TEXTS for t in drawn) > 150
+    maker = script("make_general_text")
+    references = maker.benchmark_word_sets()
+    assert len(references) > 1000
+    assert not any(maker.too_close(s, references) for s in general[::40])   # 300 of them: the rule held when written
 
 
 def test_image_augmentation_crops_flips_jitters_and_mixes():
@@ -168,4 +185,7 @@ def test_schedule_warms_up_then_decays_and_the_rate_rule_is_bounded():
     assert values[0] < values[5] == 1.0 and values[-1] < 0.01 and max(values) == 1.0
     curve = {"lrs": [1e-5, 1e-4, 1e-3, 1e-2], "losses": [1.0, 0.5, 0.4, 3.0]}
     assert suggest_lr(curve) == pytest.approx(1e-4)
+    # flat and noisy until it climbs: the noise's lowest point (1e-6) must not decide, the climb does
+    flat = {"lrs": [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, float("nan")], "losses": [0.23, 0.25, 0.24, 0.26, 0.8, float("inf")]}
+    assert suggest_lr(flat) == pytest.approx(1e-4)
     assert suggest_lr({"lrs": [1e-6, 1e-5], "losses": [0.1, 0.2]}) == LR_FLOOR

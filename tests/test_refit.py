@@ -6,6 +6,8 @@ import copy
 import torch
 
 from mmopt.distill.refit import refit_ffn
+from mmopt.distill.augment import general_sentences
+from mmopt.distill.data import REFIT_GENERAL
 from tests.test_distill import TEXTS, bert, data_for  # noqa: F401  (bert is a fixture)
 
 
@@ -74,13 +76,15 @@ def test_too_few_tokens_for_the_kept_units_leave_the_blocks_as_they_are(bert):
     assert all(torch.equal(p, before[n]) for n, p in student.module.named_parameters())
 
 
-def test_refit_texts_are_the_fit_texts_plus_seeded_variations(bert):
+def test_refit_texts_are_the_fit_texts_plus_seeded_variations_and_general_sentences(bert):
     adapter, teacher = bert
     texts = data_for(adapter, teacher, augment="on").refit_texts(extra=30)
     again = data_for(adapter, teacher, augment="on").refit_texts(extra=30)
     fit = data_for(adapter, teacher, augment="on").fit
     assert texts == again                                  # deterministic for a seed
-    assert len(texts) == len(fit) + 30 and set(fit) <= set(texts)
+    assert len(texts) == len(fit) + 30 + REFIT_GENERAL and set(fit) <= set(texts)
+    assert sum(t in general_sentences() for t in texts) == REFIT_GENERAL
+    assert len(data_for(adapter, teacher, augment="on", general_text=0).refit_texts(extra=30)) == len(fit) + 30
     held = data_for(adapter, teacher, augment="on").held
     assert not set(held) & set(texts)                      # the held-out split stays unseen
     assert data_for(adapter, teacher, augment="off").refit_texts() == sorted(fit, key=len)
@@ -89,4 +93,4 @@ def test_refit_texts_are_the_fit_texts_plus_seeded_variations(bert):
 def test_refit_variations_default_to_at_most_four_per_fit_text(bert):
     adapter, teacher = bert
     data = data_for(adapter, teacher, augment="on")
-    assert len(data.refit_texts()) == len(data.fit) * 5
+    assert len(data.refit_texts()) == len(data.fit) * 5 + REFIT_GENERAL

@@ -19,8 +19,12 @@ class Training(PassConfig):
                             "student keeps the teacher's width and the adapter can run hidden states)")
     augment: Literal["auto", "on", "off"] = Field(
         "auto", description="widen the calibration set with unlabeled variations the teacher labels (text: crops, "
-                            "shuffles, mixes, vocabulary words; images: crops, flips, colour jitter, mixing); auto: "
-                            "on when the set is small")
+                            "shuffles, mixes, vocabulary words, general English sentences; images: crops, flips, "
+                            "colour jitter, mixing); auto: on when the set is small")
+    general_text: float = Field(
+        0.5, ge=0, le=0.75, description="when augmenting text: this share of each batch is general English sentences "
+                                        "shipped with mmopt, so the student also learns outside the calibration "
+                                        "domain (0: none)")
     eval_every: int = Field(50, gt=0, description="score the held-out split every this many steps")
     patience: int | None = Field(4, gt=0, description="stop after this many held-out scores without a gain "
                                                       "(null: run every step)")

@@ -335,8 +335,7 @@ def _recover(model: Model, teacher: Model, part: str, recover: Recover, ctx: Con
 
     out = {"fidelity_before_recovery": measured()}
     tokens = use_tokens(recover.match, ctx.adapter, model, part)
-    data = for_part(teacher, ctx.adapter, part, calib, EVAL_SEQ_LEN, ctx.seed, recover.batch_size, recover.augment,
-                    ctx.device)
+    data = for_part(teacher, ctx.adapter, part, calib, EVAL_SEQ_LEN, ctx.seed, recover, ctx.device)
     if ffn:
         out["refit"] = _refit(model, teacher, part, data, ffn, ctx)
         out["fidelity_after_refit"] = measured()

@@ -371,7 +371,7 @@ def _adopt_student(model: Model, part: str, cfg: SubstituteConfig, ctx: Context,
     import torch
 
     from mmopt.calibration import Calibration, text_source
-    from mmopt.distill.data import SMALL, TextData
+    from mmopt.distill.data import TextData, augmenting
     from mmopt.fidelity import fidelity
     from mmopt.modules.swapped import least_squares
 
@@ -395,8 +395,8 @@ def _adopt_student(model: Model, part: str, cfg: SubstituteConfig, ctx: Context,
 
     options = cfg.distill or Distill(steps=0)
     texts = list(text_source(ctx.calibration or Calibration()))
-    augment = options.augment == "on" or (options.augment == "auto" and len(texts) < SMALL)
-    data = TextData(texts, tokenize, options.batch_size, augment, lambda: adapter.vocabulary(teacher), ctx.seed)
+    data = TextData(texts, tokenize, options.batch_size, augmenting(options, len(texts)),
+                    lambda: adapter.vocabulary(teacher), ctx.seed, options.general_text)
     fit_texts = list(data.fit) + (data.augmenter.batch(PROJECTION_AUGMENTED) if data.augmenter else [])
     feats, targets = [], []
     starts = range(0, len(fit_texts), 64)
@@ -459,7 +459,7 @@ def _distill(model: Model, part: str, cfg: Distill, ctx: Context, swapped: bool 
                         split=lambda batch: batch)
     else:
         data = for_part(ctx.teacher, ctx.adapter, part, ctx.calibration or Calibration(), DISTILL_SEQ_LEN,
-                        ctx.seed, cfg.batch_size, cfg.augment, ctx.device)
+                        ctx.seed, cfg, ctx.device)
         stats = distill(model, ctx.teacher, ctx.adapter, part, data, cfg, seed=ctx.seed, progress=ctx.progress,
                         tokens=tokens)
     model.module.eval()
