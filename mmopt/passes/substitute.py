@@ -397,7 +397,10 @@ def _adopt_student(model: Model, part: str, cfg: SubstituteConfig, ctx: Context,
     texts = list(text_source(ctx.calibration or Calibration()))
     data = TextData(texts, tokenize, options.batch_size, augmenting(options, len(texts)),
                     lambda: adapter.vocabulary(teacher), ctx.seed, options.general_text)
-    fit_texts = list(data.fit) + (data.augmenter.batch(PROJECTION_AUGMENTED) if data.augmenter else [])
+    # By length: a batch pads to its longest text, and augmented texts range from five-word crops to mixes of two
+    # sentences; unsorted, all-mpnet-base-v2 and MiniLM took twice as long to label them (217 s against 107 s).
+    fit_texts = sorted(list(data.fit) + (data.augmenter.batch(PROJECTION_AUGMENTED) if data.augmenter else []),
+                       key=len)
     feats, targets = [], []
     starts = range(0, len(fit_texts), 64)
     with torch.inference_mode(), ctx.progress.task(f"fitting the projection of {what}", total=len(starts)) as task:
