@@ -13,6 +13,8 @@ import pytest
 from mmopt import api
 from mmopt.processes import strip_option
 from tests.conftest import save_tiny_bert
+from tests.passes.test_substitute_student import TEXTS as STUDENT_TEXTS
+from tests.passes.test_substitute_student import tiny_student_dir  # noqa: F401  (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "red blue green small large quick slow happy sad old new bright dark cold warm".split()
@@ -84,6 +86,37 @@ def test_two_processes_give_the_single_process_result_and_only_rank_0_writes_and
         if not key.endswith(NO_GRADIENT):
             assert (wa[key] - wb[key]).abs().max() < 1e-4, key
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "one.yaml", "texts.txt", "two", "two.yaml"]
+
+
+def test_a_student_with_its_own_tokenizer_trains_alike_in_two_processes(tmp_path, tiny_bert_dir, tiny_student_dir):
+    """Its batches hold two tokenizations (the student's, the original's), shared out alike; the projection's
+    least-squares refit solves on every process's rows."""
+    from safetensors.torch import load_file
+
+    (tmp_path / "texts.txt").write_text("\n".join(STUDENT_TEXTS * 2) + "\n")
+    for name in ("one", "two"):
+        (tmp_path / f"{name}.yaml").write_text(f"""model: {{source: hf, path: {tiny_bert_dir}}}
+calibration: {{texts: texts.txt}}
+profile: {{batch_size: 2, seq_len: 16}}
+passes:
+  - substitute: {{student: {{source: hf, path: {tiny_student_dir}}},
+                  distill: {{steps: 12, lr: 1.0e-3, batch_size: 8, eval_every: 4, patience: null}}}}
+output: {name}
+""")
+    one = api.optimize(tmp_path / "one.yaml")
+    result = _mmopt("optimize", str(tmp_path / "two.yaml"), "--processes", "2", "--json")
+    assert result.returncode in (0, 1), result.stderr        # 1: a gate of the tiny random pair may fail
+    two = json.loads(result.stdout)
+    a, b = (r["passes"][0]["metrics"]["text"]["substitute"]["distill"] for r in (one, two))
+    assert [s for s, _ in a["curve"]] == [s for s, _ in b["curve"]] == [0, 4, 8, 12]
+    for (_, cos_a), (_, cos_b) in zip(a["curve"], b["curve"]):
+        assert cos_b == pytest.approx(cos_a, abs=1e-4)
+    ra, rb = a["projection_refit"], b["projection_refit"]
+    assert ra["samples"] == rb["samples"] == 12 * 8
+    assert ra["kept"] == rb["kept"]
+    assert rb["held_out_after"] == pytest.approx(ra["held_out_after"], abs=1e-4)
+    wa, wb = (load_file(tmp_path / n / "2_Dense" / "model.safetensors") for n in ("one", "two"))
+    assert all((wa[k] - wb[k]).abs().max() < 1e-4 for k in wa)
 
 
 def test_a_failing_process_fails_the_run_and_nothing_is_written(tmp_path, sensitive_bert):

@@ -7,7 +7,7 @@ import torch
 
 from mmopt.distill.augment import general_sentences
 from mmopt.distill.data import REFIT_GENERAL
-from mmopt.distill.refit import refit_ffn
+from mmopt.distill.refit import ProjectionRefit, refit_ffn
 from tests.test_distill import TEXTS, bert, data_for  # noqa: F401  (bert is a fixture)
 
 
@@ -94,3 +94,48 @@ def test_refit_variations_default_to_at_most_four_per_fit_text(bert):
     adapter, teacher = bert
     data = data_for(adapter, teacher, augment="on")
     assert len(data.refit_texts()) == len(data.fit) * 5 + REFIT_GENERAL
+
+
+def _observed(refit: ProjectionRefit, true_map: torch.nn.Linear, steps: int) -> None:
+    """``steps`` training steps as the engine shows them: the student's forward (through the projection), then the
+    teacher's labels of the batch, here the outputs of ``true_map``."""
+    torch.manual_seed(0)
+    for _ in range(steps):
+        x = torch.randn(8, 6)
+        refit.projection(x)
+        refit.observe(true_map(x).detach())
+
+
+def test_projection_refit_solves_on_every_step_and_keeps_what_scores_better():
+    torch.manual_seed(1)
+    true_map, projection = torch.nn.Linear(6, 4), torch.nn.Linear(6, 4)
+    probe = torch.randn(32, 6)
+
+    def score() -> float:
+        with torch.no_grad():
+            return float(torch.nn.functional.cosine_similarity(projection(probe), true_map(probe), dim=-1).mean())
+
+    refit = ProjectionRefit(projection, ridge=1e-6)
+    _observed(refit, true_map, 10)
+    out = refit.apply(score)
+    assert out["samples"] == 10 * 8
+    assert out["kept"] and out["held_out_after"] > out["held_out_before"]
+    assert torch.allclose(projection.weight, true_map.weight, atol=1e-3)
+    assert torch.allclose(projection.bias, true_map.bias, atol=1e-3)
+    assert not projection._forward_pre_hooks                            # the hook is gone after apply
+
+
+def test_projection_refit_that_scores_worse_or_lacks_rows_leaves_the_projection_as_it_was():
+    torch.manual_seed(2)
+    true_map, projection = torch.nn.Linear(6, 4), torch.nn.Linear(6, 4)
+    before = [p.detach().clone() for p in projection.parameters()]
+    refit = ProjectionRefit(projection, ridge=1e-6)
+    _observed(refit, true_map, 4)
+    scores = iter([0.9, 0.5])            # held out: before the refit, then with it
+    out = refit.apply(lambda: next(scores))
+    assert not out["kept"] and out["held_out_after"] < out["held_out_before"]
+    assert all(torch.equal(a, b) for a, b in zip(before, projection.parameters()))
+
+    few = ProjectionRefit(projection, ridge=1e-6)         # no training step (stopped at once): nothing to solve
+    assert few.apply(lambda: 1.0) == {"samples": 0, "kept": False}
+    assert all(torch.equal(a, b) for a, b in zip(before, projection.parameters()))

@@ -93,12 +93,15 @@ def trainable(model: Model, part: str) -> list:
 
 def distill(student_model: Model, teacher_model: Model, adapter: Adapter, part: str, data: TextData | TensorData,
             options: Training, seed: int = 0, progress: Progress | None = None, tokens: bool = False,
-            split: Callable[[Any], tuple[Any, Any]] | None = None) -> dict:
+            split: Callable[[Any], tuple[Any, Any]] | None = None,
+            observe: Callable[[Any], None] | None = None) -> dict:
     """Train ``part`` of ``student_model`` toward the teacher for up to ``options.steps`` steps; keep the weights
     that scored best on ``data``'s held-out split (those from before training, should none beat them).
 
     ``split`` turns one batch of ``data`` into (student inputs, teacher inputs); by default both take the batch.
     A student with its own tokenizer (``substitute: {student: ...}``) gets batches holding both tokenizations.
+    ``observe``, when given, gets the teacher's outputs for every training step's batch (after the student's forward
+    on it; not the range test's).
 
     Returns what the report shows: the rate and where it came from, steps run, the held-out curve
     ([[step, mean cosine to the teacher], ...]), the best step, whether it stopped early, the augmentation.
@@ -126,10 +129,12 @@ def distill(student_model: Model, teacher_model: Model, adapter: Adapter, part: 
                    for inputs, ref in held]
         return parallel.mean(cos)
 
+    labels: list = [None]
+
     def step_loss() -> Any:
         mine, theirs = split(data.next_batch())
         with torch.no_grad():
-            target = _detach(run(teacher_model, theirs))     # the teacher labels every (augmented) batch
+            target = labels[0] = _detach(run(teacher_model, theirs))     # the teacher labels every (augmented) batch
         return parallel.global_loss(criterion(run(student_model, mine), target), data)
 
     was = [p.requires_grad for p in params]
@@ -155,6 +160,8 @@ def distill(student_model: Model, teacher_model: Model, adapter: Adapter, part: 
                     for group in optimizer.param_groups:
                         group["lr"] = lr * warmup_cosine(step, steps)
                     value = step_loss()
+                    if observe is not None:
+                        observe(labels[0])
                     optimizer.zero_grad(set_to_none=True)
                     value.backward()
                     torch.nn.utils.clip_grad_norm_(params, 1.0)

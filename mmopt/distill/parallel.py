@@ -116,9 +116,9 @@ class ShardedData:
         return getattr(self.data, name)
 
     def _mine(self, batch: tuple) -> tuple:
-        n = int(batch[0].shape[0])
+        n = _rows(batch)
         lo, hi = n * self.rank // self.world, n * (self.rank + 1) // self.world
-        return tuple(t[lo:hi] for t in batch), hi - lo, n
+        return _slice(batch, lo, hi), hi - lo, n
 
     def next_batch(self) -> tuple:
         from mmopt.errors import UserError
@@ -135,6 +135,16 @@ class ShardedData:
             mine, k, _ = self._mine(batch)
             if k:
                 yield mine
+
+
+def _rows(batch: Any) -> int:
+    """Samples in a batch: a tensor's rows, or those of the first tensor in (nested) tuples. A student with its own
+    tokenizer gets batches of (its inputs, the original's inputs)."""
+    return _rows(batch[0]) if isinstance(batch, tuple) else int(batch.shape[0])
+
+
+def _slice(batch: Any, lo: int, hi: int) -> Any:
+    return tuple(_slice(t, lo, hi) for t in batch) if isinstance(batch, tuple) else batch[lo:hi]
 
 
 def shard(data: TextData | TensorData) -> TextData | TensorData | ShardedData:
@@ -162,6 +172,16 @@ def mean(values: Sequence[torch.Tensor]) -> float:
         return float(local.mean())
     total, count = _sum([float(local.double().sum()), float(local.numel())])
     return total / count
+
+
+def summed(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor summed element-wise over ranks (in one process: as given)."""
+    if active():
+        import torch.distributed as dist
+
+        for value in tensors.values():
+            dist.all_reduce(value)
+    return tensors
 
 
 def total(count: int) -> int:

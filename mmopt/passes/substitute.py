@@ -25,7 +25,7 @@ real sentences, if few); image parts need calibration images: distilling on nois
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
 
 from pydantic import Field, model_validator
 
@@ -128,12 +128,12 @@ class Substitute(Pass):
         if (cfg.distill is not None and cfg.distill.steps > 0) or cfg.student is not None:
             data = _check_data(ctx.teacher, adapter, part, ctx.calibration, "substitute.distill")
         result = PassResult()
-        pairs = None        # a student's texts, tokenized for both models
+        pairs = projection = None        # a student's texts, tokenized for both models; its projection
         if cfg.layer_drop is not None:
             result.record = _layer_drop(model, part, cfg.layer_drop, ctx, result)
             summary: dict = {"layers": result.record["layer_drop"]}
         elif cfg.student is not None:
-            result.record, pairs, fit = _adopt_student(model, part, cfg, ctx, result)
+            result.record, pairs, fit, projection = _adopt_student(model, part, cfg, ctx, result)
             student = result.record["student"]
             summary = {"student": {"model": student["model"], "projection": student["projection"],
                                    "projection_fit": fit}}
@@ -148,7 +148,7 @@ class Substitute(Pass):
                                                "before_distill": agreement.score(model)}
         if cfg.distill is not None and cfg.distill.steps > 0:
             summary["distill"] = {**_distill(model, part, cfg.distill, ctx, swapped=cfg.layer_drop is None,
-                                             pairs=pairs),
+                                             pairs=pairs, projection=projection),
                                   "inputs": data}
         if "image_text_agreement" in summary:
             summary["image_text_agreement"]["after"] = agreement.score(model)
@@ -367,7 +367,7 @@ def _check_student(model: Model, part: str, spec: ModelSpec, ctx: Context) -> No
 
 def _adopt_student(model: Model, part: str, cfg: SubstituteConfig, ctx: Context, result: PassResult) -> tuple:
     """Load the student, fit its projection by least squares, make ``model`` the student; return (record, the
-    texts as a ``TextData`` of (student inputs, original's inputs), the fit's figures)."""
+    texts as a ``TextData`` of (student inputs, original's inputs), the fit's figures, the projection or None)."""
     import torch
 
     from mmopt.calibration import Calibration, text_source
@@ -432,7 +432,7 @@ def _adopt_student(model: Model, part: str, cfg: SubstituteConfig, ctx: Context,
                                         **loaded}}
     fit = {"least_squares_cosine": fitted, "identity_cosine": identity, "samples": int(target.shape[0]),
            "ridge": PROJECTION_RIDGE}
-    return record, data, fit
+    return record, data, fit, projection
 
 
 def _calibration_inputs(teacher: Model, adapter: Adapter, part: str, ctx: Context, batch_size: int | None = None,
@@ -449,17 +449,22 @@ def _calibration_inputs(teacher: Model, adapter: Adapter, part: str, ctx: Contex
 
 # --- distillation ----------------------------------------------------------------------------------------
 
-def _distill(model: Model, part: str, cfg: Distill, ctx: Context, swapped: bool = False, pairs=None) -> dict:
+def _distill(model: Model, part: str, cfg: Distill, ctx: Context, swapped: bool = False, pairs=None,
+             projection=None) -> dict:
     from mmopt.calibration import Calibration
     from mmopt.distill import distill, use_tokens
     from mmopt.distill.data import for_part
+    from mmopt.distill.refit import ProjectionRefit
 
     # Token-level matching: MiniLM 6 -> 3 (layers 0, 4, 5) reached 0.924 held-out against 0.915 matching the
     # pooled output (docs/substitution.md). It needs the teacher's hidden width, so auto never picks it after a swap.
     tokens = cfg.match == "tokens" or (not swapped and use_tokens(cfg.match, ctx.adapter, model, part))
     if pairs is not None:       # a student with its own tokenizer: batches hold (its inputs, the original's)
+        refit = ProjectionRefit(projection, PROJECTION_RIDGE) if projection is not None else None
         stats = distill(model, ctx.teacher, ctx.adapter, part, pairs, cfg, seed=ctx.seed, progress=ctx.progress,
-                        split=lambda batch: batch)
+                        split=lambda batch: batch, observe=refit.observe if refit else None)
+        if refit is not None:
+            stats["projection_refit"] = refit.apply(_held_out_score(model, ctx, part, pairs))
     else:
         data = for_part(ctx.teacher, ctx.adapter, part, ctx.calibration or Calibration(), DISTILL_SEQ_LEN,
                         ctx.seed, cfg, ctx.device)
@@ -467,6 +472,22 @@ def _distill(model: Model, part: str, cfg: Distill, ctx: Context, swapped: bool 
                         tokens=tokens)
     model.module.eval()
     return stats
+
+
+def _held_out_score(model: Model, ctx: Context, part: str, pairs: Any) -> Callable[[], float]:
+    """The student's mean cosine to the original on the distillation's held-out texts (labelled once)."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        held = [(mine, ctx.adapter.run(ctx.teacher, part, theirs).float()) for mine, theirs in pairs.held_batches()]
+
+    def score() -> float:
+        with torch.no_grad():
+            return float(torch.cat([F.cosine_similarity(ctx.adapter.run(model, part, mine).float(), ref, dim=-1)
+                                    for mine, ref in held]).mean())
+
+    return score
 
 
 # --- CLIP image-text agreement ---------------------------------------------------------------------------

@@ -44,7 +44,7 @@ calibration: {{texts: calib.txt}}
 profile: {{batch_size: 2, seq_len: 16}}
 passes:
   - substitute: {{part: text, student: {{source: hf, path: {student}}}, distill: {{steps: {steps}, lr: 1.0e-3,
-                  eval_every: 2, batch_size: 4}}}}
+                  eval_every: 2, batch_size: 4, patience: null}}}}
 output: out
 device: cpu
 """)
@@ -59,11 +59,15 @@ def test_student_swap_writes_a_sentence_transformers_folder_of_the_student(tiny_
     from mmopt import registry
     from mmopt.checkpoint import load_model
 
-    report = mmopt.optimize(_recipe(tmp_path, tiny_bert_dir, tiny_student_dir))
+    report = mmopt.optimize(_recipe(tmp_path, tiny_bert_dir, tiny_student_dir, steps=12))
     out = tmp_path / "out"
     metrics = report["passes"][0]["metrics"]["text"]["substitute"]
     assert metrics["student"]["projection"] == [16, 32]
-    assert metrics["distill"]["steps"] == 4 and metrics["distill"]["held_out"]["split"].startswith("every 5th")
+    assert metrics["distill"]["steps"] == 12 and metrics["distill"]["held_out"]["split"].startswith("every 5th")
+    # the projection re-solved on the 12 steps' batches of 4, kept only if the held-out texts score higher
+    refit = metrics["distill"]["projection_refit"]
+    assert refit["samples"] == 48
+    assert refit["kept"] == (refit["held_out_after"] > refit["held_out_before"])
     # the memory table compares the teacher with the student (its projection included)
     before, after = (report["parts"]["text"][k] for k in ("before", "after"))
     student_params = sum(p.numel() for p in AutoModel.from_pretrained(str(tiny_student_dir)).parameters())
