@@ -94,14 +94,15 @@ def trainable(model: Model, part: str) -> list:
 def distill(student_model: Model, teacher_model: Model, adapter: Adapter, part: str, data: TextData | TensorData,
             options: Training, seed: int = 0, progress: Progress | None = None, tokens: bool = False,
             split: Callable[[Any], tuple[Any, Any]] | None = None,
-            observe: Callable[[Any], None] | None = None) -> dict:
+            refit: Any = None) -> dict:
     """Train ``part`` of ``student_model`` toward the teacher for up to ``options.steps`` steps; keep the weights
     that scored best on ``data``'s held-out split (those from before training, should none beat them).
 
     ``split`` turns one batch of ``data`` into (student inputs, teacher inputs); by default both take the batch.
     A student with its own tokenizer (``substitute: {student: ...}``) gets batches holding both tokenizations.
-    ``observe``, when given, gets the teacher's outputs for every training step's batch (after the student's forward
-    on it; not the range test's).
+    ``refit``, when given (``refit.py: ProjectionRefit``), sees the teacher's outputs of every training step's batch
+    (``observe``, after the student's forward on it; not the range test's) and, once the best weights are back,
+    re-solves what it fits (``apply``), judged by the same held-out score; the report shows it under ``refit.name``.
 
     Returns what the report shows: the rate and where it came from, steps run, the held-out curve
     ([[step, mean cosine to the teacher], ...]), the best step, whether it stopped early, the augmentation.
@@ -160,8 +161,8 @@ def distill(student_model: Model, teacher_model: Model, adapter: Adapter, part: 
                     for group in optimizer.param_groups:
                         group["lr"] = lr * warmup_cosine(step, steps)
                     value = step_loss()
-                    if observe is not None:
-                        observe(labels[0])
+                    if refit is not None:
+                        refit.observe(labels[0])
                     optimizer.zero_grad(set_to_none=True)
                     value.backward()
                     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -189,5 +190,7 @@ def distill(student_model: Model, teacher_model: Model, adapter: Adapter, part: 
                          else "the fit samples themselves (too few to hold any out)"},
             "augment": data.describe_augmentation(), "loss": options.loss, "match": "tokens" if tokens else "output",
             "seconds": round(time.perf_counter() - started, 2)}
+    if refit is not None:
+        info[refit.name] = refit.apply(score)
     parallel.check_agreement(params, info)   # several processes: all decided alike (parallel.py)
     return info

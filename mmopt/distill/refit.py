@@ -174,9 +174,11 @@ class ProjectionRefit:
     re-solved on the second half's batches, 0.586 on all of them (docs/distillation.md). The student moves
     little meanwhile, so its early embeddings are not stale enough to hurt.
 
-    Use: pass ``observe`` to the engine's ``distill``; afterwards ``apply`` solves, keeps the refit only when the
-    held-out ``score`` agrees, and returns what the report shows.
+    Use: pass it as the engine's ``distill(..., refit=)``; the engine feeds ``observe`` and, after training, calls
+    ``apply`` with its held-out score, which keeps the refit only when that score agrees.
     """
+
+    name = "projection_refit"     # the report's key
 
     def __init__(self, projection: torch.nn.Linear, ridge: float):
         self.projection, self.ridge = projection, ridge

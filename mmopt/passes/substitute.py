@@ -25,7 +25,7 @@ real sentences, if few); image parts need calibration images: distilling on nois
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
+from typing import TYPE_CHECKING, Iterator, Literal
 
 from pydantic import Field, model_validator
 
@@ -195,6 +195,10 @@ class Substitute(Pass):
         distill = summary.get("distill")
         if distill:
             words.append(f"distilled {describe_run(distill)}")
+            refit = distill.get("projection_refit") or {}
+            if refit.get("kept"):
+                words.append(f"projection re-solved on {refit['samples']} training texts "
+                             f"(held-out {refit['held_out_before']:.3f} -> {refit['held_out_after']:.3f})")
         agreement = summary.get("image_text_agreement")
         if agreement and agreement.get("after") is not None:
             words.append(f"image-text agreement {agreement['before']:.2f} -> {agreement['after']:.2f}")
@@ -462,9 +466,7 @@ def _distill(model: Model, part: str, cfg: Distill, ctx: Context, swapped: bool 
     if pairs is not None:       # a student with its own tokenizer: batches hold (its inputs, the original's)
         refit = ProjectionRefit(projection, PROJECTION_RIDGE) if projection is not None else None
         stats = distill(model, ctx.teacher, ctx.adapter, part, pairs, cfg, seed=ctx.seed, progress=ctx.progress,
-                        split=lambda batch: batch, observe=refit.observe if refit else None)
-        if refit is not None:
-            stats["projection_refit"] = refit.apply(_held_out_score(model, ctx, part, pairs))
+                        split=lambda batch: batch, refit=refit)
     else:
         data = for_part(ctx.teacher, ctx.adapter, part, ctx.calibration or Calibration(), DISTILL_SEQ_LEN,
                         ctx.seed, cfg, ctx.device)
@@ -472,22 +474,6 @@ def _distill(model: Model, part: str, cfg: Distill, ctx: Context, swapped: bool 
                         tokens=tokens)
     model.module.eval()
     return stats
-
-
-def _held_out_score(model: Model, ctx: Context, part: str, pairs: Any) -> Callable[[], float]:
-    """The student's mean cosine to the original on the distillation's held-out texts (labelled once)."""
-    import torch
-    import torch.nn.functional as F
-
-    with torch.no_grad():
-        held = [(mine, ctx.adapter.run(ctx.teacher, part, theirs).float()) for mine, theirs in pairs.held_batches()]
-
-    def score() -> float:
-        with torch.no_grad():
-            return float(torch.cat([F.cosine_similarity(ctx.adapter.run(model, part, mine).float(), ref, dim=-1)
-                                    for mine, ref in held]).mean())
-
-    return score
 
 
 # --- CLIP image-text agreement ---------------------------------------------------------------------------

@@ -68,6 +68,8 @@ def test_student_swap_writes_a_sentence_transformers_folder_of_the_student(tiny_
     refit = metrics["distill"]["projection_refit"]
     assert refit["samples"] == 48
     assert refit["kept"] == (refit["held_out_after"] > refit["held_out_before"])
+    brief = registry.make_pass("substitute", report["passes"][0]["config"]).brief({"substitute": metrics})
+    assert ("projection re-solved on 48 training texts" in brief) == refit["kept"]
     # the memory table compares the teacher with the student (its projection included)
     before, after = (report["parts"]["text"][k] for k in ("before", "after"))
     student_params = sum(p.numel() for p in AutoModel.from_pretrained(str(tiny_student_dir)).parameters())
