@@ -65,6 +65,9 @@ MMOPT = {
             ("mmopt int8 + bias correction", {"method": "int8", "bias_correction": True}),
             ("mmopt int8 gptq", {"method": "int8", "algorithm": "gptq"}),
             ("mmopt int8 gptq + bias correction", {"method": "int8", "algorithm": "gptq", "bias_correction": True}),
+            *[(f"mmopt int8 gptq + bias correction + int8_group_size {size}",
+               {"method": "int8", "algorithm": "gptq", "bias_correction": True, "int8_group_size": size})
+              for size in (32, 16, 8)],
             ("mmopt int4 rtn (1x1 + classifier)", {"method": "int4", "algorithm": "rtn", "group_size": 32}),
             ("mmopt int4 gptq (1x1 + classifier)", {"method": "int4", "algorithm": "gptq", "group_size": 32}),
             ("mmopt int4 gptq + bias correction", {"method": "int4", "algorithm": "gptq", "group_size": 32,

@@ -127,7 +127,8 @@ def test_streamed_int8_quantize_is_byte_for_byte_the_loaded_runs(tiny_clip_full_
     assert module is not None
 
 
-def test_streamed_int8_convolutions_match_the_loaded_run(tmp_path, recipe_file):
+@pytest.mark.parametrize("quantize", ["{method: int8}", "{method: int8, int8_group_size: 8}"])
+def test_streamed_int8_convolutions_match_the_loaded_run(tmp_path, recipe_file, quantize):
     import torchvision
     from safetensors.torch import save_file
 
@@ -140,7 +141,7 @@ def test_streamed_int8_convolutions_match_the_loaded_run(tmp_path, recipe_file):
 model: {{source: torchvision, name: mobilenet_v2, weights: {weights}, num_classes: 5}}
 profile: {{batch_size: 1, image_size: 32}}
 calibration: {{num_samples: 2, batch_size: 2}}
-passes: [quantize: {{method: int8}}]
+passes: [quantize: {quantize}]
 output: {name}
 """, f"{name}.yaml"), stream=stream)
         shas.append(_sha(tmp_path / name / "visual.safetensors"))

@@ -1,11 +1,13 @@
 """Weight-only quantized storage the quantize pass installs by default (``method: int8``):
 
-- ``int8_tensor``: torchao's ``Int8Tensor`` (int8 + one float32 scale per row) for an ``nn.Linear`` or
+- ``int8_tensor``: torchao's ``Int8Tensor`` (int8 + one float32 scale per row, or a float16 one per group of a
+  row with ``int8_group_size``) for an ``nn.Linear`` or
   ``nn.Embedding`` weight. The module stays the stock one, so transformers (``TorchAoConfig``) rebuilds the
   same model from the same file; torchao runs it as ``mm(x, q.t().to(x.dtype)) * scale`` (a float matmul
   after a cast, the same ops on CPU and CUDA), and an embedding as a lookup in the dequantized table.
 - ``Int8Channels``: a parametrization storing a convolution weight as int8 with one scale per output channel
-  (1x1 convolutions are matrix multiplies; depthwise and the first conv are covered the same way).
+  (1x1 convolutions are matrix multiplies; depthwise and the first conv are covered the same way);
+  ``Int8Groups`` the same with one float16 scale per group of a filter's values (``int8_group_size``).
 - ``Int4Embedding``: an embedding table in 4-bit groups (asymmetric, range chosen per group by a small clipping
   search), two codes per byte; only the looked-up rows are dequantized.
 - ``Int4Linear``: a Linear weight in the same 4-bit groups (``method: int4``; codes from GPTQ or round-to-nearest).
@@ -24,27 +26,54 @@ if TYPE_CHECKING:
     from mmopt.quant.gptq import Quantized8
 
 
-def int8_tensor(weight: torch.Tensor) -> torch.Tensor:
-    """A torchao ``Int8Tensor`` for a 2-D ``weight``: per-row symmetric int8 (``max|row| / 127``), dequantizing
-    to ``weight.dtype`` (the dtype it will compute in: an Int8Tensor's output dtype is fixed when it is made)."""
+def int8_tensor(weight: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+    """A torchao ``Int8Tensor`` for a 2-D ``weight``: per-row symmetric int8 (``max|row| / 127``) or, where
+    ``int8_group_for`` gives a group, one float16 scale per group of a row; dequantizing to ``weight.dtype`` (the
+    dtype it will compute in: an Int8Tensor's output dtype is fixed when it is made)."""
     from torchao.quantization import Int8Tensor
 
-    q, scale = quantize_rows(weight)
-    return Int8Tensor(q, scale.float(), block_size=[1, weight.shape[1]], dtype=weight.dtype)
+    size = int8_group_for(weight.shape[1], group_size)
+    if size is None:
+        q, scale = quantize_rows(weight)
+        return Int8Tensor(q, scale.float(), block_size=[1, weight.shape[1]], dtype=weight.dtype)
+    q, scale = quantize_groups8(weight, size)
+    return Int8Tensor(q, scale, block_size=[1, size], dtype=weight.dtype)
 
 
-def int8_rows_of(weight: torch.Tensor, codes: Quantized8 | None) -> torch.Tensor:
-    """``weight`` as an ``Int8Tensor``: GPTQ's ``codes`` when given, rounded to nearest otherwise."""
+def int8_rows_of(weight: torch.Tensor, codes: Quantized8 | None, group_size: int | None = None) -> torch.Tensor:
+    """``weight`` as an ``Int8Tensor``: GPTQ's ``codes`` when given, rounded to nearest otherwise (in groups of
+    ``group_size`` where ``int8_group_for`` allows)."""
     if codes is None:
-        return int8_tensor(weight.detach())
-    return int8_tensor_from(codes.codes, codes.scale.float(), weight.dtype)
+        return int8_tensor(weight.detach(), group_size)
+    scale = codes.scale if codes.group_size else codes.scale.float()
+    return int8_tensor_from(codes.codes, scale, weight.dtype)
 
 
 def int8_tensor_from(qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An ``Int8Tensor`` from its saved inner tensors (``<module>._weight_qdata`` / ``._weight_scale``)."""
+    """An ``Int8Tensor`` from its saved inner tensors (``<module>._weight_qdata`` / ``._weight_scale``): one scale
+    per row, or per group of ``qdata.shape[1] // scale.shape[1]`` values."""
     from torchao.quantization import Int8Tensor
 
-    return Int8Tensor(qdata, scale, block_size=[1, qdata.shape[1]], dtype=dtype)
+    return Int8Tensor(qdata, scale, block_size=[1, qdata.shape[1] // scale.shape[1]], dtype=dtype)
+
+
+def int8_group_for(width: int, group_size: int | None) -> int | None:
+    """The int8 group a row of ``width`` values gets under ``int8_group_size``: the largest divisor of ``width``
+    from ``group_size`` down to half of it (MobileNetV2's 24-channel inputs: 12 for 16); None, one scale for the
+    row, without a group size, when the row is no longer than a group or when no such divisor exists."""
+    if group_size is None or width <= group_size:
+        return None
+    return next((d for d in range(group_size, (group_size + 1) // 2 - 1, -1) if width % d == 0), None)
+
+
+def quantize_groups8(rows: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per ``group_size`` consecutive values of each row (a divisor of the row's length): (int8
+    codes, float16 scale (rows, groups)); the codes are rounded with the float16 scale that is stored."""
+    w = rows.detach().float()
+    groups = w.reshape(w.shape[0], -1, group_size)
+    scale = (groups.abs().amax(-1) / 127.0).clamp(min=1e-7).half()
+    q = torch.round(groups / scale.float().unsqueeze(-1)).clamp(-127, 127)
+    return q.reshape(w.shape).to(torch.int8), scale
 
 
 def is_int8_tensor(tensor: object) -> bool:
@@ -68,19 +97,40 @@ class Int8Channels(nn.Module):
         return (q.reshape(weight.shape),)     # a one-tuple: lets parametrize change the stored dtype
 
 
-def int8_channels_on(conv: nn.Module, codes: Quantized8 | None = None) -> None:
-    """Store ``conv.weight`` as int8 per output channel: GPTQ's ``codes`` when given, rounded to nearest
-    otherwise."""
+class Int8Groups(nn.Module):
+    """Parametrization storing a convolution weight (out, in/groups, kh, kw) as int8 with one float16 scale per
+    ``group_size`` consecutive values of each output channel's flattened filter (``int8_group_size``)."""
+
+    def __init__(self, channels: int, filter_size: int, group_size: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.group_size, self.dtype = group_size, dtype
+        self.register_buffer("scale", torch.ones(channels, filter_size // group_size, dtype=torch.float16))
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        groups = q.reshape(q.shape[0], -1, self.group_size).to(self.dtype)
+        return (groups * self.scale.to(self.dtype).unsqueeze(-1)).reshape(q.shape)
+
+    def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor]:
+        q, self.scale = quantize_groups8(weight.reshape(weight.shape[0], -1), self.group_size)
+        return (q.reshape(weight.shape),)
+
+
+def int8_channels_on(conv: nn.Module, codes: Quantized8 | None = None, group_size: int | None = None) -> None:
+    """Store ``conv.weight`` as int8, one scale per output channel or, where ``int8_group_for`` gives a group of
+    its filter values, one per group (``Int8Groups``): GPTQ's ``codes`` when given, rounded to nearest otherwise."""
     from torch.nn.utils import parametrize
 
     weight = conv.weight
     weight.requires_grad_(False)
-    parametrize.register_parametrization(conv, "weight", Int8Channels(weight.shape[0], weight.dtype)
-                                         .to(weight.device), unsafe=True)
+    filter_size = weight[0].numel()
+    size = int8_group_for(filter_size, group_size)
+    storage = (Int8Channels(weight.shape[0], weight.dtype) if size is None
+               else Int8Groups(weight.shape[0], filter_size, size, weight.dtype))
+    parametrize.register_parametrization(conv, "weight", storage.to(weight.device), unsafe=True)
     if codes is not None:
         stored = conv.parametrizations.weight
         stored.original0.data = codes.codes.to(weight.device)     # right_inverse returned a one-tuple
-        stored[0].scale = codes.scale.to(device=weight.device, dtype=weight.dtype)
+        stored[0].scale = codes.scale.to(device=weight.device, dtype=stored[0].scale.dtype)
 
 
 # --- 4-bit groups ----------------------------------------------------------------------------------------------

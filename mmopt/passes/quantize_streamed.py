@@ -87,12 +87,13 @@ class UnitValues:
         elif kind == "int4_embedding":
             return Int4Embedding.from_embedding(module, self.config.group_size)
         elif kind == "quantized" and isinstance(module, torch.nn.modules.conv._ConvNd):
-            int8_channels_on(module)
+            int8_channels_on(module, group_size=self.config.int8_group_size)
             return module
         quantized = set(self.record["linear"] + self.record["embeddings"])
         for child, sub in module.named_modules():
             if (f"{name}.{child}" if child else name) in quantized:
-                sub.weight = torch.nn.Parameter(int8_tensor(sub.weight.detach()), requires_grad=False)
+                group_size = self.config.int8_group_size if isinstance(sub, torch.nn.Linear) else None
+                sub.weight = torch.nn.Parameter(int8_tensor(sub.weight.detach(), group_size), requires_grad=False)
         return module
 
     def _parameter_unit(self, name: str, attr: str, kind: str) -> nn.Module:
@@ -109,8 +110,8 @@ class UnitValues:
         if kind == "projection":
             linear = matmul_linear_from(value)
             if f"{name}.linear" in self.record["linear"]:
-                linear.linear.weight = torch.nn.Parameter(int8_tensor(linear.linear.weight.detach()),
-                                                          requires_grad=False)
+                linear.linear.weight = torch.nn.Parameter(
+                    int8_tensor(linear.linear.weight.detach(), self.config.int8_group_size), requires_grad=False)
             holder.add_module(attr, linear)
         else:
             holder.register_parameter(attr, torch.nn.Parameter(value, requires_grad=False))

@@ -14,10 +14,10 @@ minimises the weight error instead). Options as in the reference implementation 
   factorisation fails (rank-deficient Hessians from few calibration tokens);
 - dead inputs (always zero in calibration) are zeroed, as their columns never matter on these inputs.
 
-int8 rows (``gptq_int8``) keep round-to-nearest's storage (one ``max|row| / 127`` scale per output channel) and only
-choose the codes. Convolutions are covered through their im2col patches, one Hessian per group: a depthwise 3x3
-convolution's 9 inputs per channel are where round-to-nearest hurts MobileNetV2 most (docs/quantization.md), and
-error feedback within those 9 taps recovers most of it.
+int8 rows (``gptq_int8``) keep round-to-nearest's storage (one ``max|row| / 127`` scale per output channel, or per
+group of a row's values with ``int8_group_size``) and only choose the codes. Convolutions are covered through their
+im2col patches, one Hessian per group: a depthwise 3x3 convolution's 9 inputs per channel are where round-to-nearest
+hurts MobileNetV2 most (docs/quantization.md), and error feedback within those 9 taps recovers most of it.
 
 Why our own and not a library (checked for issue #14): llmcompressor and gptqmodel are built for GPUs and LLMs
 (gptqmodel compiles CUDA kernels; llmcompressor pulls in accelerate, datasets and a model-tracing stack) and
@@ -60,12 +60,14 @@ class Quantized4:
 
 @dataclass
 class Quantized8:
-    """A weight as int8 rows: ``codes`` (the weight's shape, int8), ``scale`` (out, 1) in the weight's dtype, and
-    the output error as in ``Quantized4``."""
+    """A weight as int8 rows: ``codes`` (the weight's shape, int8), ``scale`` (out, 1) in the weight's dtype, or
+    with ``group_size`` float16 (out, groups) over each row's flattened values (``modules.quantized.Int8Groups``),
+    and the output error as in ``Quantized4``."""
 
     codes: torch.Tensor
     scale: torch.Tensor
     rel_error: float = 0.0
+    group_size: int | None = None
 
 
 class Hessians(InputStatistic):
@@ -148,32 +150,43 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, act_order
     return out
 
 
-def gptq_int8(weight: torch.Tensor, hessian: torch.Tensor, act_order: bool = True, damp: float = DAMP) -> Quantized8:
+def gptq_int8(weight: torch.Tensor, hessian: torch.Tensor, act_order: bool = True, damp: float = DAMP,
+              group_size: int | None = None) -> Quantized8:
     """GPTQ of ``weight`` into int8 rows: one symmetric scale per output channel (``max|row| / 127``, the scale of
-    round-to-nearest, so the storage is unchanged), the codes chosen with error feedback. ``weight`` is a Linear's
-    (out, in) or a convolution's (out, in / groups, kh, kw); ``hessian`` is (n, n), or (groups, n, n) with ``n``
-    the inputs of one group's filters (a depthwise 3x3 convolution: one 9x9 matrix per channel)."""
+    round-to-nearest, so the storage is unchanged) or, with ``group_size`` (a divisor of the row's length), one
+    per that many values of a row (``quantize_groups8``'s static groups); the codes chosen with error feedback.
+    ``weight`` is a Linear's (out, in) or a convolution's (out, in / groups, kh, kw); ``hessian`` is (n, n), or
+    (groups, n, n) with ``n`` the inputs of one group's filters (a depthwise 3x3 convolution: one 9x9 matrix per
+    channel)."""
     import torch
 
     from mmopt.modules.embedding import quantize_rows
+    from mmopt.modules.quantized import quantize_groups8
 
     original = weight.detach()
     rows = original.reshape(original.shape[0], -1).float()
     h = hessian.detach().float().to(rows.device)
     h = h if h.dim() == 3 else h[None]
-    groups = h.shape[0]
-    _, scale = quantize_rows(original.reshape(original.shape[0], -1))
-    stored = scale.float().reshape(groups, -1)          # the scale as the weight's dtype keeps it
-    W, H = _without_dead_inputs(rows.reshape(groups, -1, rows.shape[1]), h)
+    groups, width = h.shape[0], rows.shape[1]
+    if group_size is None:
+        _, scale = quantize_rows(original.reshape(original.shape[0], -1))
+        per_value = scale.float().expand(-1, width)
+    else:
+        _, scale = quantize_groups8(rows, group_size)
+        per_value = scale.float().repeat_interleave(group_size, dim=1)
+    stored = per_value.reshape(groups, -1, width)      # each value's scale as stored
+    W, H = _without_dead_inputs(rows.reshape(groups, -1, width), h)
+    index = torch.arange(groups, device=rows.device)
 
     def quantize_column(w: torch.Tensor, columns: torch.Tensor) -> tuple:
-        return torch.round(w / stored).clamp(-127, 127), lambda q: q * stored
+        s = stored[index, :, columns]
+        return torch.round(w / s).clamp(-127, 127), lambda q: q * s
 
     codes = _error_feedback(W, H, quantize_column, act_order, damp)
-    delta = codes * stored.unsqueeze(-1) - W
+    delta = codes * stored - W
     # tr(dW H dW^T) / tr(W H W^T), summed over the groups
     energy = torch.einsum("goi,gij,goj->", W, H, W).clamp(min=1e-30)
-    out = Quantized8(codes.to(torch.int8).reshape(original.shape), scale)
+    out = Quantized8(codes.to(torch.int8).reshape(original.shape), scale, group_size=group_size)
     out.rel_error = float(torch.einsum("goi,gij,goj->", delta, H, delta) / energy)
     return out
 

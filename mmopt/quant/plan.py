@@ -41,14 +41,17 @@ class Codes:
     algorithm: str = "rtn"
     inputs: str = ""                  # the calibration inputs GPTQ saw ("" for round-to-nearest)
     hessians: Hessians | None = None
+    int8_group_size: int | None = None    # int8 scales per this many values of a row (int8_group_for), or per row
 
     def int8(self, name: str, module: nn.Module) -> Quantized8 | None:
         """GPTQ's int8 rows for ``module`` (computed on first use: a layer taken back from 4 bits), or None
         without GPTQ or when no calibration input reached it."""
+        from mmopt.modules.quantized import int8_group_for
         from mmopt.quant import gptq
 
         if name not in self.eight and self.hessians is not None and self.hessians.of(name) is not None:
-            self.eight[name] = gptq.gptq_int8(module.weight, self.hessians.of(name))
+            group_size = int8_group_for(module.weight[0].numel(), self.int8_group_size)
+            self.eight[name] = gptq.gptq_int8(module.weight, self.hessians.of(name), group_size=group_size)
         return self.eight.get(name)
 
 
@@ -65,15 +68,16 @@ def uses_gptq(model: Model, part: str, method: str, algorithm: str, ctx: Context
 
 
 def plan_codes(model: Model, part: str, four_bit: dict[str, nn.Module], int8: dict[str, nn.Module], gptq_on: bool,
-               group_size: int, ctx: Context) -> Codes:
+               group_size: int, ctx: Context, int8_group_size: int | None = None) -> Codes:
     """4-bit groups of ``group_size`` (or the layer's ``Int4Linear.group_for``) for every Linear of ``four_bit``
     and, with ``gptq_on``, int8 rows for every module of ``int8`` (Linear layers and convolutions GPTQ
-    ``covers``), from one calibration pass of the float model."""
+    ``covers``; their scales per group of ``int8_group_size`` values where given), from one calibration pass of
+    the float model."""
     from mmopt.calibration import describe_inputs, inputs_for
     from mmopt.modules.quantized import Int4Linear
     from mmopt.quant import gptq
 
-    out = Codes()
+    out = Codes(int8_group_size=int8_group_size)
     if gptq_on:
         batches = inputs_for(model, ctx.adapter, part, ctx.calibration, SEQ_LEN, ctx.seed)
         covered = {name: module for name, module in {**four_bit, **int8}.items() if gptq.covers(module)}

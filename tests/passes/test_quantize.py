@@ -330,6 +330,7 @@ def test_traces_run_on_a_copy_of_a_self_modifying_layer():
     ("{blocksize: 48}", "bitsandbytes accepts blocksize 32, 64"),
     ("{embedings: int8}", "passes[0].quantize.embedings"),
     ("{method: nf4, embeddings: int4}", "embeddings int4 goes with method int8"),
+    ("{method: llm_int8, int8_group_size: 16}", "int8_group_size goes with method int8 or int4"),
 ])
 def test_bad_options_fail_in_the_recipe(options, message):
     text = f"model: {{source: open_clip, name: ViT-B-32}}\noutput: out\npasses:\n  - quantize: {options}\n"
