@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from mmopt.core import Model, PruneLayout, Shapes, is_text_part
 from mmopt.distill import Training, describe_run, use_tokens
@@ -45,10 +45,32 @@ class PruneConfig(PassConfig):
         description="channels (conv nets) | mlp (transformer FFN hidden units) | heads | width (hidden size)")
     amount: float = Field(gt=0, lt=1, description="fraction removed, the same in every layer")
     parts: list[str] | None = Field(None, description="parts to prune (default: all)")
-    importance: Literal["magnitude", "activation"] = Field(
-        "magnitude", description="magnitude: L2 of weights | activation: activation norms on calibration data")
+    importance: Literal["auto", "magnitude", "activation", "reconstruction"] = Field(
+        "auto", description="magnitude: L2 of weights | activation: activation norms on calibration data | "
+                            "reconstruction (target mlp with recover): the FFN units the others, re-solved by least "
+                            "squares, best make up for are removed (OBS, mmopt/distill/unit_choice.py) | auto: "
+                            "reconstruction where it applies, else magnitude")
     exclude: list[str] = Field([], description="module-name globs left untouched")
     recover: Recover | None = Field(None, description="distill the pruned part from the original afterwards")
+
+    @model_validator(mode="after")
+    def _reconstruction_needs_the_refit(self) -> "PruneConfig":
+        if self.importance == "reconstruction" and not self.refits:
+            raise ValueError("importance reconstruction goes with target mlp and recover (with its refit): the "
+                             "kept units are chosen for the least-squares refit that follows")
+        return self
+
+    @property
+    def refits(self) -> bool:
+        """Whether the pruned FFNs' output layers are re-solved before recovery."""
+        return self.target == "mlp" and self.recover is not None and self.recover.refit
+
+    @property
+    def chosen_importance(self) -> str:
+        """``auto`` as a decision: reconstruction where the FFN refit follows, magnitude elsewhere."""
+        if self.importance != "auto":
+            return self.importance
+        return "reconstruction" if self.refits else "magnitude"
 
 
 class Prune(Pass):
@@ -57,8 +79,8 @@ class Prune(Pass):
 
     @property
     def learns_from_calibration(self) -> bool:
-        """Recovery distils on calibration data; activation importance ranks on it."""
-        return self.config.recover is not None or self.config.importance == "activation"
+        """Recovery distils on calibration data; activation and reconstruction importance rank on it."""
+        return self.config.recover is not None or self.config.chosen_importance in ("activation", "reconstruction")
 
     @property
     def needs_teacher(self) -> bool:
@@ -85,18 +107,21 @@ class Prune(Pass):
         heads: dict[str, int] = {}
         for part in parts:
             kept: dict[str, list[int]] = {}
+            # built before pruning: the refit's texts also rank the FFN units (importance reconstruction)
+            data = _training_data(teacher, part, cfg.recover, ctx) if cfg.recover is not None else None
+            refit_batches = data.refit_batches() if cfg.refits else None
             if cfg.target == "heads":
                 kept = _prune_heads(model, part, layouts[part], cfg, ctx)
                 heads.update({name: len(keep) for name, keep in kept.items()})
             else:
-                _prune_with_torch_pruning(model, part, layouts[part], cfg, ctx)
+                _prune_with_torch_pruning(model, part, layouts[part], cfg, ctx, refit_batches)
             reason = ctx.adapter.write_pruned_config(model, part, cfg.target)
             layers = _changed_layers(before, _shapes(model.module), model, part)
             if not layers:
                 result.skipped.append(Skip(part, f"nothing to prune: every {cfg.target} group is excluded or too small"))
             for name, (b, a) in layers.items():
                 result.changed.append(Change(name, str(b), str(a)))
-            pruned = {"target": cfg.target, "amount": cfg.amount, "importance": cfg.importance,
+            pruned = {"target": cfg.target, "amount": cfg.amount, "importance": cfg.chosen_importance,
                       "layers": {name: [b, a] for name, (b, a) in layers.items()}, "stock_config": reason is None}
             if kept:
                 pruned["kept_heads"] = kept
@@ -105,8 +130,8 @@ class Prune(Pass):
                 result.skipped.append(Skip(part, f"not a stock config: {reason}"))
             result.metrics[part] = {"pruned": pruned}
             if cfg.recover is not None:
-                ffn = layouts[part].ffn if cfg.target == "mlp" and cfg.recover.refit else []
-                result.metrics[part].update(_recover(model, teacher, part, cfg.recover, ctx, ffn))
+                ffn = layouts[part].ffn if cfg.refits else []
+                result.metrics[part].update(_recover(model, teacher, part, cfg.recover, ctx, data, ffn, refit_batches))
         after = _shapes(model.module)
         changed = {name: list(shape) for name, shape in after.items() if before.get(name) != shape}
         result.record = {"heads": heads, "shapes": changed, "attrs": _attrs(model.module, changed)}
@@ -172,7 +197,7 @@ def _checked_layout(model: Model, part: str, cfg: PruneConfig, ctx: Context) -> 
     if cfg.recover is not None and cfg.recover.match == "tokens" and not ctx.adapter.can_run_hidden(model, part):
         raise UnsupportedError(f"prune: recover.match tokens is not supported for part {part!r} of this model",
                                hint="use match: output")
-    if cfg.recover is not None or cfg.importance == "activation":
+    if cfg.recover is not None or cfg.chosen_importance == "activation":
         why = "recover" if cfg.recover is not None else "importance: activation"
         _require_data(model, ctx, part, why)
     return layout
@@ -191,7 +216,10 @@ def _require_data(model: Model, ctx: Context, part: str, why: str) -> None:
 
 # --- channels, FFN units, width: Torch-Pruning -----------------------------------------------------------------
 
-def _prune_with_torch_pruning(model: Model, part: str, layout: PruneLayout, cfg: PruneConfig, ctx: Context) -> None:
+def _prune_with_torch_pruning(model: Model, part: str, layout: PruneLayout, cfg: PruneConfig, ctx: Context,
+                              refit_batches: Callable[[], Iterable[tuple]] | None = None) -> None:
+    """Torch-Pruning with the chosen importance; ``refit_batches``: the refit's data, which reconstruction ranks
+    the FFN units on."""
     import torch
     import torch_pruning as tp
     from torch import nn
@@ -214,8 +242,13 @@ def _prune_with_torch_pruning(model: Model, part: str, layout: PruneLayout, cfg:
 
     params = dict(root.named_parameters())
     unwrapped = [(params[n], d) for n, d in layout.unwrapped.items()]
-    importance = tp.importance.ActivationImportance() if cfg.importance == "activation" \
-        else tp.importance.MagnitudeImportance(p=2)
+    chosen = cfg.chosen_importance
+    if chosen == "reconstruction":
+        importance = _Scored(model, _unit_scores(model, part, layout, cfg, ctx, refit_batches))
+    elif chosen == "activation":
+        importance = tp.importance.ActivationImportance()
+    else:
+        importance = tp.importance.MagnitudeImportance(p=2)
     with warnings.catch_warnings():     # Torch-Pruning warns about every bare parameter outside the part
         warnings.simplefilter("ignore")
         pruner = tp.pruner.MetaPruner(root, example, importance=importance, pruning_ratio=cfg.amount,
@@ -224,10 +257,35 @@ def _prune_with_torch_pruning(model: Model, part: str, layout: PruneLayout, cfg:
                                       round_to=layout.width_round if cfg.target == "width" else None)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if cfg.importance == "activation":
+        if chosen == "activation":
             with importance.compute_importance(root):
                 forward(root, _one_batch(model, part, ctx))
         pruner.step()
+
+
+def _unit_scores(model: Model, part: str, layout: PruneLayout, cfg: PruneConfig, ctx: Context,
+                 refit_batches: Callable[[], Iterable[tuple]]) -> dict[str, torch.Tensor]:
+    """fc1 name -> a score per FFN unit (``mmopt/distill/unit_choice.py``), for the blocks not excluded."""
+    from mmopt.distill.unit_choice import unit_scores
+    from mmopt.progress import NO_PROGRESS
+
+    blocks = [(fc1, fc2) for fc1, fc2 in layout.ffn if not excluded(fc1, cfg.exclude)]
+    with (ctx.progress or NO_PROGRESS).task(f"ranking the FFN units of {part}", total=None):
+        return unit_scores(model, blocks, refit_batches(), lambda m, inputs: ctx.adapter.run(m, part, inputs),
+                           cfg.amount)
+
+
+class _Scored:
+    """A Torch-Pruning importance read from precomputed scores (fc1 name -> one per unit): an FFN group's root is
+    its fc1's outputs."""
+
+    def __init__(self, model: Model, scores: dict[str, torch.Tensor]) -> None:
+        self.scores = {model.module.get_submodule(name): score for name, score in scores.items()}
+
+    def __call__(self, group: Any) -> torch.Tensor | None:
+        dep, idxs = group[0]
+        score = self.scores.get(dep.target.module)
+        return None if score is None else score[list(idxs)]
 
 
 def _example(model: Model, part: str, ctx: Context) -> tuple:
@@ -317,13 +375,22 @@ def _activation_head_scores(model: Model, part: str, layout: PruneLayout, ctx: C
 
 # --- recovery --------------------------------------------------------------------------------------------------
 
-def _recover(model: Model, teacher: Model, part: str, recover: Recover, ctx: Context,
-             ffn: list[tuple[str, str]]) -> dict:
-    """Refit the pruned FFNs ``ffn`` (fc1, fc2 names; none: no refit), then distil ``part`` from the teacher;
-    return fidelity before recovery (and after the refit) and the run (``mmopt.distill``)."""
+def _training_data(teacher: Model, part: str, recover: Recover, ctx: Context) -> Any:
+    """The recovery's data (``mmopt/distill/data.py``): fit and held-out splits, augmentation, refit texts."""
+    from mmopt.calibration import Calibration
+    from mmopt.distill.data import for_part
+
+    return for_part(teacher, ctx.adapter, part, ctx.calibration or Calibration(), EVAL_SEQ_LEN, ctx.seed, recover,
+                    ctx.device)
+
+
+def _recover(model: Model, teacher: Model, part: str, recover: Recover, ctx: Context, data: Any,
+             ffn: list[tuple[str, str]], refit_batches: Callable[[], Iterable[tuple]] | None) -> dict:
+    """Refit the pruned FFNs ``ffn`` (fc1, fc2 names; none: no refit) on ``refit_batches``, then distil ``part``
+    from the teacher on ``data``; return fidelity before recovery (and after the refit) and the run
+    (``mmopt.distill``)."""
     from mmopt.calibration import Calibration, inputs_for
     from mmopt.distill import distill
-    from mmopt.distill.data import for_part
     from mmopt.fidelity import embeddings, fidelity
 
     calib = ctx.calibration or Calibration()
@@ -335,9 +402,8 @@ def _recover(model: Model, teacher: Model, part: str, recover: Recover, ctx: Con
 
     out = {"fidelity_before_recovery": measured()}
     tokens = use_tokens(recover.match, ctx.adapter, model, part)
-    data = for_part(teacher, ctx.adapter, part, calib, EVAL_SEQ_LEN, ctx.seed, recover, ctx.device)
     if ffn:
-        out["refit"] = _refit(model, teacher, part, data, ffn, ctx)
+        out["refit"] = _refit(model, teacher, part, data, ffn, refit_batches, ctx)
         out["fidelity_after_refit"] = measured()
     out["recovery"] = distill(model, teacher, ctx.adapter, part, data, recover, seed=ctx.seed,
                               progress=ctx.progress, tokens=tokens)
@@ -345,7 +411,8 @@ def _recover(model: Model, teacher: Model, part: str, recover: Recover, ctx: Con
     return out
 
 
-def _refit(model: Model, teacher: Model, part: str, data, ffn: list[tuple[str, str]], ctx: Context) -> dict:
+def _refit(model: Model, teacher: Model, part: str, data, ffn: list[tuple[str, str]],
+           batches: Callable[[], Iterable[tuple]], ctx: Context) -> dict:
     """Least-squares refit of the pruned FFNs' output layers (``mmopt/distill/refit.py``), kept only if the
     held-out split (never fitted on) agrees: a fit on few tokens can overfit them."""
     from mmopt.distill.refit import refit_ffn
@@ -355,7 +422,7 @@ def _refit(model: Model, teacher: Model, part: str, data, ffn: list[tuple[str, s
     saved = {fc2: copy.deepcopy(model.module.get_submodule(fc2).state_dict()) for _, fc2 in ffn}
     before = _held_out_cosine(model, teacher, part, data, ctx)
     with (ctx.progress or NO_PROGRESS).task(f"refitting the pruned FFNs of {part}", total=len(ffn)) as task:
-        stats = refit_ffn(model, teacher, ffn, data.refit_batches(), run, on_block=task.advance)
+        stats = refit_ffn(model, teacher, ffn, batches, run, on_block=task.advance)
     after = _held_out_cosine(model, teacher, part, data, ctx)
     stats.update(held_out_before=round(before, 5), held_out_after=round(after, 5), kept=after > before)
     if not stats["kept"]:

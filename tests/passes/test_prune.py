@@ -222,6 +222,40 @@ def test_a_refit_that_lowers_the_held_out_score_is_undone(bert_dir, monkeypatch)
     assert metrics["fidelity_after_refit"] == metrics["fidelity_before_recovery"]
 
 
+def test_the_pass_keeps_the_units_reconstruction_ranks_highest_and_says_so(bert_dir, monkeypatch):
+    import mmopt.distill.data
+    import mmopt.distill.unit_choice
+
+    monkeypatch.setattr(mmopt.distill.data, "REFIT_EXTRA", 100)
+    ranked = {}
+    original = mmopt.distill.unit_choice.unit_scores
+
+    def spy(model, blocks, batches, run, amount):
+        ranked.update(original(model, blocks, batches, run, amount))
+        return ranked
+
+    monkeypatch.setattr(mmopt.distill.unit_choice, "unit_scores", spy)
+    model, adapter = _bert(bert_dir)
+    before = copy.deepcopy(model)
+    cfg = prune.PruneConfig(target="mlp", amount=0.25, recover={"steps": 1, "lr": 1e-4})     # importance: auto
+    result = prune.Prune(cfg).apply(model, Context(adapter=adapter, teacher=copy.deepcopy(model)))
+    assert result.metrics["text"]["pruned"]["importance"] == "reconstruction"
+    for fc1, scores in ranked.items():
+        keep = torch.argsort(scores, descending=True)[:48].sort().values
+        old, new = before.module.get_submodule(fc1), model.module.get_submodule(fc1)
+        assert new.out_features == 48
+        torch.testing.assert_close(new.weight, old.weight[keep])
+    assert len(ranked) == 2
+
+
+def test_auto_is_magnitude_without_the_refit_and_reconstruction_needs_it():
+    assert prune.PruneConfig(target="mlp", amount=0.3).chosen_importance == "magnitude"
+    assert prune.PruneConfig(target="mlp", amount=0.3, recover={"refit": False}).chosen_importance == "magnitude"
+    assert prune.PruneConfig(target="channels", amount=0.3, recover={}).chosen_importance == "magnitude"
+    with pytest.raises(ValueError, match="importance reconstruction goes with target mlp and recover"):
+        prune.PruneConfig(target="heads", amount=0.25, importance="reconstruction", recover={})
+
+
 # --- torchvision ----------------------------------------------------------------------------------------------
 
 def test_resnet_channels_shrink_and_rebuild_from_recorded_counts(tmp_path):
