@@ -97,14 +97,15 @@ def eliminate(weight: torch.Tensor, moments: torch.Tensor, count: int, step: int
     while removed < count:
         cost = w.pow(2).sum(0) / torch.diagonal(hinv)
         cost[~alive] = float("inf")
-        for c in torch.argsort(cost)[:min(step, count - removed)].tolist():
-            pivot = hinv[c, c]
-            w -= torch.outer(w[:, c], hinv[c]) / pivot
-            hinv -= torch.outer(hinv[:, c], hinv[c]) / pivot
-            w[:, c] = 0
-            alive[c] = False
-            scores[c] = removed
-            removed += 1
+        chosen = torch.argsort(cost)[:min(step, count - removed)]
+        # the chosen units out at once (the same as one by one): the others re-solved through H^-1's block
+        block = torch.linalg.inv(hinv[chosen][:, chosen])
+        w -= w[:, chosen] @ block @ hinv[chosen]
+        hinv -= hinv[:, chosen] @ block @ hinv[chosen]
+        w[:, chosen] = 0
+        alive[chosen] = False
+        scores[chosen] = removed + torch.arange(len(chosen), dtype=scores.dtype)
+        removed += len(chosen)
     cost = (w.pow(2).sum(0) / torch.diagonal(hinv))[:n]
     kept = alive[:n]
     scores[kept] = count + torch.argsort(torch.argsort(cost[kept])).double()
