@@ -20,10 +20,13 @@ def test_a_unit_whose_signal_another_carries_goes_first_not_the_smallest():
     x = torch.cat([a, a + 0.01 * c, 0.5 * b, c], dim=1)
     weight = torch.tensor([[1.0, 1.0, 0.4, 2.0], [0.5, 0.5, -0.4, 1.0]])
     scores = eliminate(weight, _moments(x), count=1)
-    assert int(scores.argmin()) in (0, 1)
-    assert sorted(scores.tolist())[:1] == [0.0] and bool((scores[scores > 0] >= 1).all())
-    # two removed: one of the pair and, of the rest, the unit whose loss costs least
-    assert set(torch.nonzero(eliminate(weight, _moments(x), count=2) < 2).flatten().tolist()) & {0, 1}
+    assert int(scores.argmin()) in (0, 1) and sorted(scores.tolist()) == [0, 1, 2, 3]
+    # exact greedy (a step of 1): one of the pair, then the small unit; the other of the pair stays
+    removed = set(torch.nonzero(eliminate(weight, _moments(x), count=2, step=1) < 2).flatten().tolist())
+    assert len(removed & {0, 1}) == 1 and 2 in removed
+    # units of one step are chosen by the costs at its start: both of the pair go together (the documented cost)
+    together = set(torch.nonzero(eliminate(weight, _moments(x), count=2, step=2) < 2).flatten().tolist())
+    assert together == {0, 1}
 
 
 def test_scores_order_the_removed_units_below_every_kept_one():

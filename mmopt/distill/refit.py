@@ -98,7 +98,7 @@ def _accumulate(student: Model, teacher: Model, fc1: str, fc2: str, batches: Ite
 
         _run_until(student, inputs, run, (s1.register_forward_pre_hook(grab_h), s2.register_forward_pre_hook(grab_x)))
         _run_until(teacher, inputs, run, (t1.register_forward_pre_hook(put_h), t2.register_forward_hook(grab_y)))
-        keep = _token_mask(inputs, seen["x"])
+        keep = token_mask(inputs, seen["x"])
         _add_rows(stats, seen["x"].reshape(-1, seen["x"].shape[-1])[keep],
                   seen["y"].reshape(-1, seen["y"].shape[-1])[keep])
     if not stats["n"]:
@@ -124,7 +124,7 @@ def _run_until(model: Model, inputs: tuple, run: Callable[[Model, tuple], Any], 
             hook.remove()
 
 
-def _token_mask(inputs: tuple, x: torch.Tensor) -> torch.Tensor:
+def token_mask(inputs: tuple, x: torch.Tensor) -> torch.Tensor:
     """Real tokens: where the inputs carry an attention mask shaped like the block's (batch, tokens), its ones;
     otherwise every position (images, and text families whose padding the model sees anyway)."""
     import torch
