@@ -7,7 +7,7 @@ import torch
 
 from mmopt.distill.augment import general_sentences
 from mmopt.distill.data import REFIT_GENERAL
-from mmopt.distill.refit import ProjectionRefit, refit_ffn
+from mmopt.distill.refit import ProjectionRefit, _accumulate, refit_ffn, token_mask
 from tests.test_distill import TEXTS, bert, data_for  # noqa: F401  (bert is a fixture)
 
 
@@ -53,6 +53,31 @@ def test_refit_lowers_the_block_and_output_error_on_the_calibration_inputs(bert)
     fc1 = ffn[0][0]
     assert torch.equal(student.module.get_submodule(fc1).weight, _pruned(adapter, teacher)[0].module.get_submodule(
         fc1).weight)
+
+
+def test_refit_targets_are_what_the_teacher_itself_computes(bert):
+    """The targets come from the teacher's fc1, activation and fc2 applied to the student's block input, without
+    running the teacher; in the first block both see the same input, so they are the teacher forward's own."""
+    adapter, teacher = bert
+    student, ffn = _pruned(adapter, teacher)
+    fc1, fc2 = ffn[0]
+    batches = data_for(adapter, teacher, augment="on").refit_batches(extra=20)
+    run = lambda m, b: adapter.run(m, "text", b)  # noqa: E731
+    with torch.no_grad():
+        stats = _accumulate(student, teacher, fc1, fc2, batches(), run)
+        xs, ys = [], []
+        grabs = [student.module.get_submodule(fc2).register_forward_pre_hook(lambda _m, a: xs.append(a[0])),
+                 teacher.module.get_submodule(fc2).register_forward_hook(lambda _m, _a, out: ys.append(out))]
+        for b in batches():
+            run(student, b), run(teacher, b)
+            keep = token_mask(b, xs[-1])
+            xs[-1], ys[-1] = xs[-1].reshape(-1, xs[-1].shape[-1])[keep], ys[-1].reshape(-1, ys[-1].shape[-1])[keep]
+        for grab in grabs:
+            grab.remove()
+    x, y = torch.cat(xs).double(), torch.cat(ys).double()
+    assert stats["n"] == x.shape[0]
+    assert torch.allclose(stats["xy"], x.T @ y, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(stats["yy"], (y * y).sum(), rtol=1e-4)
 
 
 def test_refit_of_an_unpruned_model_reproduces_it(bert):
