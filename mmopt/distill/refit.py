@@ -12,8 +12,8 @@ Family-agnostic: a block is a pair (fc1, fc2) of Linear module names (``PruneLay
 pruned student and the original teacher; whatever elementwise activation sits between them is run, not named.
 For block i, in order (later blocks see the earlier refits), the student runs up to block i's fc2 and yields
 the block input h (fc1's input) and the kept units x (fc2's input); the teacher's own fc1, activation and fc2 map
-the same h to y. The forward stops there. Then fc2 <- argmin
-|x W^T + b - y|^2 + ridge, over every real token (padding masked out) of every batch.
+the same h to y. The forward stops there. Then fc2 <- argmin |x W^T + b - y|^2 + ridge, over every real token
+(padding masked out) of every batch.
 """
 from __future__ import annotations
 
@@ -77,7 +77,8 @@ def _accumulate(student: Model, teacher: Model, fc1: str, fc2: str, batches: Ite
 
     One partial forward of the student per batch: its fc1 returns its own kept units and, beside them, the
     teacher's fc1 on the same input, so the activation between runs on both at once; the teacher's fc2 then reads
-    its half. Running the teacher from its first layer instead, as before, doubled the refit's time."""
+    its half. Running the teacher from its first layer instead, as before, took 1.65x as long (MiniLM FFN
+    -30 %: 253 s against 153 s)."""
     import torch
 
     s1, s2 = student.module.get_submodule(fc1), student.module.get_submodule(fc2)
