@@ -1,5 +1,9 @@
 """Scratch (issue 13): which FFN units to keep before the least-squares refit. MiniLM FFN -30 %, no training.
-Judged on scripts/data/everyday_dev.txt only."""
+Judged on scripts/data/everyday_dev.txt only.
+
+Variants, as arguments: magnitude | energy | obs<step> [-oneshot] [:ridge]; a leading ``w`` weighs the refit's
+tokens by 1 / var of the LayerNorm input after the FFN. ``obs<step>-oneshot`` takes mmopt's ``unit_choice.eliminate``
+on the original (what the pass does), cached across the variants of one run."""
 import sys, time, json, copy
 sys.path.insert(0, "/work/main/scripts")
 import torch
@@ -28,23 +32,29 @@ def embed(model, texts):
     return torch.cat(outs)
 ref_dev = embed(teacher, dev)
 
-def layer_stats(model, l):
-    """x: the FFN's hidden units (after GELU) on every real token of the fit texts, in the current model."""
+def layer_stats(model, l, weighted=False):
+    """x: the FFN's hidden units (after GELU) on every real token; weighted: each token by 1/var of the
+    LayerNorm input that follows the FFN (post-LN BERT: an error e there reaches the output as gamma*P e/sigma)."""
     inter = model.encoder.layer[l].intermediate
-    xs = []
-    def hook(m, a, out): xs.append((out.detach(), ))
-    hnd = inter.register_forward_hook(lambda m, a, o: xs.append(o.detach()))
-    G = None; S = None; n = 0
+    ln = model.encoder.layer[l].output.LayerNorm
+    xs = []; ls = []
+    h1 = inter.register_forward_hook(lambda m, a, o: xs.append(o.detach()))
+    h2 = ln.register_forward_pre_hook(lambda m, a: ls.append(a[0].detach()))
+    G = None; n = 0.0
     with torch.no_grad():
         for b in batches(fit):
-            xs.clear()
+            xs.clear(); ls.clear()
             model(**b)
-            x = xs[0][b["attention_mask"].bool()].double()
+            mask = b["attention_mask"].bool()
+            x = xs[0][mask].double()
+            w = torch.ones(len(x), dtype=x.dtype)
+            if weighted:
+                w = 1.0 / (ls[0][mask].double().var(-1, unbiased=False) + 1e-12)
             x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-            g = x1.T @ x1
+            g = (x1 * w[:, None]).T @ x1
             G = g if G is None else G + g
-            n += len(x)
-    hnd.remove()
+            n += float(w.sum())
+    h1.remove(); h2.remove()
     return G / n
 
 def select(method, W2, W1, b1, G):
@@ -80,21 +90,33 @@ def select(method, W2, W1, b1, G):
         return torch.nonzero(alive[:n]).flatten()
     raise ValueError(method)
 
+CACHE = {}
 def run(method):
     t = time.time()
+    method, _, r = method.partition(":")
+    RIDGE = float(r or 1e-3)
+    global WEIGHTED
+    WEIGHTED = method.startswith('w')
+    method = method.lstrip('w')
     model = copy.deepcopy(teacher)
     oneshot = method.endswith("-oneshot")
     method = method.removesuffix("-oneshot")
-    if oneshot:
+    if oneshot and method in CACHE:
+        keeps = CACHE[method]
+    elif oneshot:
+        from mmopt.distill.unit_choice import eliminate
         keeps = []
         for l in range(6):
             lay = teacher.encoder.layer[l]
             fc1, fc2 = lay.intermediate.dense, lay.output.dense
-            keeps.append(select(method, fc2.weight.detach().double(), fc1.weight.detach().double(), fc1.bias.detach().double(), layer_stats(teacher, l)))
+            n = fc2.weight.shape[1]; drop = n - int(n * (1 - AMOUNT))
+            sc = eliminate(fc2.weight.detach(), layer_stats(teacher, l), drop, step=int(method[3:] or 1))
+            keeps.append(torch.nonzero(sc >= drop).flatten())
+        CACHE[method] = keeps
     for l in range(6):
         lay = model.encoder.layer[l]
         fc1, fc2 = lay.intermediate.dense, lay.output.dense
-        G = layer_stats(model, l)
+        G = layer_stats(model, l, weighted=WEIGHTED)
         keep = keeps[l] if oneshot else select(method, fc2.weight.detach().double(), fc1.weight.detach().double(), fc1.bias.detach().double(), G)
         # least-squares refit of fc2 on the kept units (ridge 1e-3 of their mean variance), targets = the full fc2
         n = fc2.weight.shape[1]
@@ -102,7 +124,7 @@ def run(method):
         Gk = G[idx][:, idx]
         C = G[:, idx]                               # E[x_full1 x_keep1^T]
         Wfull = torch.cat([fc2.weight.detach().double(), fc2.bias.detach().double()[:, None]], 1)
-        ridge = 1e-3 * torch.diagonal(Gk)[:-1].mean()
+        ridge = RIDGE * torch.diagonal(Gk)[:-1].mean()
         A = Gk + ridge * torch.diag(torch.cat([torch.ones(len(keep)), torch.zeros(1)]).double())
         Wk = torch.linalg.solve(A, (Wfull @ C).T).T
         with torch.no_grad():
@@ -111,7 +133,7 @@ def run(method):
             new2.weight.copy_(Wk[:, :-1].float()); new2.bias.copy_(Wk[:, -1].float())
         lay.intermediate.dense, lay.output.dense = new1, new2
     cos = torch.nn.functional.cosine_similarity(embed(model, dev), ref_dev)
-    return dict(method=method + ('-oneshot' if oneshot else ''), dev_mean=round(float(cos.mean()), 4), dev_min=round(float(cos.min()), 4), s=round(time.time() - t))
+    return dict(method=method + ('-oneshot' if oneshot else '') + f':{RIDGE}', dev_mean=round(float(cos.mean()), 4), dev_min=round(float(cos.min()), 4), s=round(time.time() - t))
 
 for m in sys.argv[1:]:
     print(json.dumps(run(m)), flush=True)
