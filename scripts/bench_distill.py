@@ -93,7 +93,7 @@ def run(name: str, work: Path, calib_file: Path, on: tuple[str, ...] = ("eval",)
             "report_fidelity_heldout": report["parts"]["text"]["fidelity"]["mean_cosine"],
             "training": {k: training.get(k) for k in ("lr", "lr_source", "steps", "best_step", "stopped_early",
                                                       "augment", "curve", "first_loss", "final_loss", "last_loss",
-                                                      "seconds") if k in training},
+                                                      "teacher_labels", "seconds") if k in training},
             "refit": metrics.get("refit"), "before_training": {
                 k: (metrics.get(k) or {}).get("mean_cosine") for k in ("fidelity_before_recovery",
                                                                        "fidelity_after_refit")},

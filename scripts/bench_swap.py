@@ -88,7 +88,8 @@ def run(args, work: Path, teacher_path: Path, calib_file: Path) -> dict:
             "projection_fit": summary["student"]["projection_fit"],
             "training": {k: training.get(k) for k in ("lr", "lr_source", "steps", "best_step", "stopped_early",
                                                       "held_out_before", "held_out_best", "augment", "curve",
-                                                      "first_loss", "final_loss", "seconds", "projection_refit")
+                                                      "first_loss", "final_loss", "teacher_labels", "seconds",
+                                                      "projection_refit")
                          if k in training}}
 
 

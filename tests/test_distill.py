@@ -9,7 +9,7 @@ import torch
 from mmopt import registry
 from mmopt.calibration import Calibration
 from mmopt.core import ModelSpec
-from mmopt.distill import Training, distill
+from mmopt.distill import Training, describe_run, distill
 from mmopt.distill.augment import TextAugmenter, augment_images, general_sentences, vocab_words
 from mmopt.distill.data import TensorData, for_part, split
 from mmopt.distill.schedule import LR_CEILING, LR_FLOOR, suggest_lr, warmup_cosine
@@ -189,3 +189,35 @@ def test_schedule_warms_up_then_decays_and_the_rate_rule_is_bounded():
     flat = {"lrs": [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, float("nan")], "losses": [0.23, 0.25, 0.24, 0.26, 0.8, float("inf")]}
     assert suggest_lr(flat) == pytest.approx(1e-4)
     assert suggest_lr({"lrs": [1e-6, 1e-5], "losses": [0.1, 0.2]}) == LR_FLOOR
+
+
+def test_teacher_labels_follow_the_hardware_unless_given(monkeypatch):
+    from mmopt.distill import precision
+
+    assert precision.label_dtype("float32", "cpu") == "float32"
+    assert precision.label_dtype("bfloat16", "cpu") == "bfloat16"
+    for amx, avx512_bf16, expected in ((True, False, "bfloat16"), (False, True, "bfloat16"),
+                                       (False, False, "float32")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        assert precision.label_dtype("auto", "cpu") == expected
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert precision.label_dtype("auto", "cpu") == "float32"          # a torch without the probes: no
+    assert precision.label_dtype("auto", "mps") == "float32"
+
+
+def test_bfloat16_labels_train_like_float32_ones_and_are_reported(bert):
+    """The teacher labels in bfloat16 under autocast: the labels change in the third digit, the run barely."""
+    adapter, teacher = bert
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        stats = distill(student_of(adapter, teacher), teacher, adapter, "text", data_for(adapter, teacher),
+                        Training(steps=8, lr=3e-3, eval_every=4, patience=None, teacher_labels=dtype), seed=1)
+        assert stats["teacher_labels"] == dtype
+        runs[dtype] = stats
+    assert runs["bfloat16"]["held_out_best"] > runs["bfloat16"]["held_out_before"]
+    assert runs["bfloat16"]["held_out_best"] == pytest.approx(runs["float32"]["held_out_best"], abs=0.02)
+    assert runs["bfloat16"]["final_loss"] != runs["float32"]["final_loss"]        # the labels did change
+    assert describe_run(runs["bfloat16"]).endswith(", teacher labels in bfloat16")
+    assert "bfloat16" not in describe_run(runs["float32"])

@@ -29,6 +29,8 @@ def describe_run(stats: dict) -> str:
             words += " (kept the weights from before: training made them worse)"
         elif stats["best_step"] != stats["steps"]:
             words += f" (best at step {stats['best_step']})"
+    if stats.get("teacher_labels") == "bfloat16":
+        words += ", teacher labels in bfloat16"
     return words
 
 
@@ -75,8 +77,12 @@ def runner(adapter: Adapter, part: str, tokens: bool) -> Callable[[Model, tuple]
     return hidden
 
 
-def _detach(value: Any) -> Any:
-    return tuple(v.detach() for v in value) if isinstance(value, tuple) else value.detach()
+def _float(value: Any) -> Any:
+    """Detached, floating tensors in float32 (a bfloat16 label's outputs; token masks stay as they are)."""
+    if isinstance(value, tuple):
+        return tuple(_float(v) for v in value)
+    value = value.detach()
+    return value.float() if value.is_floating_point() else value
 
 
 def trainable(model: Model, part: str) -> list:
@@ -111,6 +117,7 @@ def distill(student_model: Model, teacher_model: Model, adapter: Adapter, part: 
     import torch.nn.functional as F
 
     from mmopt.distill import parallel
+    from mmopt.distill.precision import label_dtype, labelling
     from mmopt.distill.schedule import BestKeeper, lr_range_test, suggest_lr, warmup_cosine
     from mmopt.progress import NO_PROGRESS
 
@@ -131,11 +138,13 @@ def distill(student_model: Model, teacher_model: Model, adapter: Adapter, part: 
         return parallel.mean(cos)
 
     labels: list = [None]
+    device_type = params[0].device.type if params else "cpu"
+    label_precision = label_dtype(options.teacher_labels, device_type)
 
     def step_loss() -> Any:
         mine, theirs = split(data.next_batch())
-        with torch.no_grad():
-            target = labels[0] = _detach(run(teacher_model, theirs))     # the teacher labels every (augmented) batch
+        with torch.no_grad(), labelling(label_precision, device_type):
+            target = labels[0] = _float(run(teacher_model, theirs))     # the teacher labels every (augmented) batch
         return parallel.global_loss(criterion(run(student_model, mine), target), data)
 
     was = [p.requires_grad for p in params]
@@ -188,7 +197,8 @@ def distill(student_model: Model, teacher_model: Model, adapter: Adapter, part: 
             "held_out": {"samples": parallel.total(sum(int(ref.shape[0]) for _, ref in held)),
                          "split": "every 5th calibration sample the pass got" if data.really_held
                          else "the fit samples themselves (too few to hold any out)"},
-            "augment": data.describe_augmentation(), "loss": options.loss, "match": "tokens" if tokens else "output",
+            "augment": data.describe_augmentation(), "teacher_labels": label_precision, "loss": options.loss,
+            "match": "tokens" if tokens else "output",
             "seconds": round(time.perf_counter() - started, 2)}
     if refit is not None:
         info[refit.name] = refit.apply(score)

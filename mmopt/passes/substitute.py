@@ -376,6 +376,7 @@ def _adopt_student(model: Model, part: str, cfg: SubstituteConfig, ctx: Context,
 
     from mmopt.calibration import Calibration, text_source
     from mmopt.distill.data import TextData, augmenting
+    from mmopt.distill.precision import label_dtype, labelling
     from mmopt.fidelity import fidelity
     from mmopt.modules.swapped import least_squares
 
@@ -407,11 +408,14 @@ def _adopt_student(model: Model, part: str, cfg: SubstituteConfig, ctx: Context,
                        key=len)
     feats, targets = [], []
     starts = range(0, len(fit_texts), 64)
+    device_type = torch.device(ctx.device).type
+    precision = label_dtype(options.teacher_labels, device_type)     # the teacher labels as it does in training
     with torch.inference_mode(), ctx.progress.task(f"fitting the projection of {what}", total=len(starts)) as task:
         for i in starts:
             mine, theirs = tokenize(fit_texts[i:i + 64])
             feats.append(student_adapter.run(student, part, mine).float().cpu())
-            targets.append(adapter.run(teacher, part, theirs).float().cpu())
+            with labelling(precision, device_type):
+                targets.append(adapter.run(teacher, part, theirs).float().cpu())
             task.advance()
     feat, target = torch.cat(feats), torch.cat(targets)
     d_in, d_out = feat.shape[1], target.shape[1]
@@ -435,7 +439,7 @@ def _adopt_student(model: Model, part: str, cfg: SubstituteConfig, ctx: Context,
     record = {"part": part, "student": {"model": what, "projection": [d_in, d_out] if projection else None,
                                         **loaded}}
     fit = {"least_squares_cosine": fitted, "identity_cosine": identity, "samples": int(target.shape[0]),
-           "ridge": PROJECTION_RIDGE}
+           "ridge": PROJECTION_RIDGE, "teacher_labels": precision}
     return record, data, fit, projection
 
 
