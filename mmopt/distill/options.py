@@ -26,9 +26,10 @@ class Training(PassConfig):
                                         "shipped with mmopt, so the student also learns outside the calibration "
                                         "domain (0: none)")
     teacher_labels: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="precision the teacher labels training batches in (auto: bfloat16 where the device "
-                            "multiplies it natively: CPUs with AMX or AVX512-BF16, CUDA GPUs that support it; "
-                            "float32 elsewhere); held-out scores and refits are always float32")
+        "auto", description="precision the teacher labels training batches (and a student's projection texts) in "
+                            "(auto: bfloat16 where the device multiplies it natively: CPUs with AMX or AVX512-BF16, "
+                            "CUDA GPUs that support it; float32 elsewhere); held-out scores and refits are always "
+                            "float32")
     eval_every: int = Field(50, gt=0, description="score the held-out split every this many steps")
     patience: int | None = Field(4, gt=0, description="stop after this many held-out scores without a gain "
                                                       "(null: run every step)")
