@@ -166,6 +166,19 @@ def tiny_hf_clip_dir(tmp_path_factory) -> Path:
     return folder
 
 
+def noise_images(folder: Path, n: int) -> Path:
+    """``folder`` (created) with ``n`` 40 x 40 PNGs of seeded noise: image files for passes that need real ones."""
+    import torch
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(n):
+        pixels = (torch.rand(40, 40, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    return folder
+
+
 def write_recipe(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
     path = folder / name
     path.write_text(text)

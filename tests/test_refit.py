@@ -110,6 +110,7 @@ def test_refit_texts_are_the_fit_texts_plus_seeded_variations_and_general_senten
     assert len(texts) == len(fit) + 30 + REFIT_GENERAL and set(fit) <= set(texts)
     assert sum(t in general_sentences() for t in texts) == REFIT_GENERAL
     assert len(data_for(adapter, teacher, augment="on", general_text=0).refit_texts(extra=30)) == len(fit) + 30
+    assert len(data_for(adapter, teacher, augment="on").refit_texts(extra=30, general=7)) == len(fit) + 37
     held = data_for(adapter, teacher, augment="on").held
     assert not set(held) & set(texts)                      # the held-out split stays unseen
     assert data_for(adapter, teacher, augment="off").refit_texts() == sorted(fit, key=len)

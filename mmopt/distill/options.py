@@ -5,6 +5,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from mmopt.distill.precision import LabelPrecision
 from mmopt.passes.base import PassConfig
 
 
@@ -25,7 +26,7 @@ class Training(PassConfig):
         0.5, ge=0, le=0.75, description="when augmenting text: this share of each batch is general English sentences "
                                         "shipped with mmopt, so the student also learns outside the calibration "
                                         "domain (0: none)")
-    teacher_labels: Literal["auto", "float32", "bfloat16"] = Field(
+    teacher_labels: LabelPrecision = Field(
         "auto", description="precision the teacher labels training batches (and a student's projection texts) in "
                             "(auto: bfloat16 where the device multiplies it natively: CPUs with AMX or AVX512-BF16, "
                             "CUDA GPUs that support it; float32 elsewhere); held-out scores and refits are always "

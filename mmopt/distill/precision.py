@@ -10,9 +10,11 @@ slower than float32, so ``auto`` asks the hardware. Held-out scores, refits and 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Literal, get_args
 
-CHOICES = ("auto", "float32", "bfloat16")
+# the option's values (``teacher_labels`` in options.py), in one place
+LabelPrecision = Literal["auto", "float32", "bfloat16"]
+CHOICES = get_args(LabelPrecision)
 
 
 def label_dtype(choice: str, device_type: str) -> str:

@@ -16,8 +16,10 @@ from pydantic import Field, model_validator
 
 from mmopt.core import Model, PruneLayout, Shapes, is_text_part
 from mmopt.distill import Training, describe_run, use_tokens
+from mmopt.distill.data import REFIT_GENERAL
 from mmopt.errors import DataError, UnsupportedError
 from mmopt.passes.base import Change, Context, Pass, PassConfig, PassResult, Skip, excluded, target_parts
+from mmopt.passes.prune_means import RemovedMeans
 
 if TYPE_CHECKING:
     import torch
@@ -38,6 +40,9 @@ class Recover(Training):
     steps: int = Field(300, gt=0, description="optimizer steps of distillation from the original (at most)")
     refit: bool = Field(True, description="target mlp: first re-solve each pruned FFN's output Linear by least "
                                           "squares on the original's outputs (fit samples and their variations)")
+    refit_general: int = Field(REFIT_GENERAL, ge=0, description="target mlp, text: general English sentences the "
+                                                                "refit also fits (more: closer to the original "
+                                                                "outside the calibration domain, a slower refit)")
 
 
 class PruneConfig(PassConfig):
@@ -51,6 +56,9 @@ class PruneConfig(PassConfig):
                             "squares, best make up for are removed (OBS, mmopt/distill/unit_choice.py) | auto: "
                             "reconstruction where it applies, else magnitude")
     exclude: list[str] = Field([], description="module-name globs left untouched")
+    fold_means: bool = Field(True, description="target channels: add what the removed channels sent on average "
+                                               "(measured on the calibration images) to the bias of the layers "
+                                               "reading them, or to their BatchNorm's running mean")
     recover: Recover | None = Field(None, description="distill the pruned part from the original afterwards")
 
     @model_validator(mode="after")
@@ -107,14 +115,15 @@ class Prune(Pass):
         heads: dict[str, int] = {}
         for part in parts:
             kept: dict[str, list[int]] = {}
+            folded = None
             # built before pruning: the refit's texts also rank the FFN units (importance reconstruction)
             data = _training_data(teacher, part, cfg.recover, ctx) if cfg.recover is not None else None
-            refit_batches = data.refit_batches() if cfg.refits else None
+            refit_batches = data.refit_batches(general=cfg.recover.refit_general) if cfg.refits else None
             if cfg.target == "heads":
                 kept = _prune_heads(model, part, layouts[part], cfg, ctx)
                 heads.update({name: len(keep) for name, keep in kept.items()})
             else:
-                _prune_with_torch_pruning(model, part, layouts[part], cfg, ctx, refit_batches)
+                folded = _prune_with_torch_pruning(model, part, layouts[part], cfg, ctx, refit_batches)
             reason = ctx.adapter.write_pruned_config(model, part, cfg.target)
             layers = _changed_layers(before, _shapes(model.module), model, part)
             if not layers:
@@ -125,6 +134,8 @@ class Prune(Pass):
                       "layers": {name: [b, a] for name, (b, a) in layers.items()}, "stock_config": reason is None}
             if kept:
                 pruned["kept_heads"] = kept
+            if folded is not None:
+                pruned["means_folded"] = folded
             if reason is not None:
                 pruned["note"] = reason
                 result.skipped.append(Skip(part, f"not a stock config: {reason}"))
@@ -168,6 +179,8 @@ class Prune(Pass):
         pruned = metrics["pruned"]
         words = [f"{pruned['target']} -{pruned['amount']:.0%} ({pruned['importance']}) in {len(pruned['layers'])} "
                  f"layers" + ("" if pruned["stock_config"] else ", not a stock config")]
+        if pruned.get("means_folded", {}).get("layers"):
+            words.append(f"removed channels' means folded into {pruned['means_folded']['layers']} layers")
         recovery = metrics.get("recovery")
         if recovery:
             words.append(f"recovered {describe_run(recovery)}")
@@ -217,9 +230,10 @@ def _require_data(model: Model, ctx: Context, part: str, why: str) -> None:
 # --- channels, FFN units, width: Torch-Pruning -----------------------------------------------------------------
 
 def _prune_with_torch_pruning(model: Model, part: str, layout: PruneLayout, cfg: PruneConfig, ctx: Context,
-                              refit_batches: Callable[[], Iterable[tuple]] | None = None) -> None:
+                              refit_batches: Callable[[], Iterable[tuple]] | None = None) -> dict | None:
     """Torch-Pruning with the chosen importance; ``refit_batches``: the refit's data, which reconstruction ranks
-    the FFN units on."""
+    the FFN units on. Target channels: the removed channels' means folded into their readers (``prune_means.py``);
+    returns what the report shows of that."""
     import torch
     import torch_pruning as tp
     from torch import nn
@@ -255,12 +269,34 @@ def _prune_with_torch_pruning(model: Model, part: str, layout: PruneLayout, cfg:
                                       ignored_layers=ignored, forward_fn=forward, num_heads=num_heads,
                                       unwrapped_parameters=unwrapped,
                                       round_to=layout.width_round if cfg.target == "width" else None)
+    removed = _removed_means(model, part, cfg, ctx, modules, forward)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if chosen == "activation":
             with importance.compute_importance(root):
                 forward(root, _one_batch(model, part, ctx))
-        pruner.step()
+        if not isinstance(removed, RemovedMeans):
+            pruner.step()
+            return removed
+        for group in pruner.step(interactive=True):
+            removed.observe(group)
+            group.prune()
+        return removed.fold()
+
+
+def _removed_means(model: Model, part: str, cfg: PruneConfig, ctx: Context, modules: dict[str, nn.Module],
+                   forward: Callable) -> RemovedMeans | dict | None:
+    """A ``RemovedMeans`` to follow the pruning with, or why there is none (None: not asked for)."""
+    from mmopt.calibration import Calibration, describe_inputs, inputs_for
+    from mmopt.passes.prune_means import input_means
+
+    if cfg.target != "channels" or not cfg.fold_means:
+        return None
+    description, synthetic = describe_inputs(model, ctx.adapter, part, ctx.calibration)
+    if synthetic:
+        return {"layers": 0, "note": f"not folded: means need calibration images, got {description}"}
+    batches = inputs_for(model, ctx.adapter, part, ctx.calibration or Calibration(), EVAL_SEQ_LEN, ctx.seed)
+    return RemovedMeans(model.module, input_means(modules, lambda b: forward(model.module, b), batches), description)
 
 
 def _unit_scores(model: Model, part: str, layout: PruneLayout, cfg: PruneConfig, ctx: Context,

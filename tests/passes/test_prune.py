@@ -186,7 +186,7 @@ def test_recovery_refits_then_raises_the_held_out_score_deterministically_on_bun
     def recover(**options):
         model, adapter = _bert(bert_dir)
         cfg = prune.PruneConfig(target="mlp", amount=0.75, importance="activation",
-                                recover={"steps": 6, "lr": 3e-3, "batch_size": 16, **options})
+                                recover={"steps": 6, "lr": 3e-3, "batch_size": 16, "refit_general": 200, **options})
         result = prune.Prune(cfg).apply(model, Context(adapter=adapter, teacher=copy.deepcopy(model)))
         result.metrics["text"]["recovery"].pop("seconds")
         result.metrics["text"].get("refit", {}).pop("seconds", None)
@@ -200,6 +200,7 @@ def test_recovery_refits_then_raises_the_held_out_score_deterministically_on_bun
     assert first["refit"]["blocks"] == 2 and first["refit"]["error_after"] < first["refit"]["error_before"]
     assert first["fidelity_after_refit"]["mean_cosine"] > first["fidelity_before_recovery"]["mean_cosine"]
     assert first["recovery"]["held_out_best"] >= first["recovery"]["held_out_before"]
+    assert recover(refit_general=0)["refit"]["tokens"] < first["refit"]["tokens"]   # the general sentences reach it
     plain = recover(refit=False)                           # training alone raises the held-out score
     assert "refit" not in plain and plain["recovery"]["held_out_best"] > plain["recovery"]["held_out_before"]
 
@@ -280,17 +281,11 @@ def test_resnet_channels_shrink_and_rebuild_from_recorded_counts(tmp_path):
 # --- bad input ------------------------------------------------------------------------------------------------
 
 def test_channel_recovery_on_photos_augments_them_and_scores_photos_it_never_trained_on(tmp_path):
-    from PIL import Image
-
     from mmopt.adapters.torchvision import TorchvisionAdapter
     from mmopt.calibration import Calibration
+    from tests.conftest import noise_images
 
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    gen = torch.Generator().manual_seed(0)
-    for i in range(10):
-        pixels = (torch.rand(40, 40, 3, generator=gen) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(folder / f"{i}.png")
+    folder = noise_images(tmp_path / "photos", 10)
     adapter = TorchvisionAdapter()
     torch.manual_seed(0)
     model = adapter.build({"name": "mobilenet_v2", "kwargs": {}}, {"image_size": 32}, {})

@@ -197,15 +197,10 @@ def test_output_shift_is_the_mean_change_of_a_grouped_convolution():
 
 def _tiny_cnn_with_images(folder):
     """A random-weights MobileNetV2 (width 0.25) and a calibration of 4 random images."""
-    from PIL import Image
-
     from mmopt.calibration import Calibration
+    from tests.conftest import noise_images
 
-    gen = torch.Generator().manual_seed(0)
-    (folder / "images").mkdir()
-    for i in range(4):
-        pixels = (torch.rand(40, 40, 3, generator=gen) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(folder / "images" / f"{i}.png")
+    noise_images(folder / "images", 4)
     torch.manual_seed(0)
     model = registry.adapter_for("torchvision").build(
         {"name": "mobilenet_v2", "kwargs": {"width_mult": 0.25, "num_classes": 10}}, {"image_size": 32}, {})
