@@ -15,7 +15,7 @@ measured on the calibration inputs before anything is removed. Only what varies 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 if TYPE_CHECKING:
     import torch
@@ -25,34 +25,22 @@ MAX_SAMPLES = 256       # calibration inputs the means are taken over: they sett
 
 
 def input_means(modules: dict[str, nn.Module], run: Callable[[tuple], Any], batches: Iterable[tuple]) -> dict:
-    """name -> the mean of each input channel of ``modules`` (Linear, and convolutions that mix channels) over
-    ``batches`` (at most ``MAX_SAMPLES`` inputs), by running them through ``run``."""
-    import torch
+    """name -> the mean of each input channel of those ``modules`` that mix channels, over the first
+    ``MAX_SAMPLES`` inputs of ``batches`` run through ``run`` (the collector bias correction uses)."""
+    from mmopt.quant import bias
 
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    readers = {name: m for name, m in modules.items() if mixes_channels(m)}
+    means = bias.collect(readers, run, _first_samples(batches, MAX_SAMPLES))
+    return {name: means.of(name) for name in readers if means.of(name) is not None}
 
-    def hook(name: str) -> Callable:
-        def grab(_module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().float()
-            x = x.transpose(0, 1).flatten(1) if x.dim() == 4 else x.reshape(-1, x.shape[-1]).T   # channels first
-            sums[name] = sums.get(name, 0) + x.sum(1)
-            counts[name] = counts.get(name, 0) + x.shape[1]
-        return grab
 
-    hooks = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items() if mixes_channels(m)]
+def _first_samples(batches: Iterable[tuple], limit: int) -> Iterator[tuple]:
     seen = 0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                run(batch)
-                seen += int(batch[0].shape[0])
-                if seen >= MAX_SAMPLES:
-                    break
-    finally:
-        for h in hooks:
-            h.remove()
-    return {name: sums[name] / counts[name] for name in sums}
+    for batch in batches:
+        if seen >= limit:
+            return
+        yield batch
+        seen += int(batch[0].shape[0])
 
 
 def mixes_channels(module: nn.Module) -> bool:

@@ -89,11 +89,11 @@ def test_channel_pruning_folds_means_on_calibration_images_only(tmp_path, calibr
     adapter = TorchvisionAdapter()
     torch.manual_seed(0)
     model = adapter.build({"name": "resnet18", "kwargs": {}}, {"image_size": 32}, {})
-    result = prune.Prune(prune.PruneConfig(target="channels", amount=0.3)).apply(
-        model, Context(adapter=adapter, calibration=calib))
+    pass_ = prune.Prune(prune.PruneConfig(target="channels", amount=0.3))
+    result = pass_.apply(model, Context(adapter=adapter, calibration=calib))
     folded = result.metrics["visual"]["pruned"]["means_folded"]
     if calibrated:
         assert folded["layers"] > 10 and folded["unfolded"] == [] and folded["inputs"] == "calibration images (6)"
-        assert "means folded into" in prune.Prune.brief(None, result.metrics["visual"])
+        assert "means folded into" in pass_.brief(result.metrics["visual"])
     else:
         assert folded["layers"] == 0 and folded["note"].startswith("not folded: means need calibration images")
