@@ -194,17 +194,17 @@ def test_schedule_warms_up_then_decays_and_the_rate_rule_is_bounded():
 def test_teacher_labels_follow_the_hardware_unless_given(monkeypatch):
     from mmopt.distill import precision
 
-    assert precision.label_dtype("float32", "cpu") == "float32"
-    assert precision.label_dtype("bfloat16", "cpu") == "bfloat16"
+    assert precision.resolve("float32", "cpu") == "float32"
+    assert precision.resolve("bfloat16", "cpu") == "bfloat16"
     for amx, avx512_bf16, expected in ((True, False, "bfloat16"), (False, True, "bfloat16"),
                                        (False, False, "float32")):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
-        assert precision.label_dtype("auto", "cpu") == expected
+        assert precision.resolve("auto", "cpu") == expected
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
-    assert precision.label_dtype("auto", "cpu") == "float32"          # a torch without the probes: no
-    assert precision.label_dtype("auto", "mps") == "float32"
+    assert precision.resolve("auto", "cpu") == "float32"          # a torch without the probes: no
+    assert precision.resolve("auto", "mps") == "float32"
 
 
 def test_bfloat16_labels_train_like_float32_ones_and_are_reported(bert):
@@ -213,7 +213,8 @@ def test_bfloat16_labels_train_like_float32_ones_and_are_reported(bert):
     runs = {}
     for dtype in ("float32", "bfloat16"):
         stats = distill(student_of(adapter, teacher), teacher, adapter, "text", data_for(adapter, teacher),
-                        Training(steps=8, lr=3e-3, eval_every=4, patience=None, teacher_labels=dtype), seed=1)
+                        Training(steps=8, lr=3e-3, eval_every=4, patience=None, teacher_labels=dtype,
+                                 train_precision="float32"), seed=1)
         assert stats["teacher_labels"] == dtype
         runs[dtype] = stats
     assert runs["bfloat16"]["held_out_best"] > runs["bfloat16"]["held_out_before"]
@@ -221,3 +222,29 @@ def test_bfloat16_labels_train_like_float32_ones_and_are_reported(bert):
     assert runs["bfloat16"]["final_loss"] != runs["float32"]["final_loss"]        # the labels did change
     assert describe_run(runs["bfloat16"]).endswith(", teacher labels in bfloat16")
     assert "bfloat16" not in describe_run(runs["float32"])
+
+
+def test_a_bfloat16_student_runs_its_matmuls_in_bfloat16_keeps_float32_weights_and_trains(bert):
+    """Mixed precision: autocast for the student's forward (and so its backward); weights, gradients and AdamW's
+    states stay float32, and the held-out scores the best weights are chosen by are float32 forwards."""
+    adapter, teacher = bert
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        student = student_of(adapter, teacher)
+        seen = []
+        linear = next(m for m in student.module.modules() if isinstance(m, torch.nn.Linear))
+        hook = linear.register_forward_hook(lambda _m, _i, out: seen.append((torch.is_grad_enabled(), out.dtype)))
+        stats = distill(student, teacher, adapter, "text", data_for(adapter, teacher),
+                        Training(steps=8, lr=3e-3, eval_every=4, patience=None, teacher_labels="float32",
+                                 train_precision=dtype), seed=1)
+        hook.remove()
+        assert stats["train_precision"] == dtype
+        assert {dt for grad, dt in seen if grad} == {getattr(torch, dtype)}       # the training steps' forwards
+        assert {dt for grad, dt in seen if not grad} == {torch.float32}            # the held-out scores
+        assert all(p.dtype == torch.float32 for p in student.module.parameters())
+        runs[dtype] = stats
+    assert runs["bfloat16"]["held_out_best"] > runs["bfloat16"]["held_out_before"]
+    assert runs["bfloat16"]["held_out_best"] == pytest.approx(runs["float32"]["held_out_best"], abs=0.02)
+    assert describe_run(runs["bfloat16"]).endswith(", student in bfloat16")
+    both = describe_run({**runs["bfloat16"], "teacher_labels": "bfloat16"})
+    assert both.endswith(", teacher labels and student in bfloat16")

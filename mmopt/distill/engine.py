@@ -29,8 +29,10 @@ def describe_run(stats: dict) -> str:
             words += " (kept the weights from before: training made them worse)"
         elif stats["best_step"] != stats["steps"]:
             words += f" (best at step {stats['best_step']})"
-    if stats.get("teacher_labels") == "bfloat16":
-        words += ", teacher labels in bfloat16"
+    in_bfloat16 = [who for who, key in (("teacher labels", "teacher_labels"), ("student", "train_precision"))
+                   if stats.get(key) == "bfloat16"]
+    if in_bfloat16:
+        words += f", {' and '.join(in_bfloat16)} in bfloat16"
     return words
 
 
@@ -117,7 +119,7 @@ def distill(student_model: Model, teacher_model: Model, adapter: Adapter, part: 
     import torch.nn.functional as F
 
     from mmopt.distill import parallel
-    from mmopt.distill.precision import label_dtype, labelling
+    from mmopt.distill.precision import computing_in, resolve
     from mmopt.distill.schedule import BestKeeper, lr_range_test, suggest_lr, warmup_cosine
     from mmopt.progress import NO_PROGRESS
 
@@ -139,13 +141,16 @@ def distill(student_model: Model, teacher_model: Model, adapter: Adapter, part: 
 
     labels: list = [None]
     device_type = params[0].device.type if params else "cpu"
-    label_precision = label_dtype(options.teacher_labels, device_type)
+    label_precision = resolve(options.teacher_labels, device_type)
+    train_precision = resolve(options.train_precision, device_type)
 
     def step_loss() -> Any:
         mine, theirs = split(data.next_batch())
-        with torch.no_grad(), labelling(label_precision, device_type):
+        with torch.no_grad(), computing_in(label_precision, device_type):
             target = labels[0] = _float(run(teacher_model, theirs))     # the teacher labels every (augmented) batch
-        return parallel.global_loss(criterion(run(student_model, mine), target), data)
+        with computing_in(train_precision, device_type):
+            out = run(student_model, mine)
+        return parallel.global_loss(criterion(out, target), data)     # the loss itself in float32
 
     was = [p.requires_grad for p in params]
     for p in params:
@@ -197,7 +202,8 @@ def distill(student_model: Model, teacher_model: Model, adapter: Adapter, part: 
             "held_out": {"samples": parallel.total(sum(int(ref.shape[0]) for _, ref in held)),
                          "split": "every 5th calibration sample the pass got" if data.really_held
                          else "the fit samples themselves (too few to hold any out)"},
-            "augment": data.describe_augmentation(), "teacher_labels": label_precision, "loss": options.loss,
+            "augment": data.describe_augmentation(), "teacher_labels": label_precision,
+            "train_precision": train_precision, "loss": options.loss,
             "match": "tokens" if tokens else "output",
             "seconds": round(time.perf_counter() - started, 2)}
     if refit is not None:

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from mmopt.distill.precision import LabelPrecision
+from mmopt.distill.precision import Precision
 from mmopt.passes.base import PassConfig
 
 
@@ -26,11 +26,15 @@ class Training(PassConfig):
         0.5, ge=0, le=0.75, description="when augmenting text: this share of each batch is general English sentences "
                                         "shipped with mmopt, so the student also learns outside the calibration "
                                         "domain (0: none)")
-    teacher_labels: LabelPrecision = Field(
+    teacher_labels: Precision = Field(
         "auto", description="precision the teacher labels training batches (and a student's projection texts) in "
                             "(auto: bfloat16 where the device multiplies it natively: CPUs with AMX or AVX512-BF16, "
                             "CUDA GPUs that support it; float32 elsewhere); held-out scores and refits are always "
                             "float32")
+    train_precision: Precision = Field(
+        "auto", description="precision of the student's forward and backward (bfloat16 autocast; weights, gradients "
+                            "and optimizer states stay float32). auto: bfloat16 where the device multiplies it "
+                            "natively, as for teacher_labels")
     eval_every: int = Field(50, gt=0, description="score the held-out split every this many steps")
     patience: int | None = Field(4, gt=0, description="stop after this many held-out scores without a gain "
                                                       "(null: run every step)")

@@ -1,4 +1,4 @@
-"""The precision the teacher labels training batches in: bfloat16 where the device multiplies it natively.
+"""The precisions a distillation step computes in: bfloat16 where the device multiplies it natively.
 
 Why: labelling is most of a distillation step when the teacher is the larger model. all-mpnet-base-v2 labelled
 16 texts of the engine's batches in 1.05 s in float32 and 0.63 s under bfloat16 autocast on the 2-core CPU (AMX),
@@ -6,21 +6,28 @@ against about 0.8 s for all-MiniLM-L6-v2's forward, backward and AdamW step: 23 
 sentence embeddings kept a cosine of 0.99998 to float32's (min 0.99995; tokens min 0.9998), and the recipes' outputs
 moved in the fourth digit (scripts/bench_teacher_labels.py, docs/distillation.md). Where bfloat16 is emulated it is
 slower than float32, so ``auto`` asks the hardware. Held-out scores, refits and fidelity stay in float32.
+
+The student's forward and backward (``train_precision``) follow the same rule: bfloat16 autocast, with the weights,
+their gradients and AdamW's states kept in float32 (mixed precision; bfloat16 keeps float32's exponent range, so
+no loss scaling). all-MiniLM-L6-v2's training step on 16 of the engine's texts took 0.707 s in float32 and 0.528 s
+under bfloat16 autocast on the 2-core CPU (AMX); with mpnet's bfloat16 labels a swap step 1.028 s against float32's
+1.671 s. The recipes' scores moved in the fourth digit or not at all (scripts/bench_teacher_labels.py,
+docs/distillation.md: "The student in bfloat16").
 """
 from __future__ import annotations
 
 import contextlib
 from typing import Any, Literal, get_args
 
-# the option's values (``teacher_labels`` in options.py), in one place
-LabelPrecision = Literal["auto", "float32", "bfloat16"]
-CHOICES = get_args(LabelPrecision)
+# the options' values (``teacher_labels``, ``train_precision`` in options.py), in one place
+Precision = Literal["auto", "float32", "bfloat16"]
+CHOICES = get_args(Precision)
 
 
-def label_dtype(choice: str, device_type: str) -> str:
+def resolve(choice: str, device_type: str) -> str:
     """``choice`` as a decision for a device type: "bfloat16" or "float32"."""
     if choice not in CHOICES:
-        raise ValueError(f"unknown teacher label precision {choice!r}")
+        raise ValueError(f"unknown precision {choice!r} (one of {CHOICES})")
     if choice != "auto":
         return choice
     return "bfloat16" if native_bfloat16(device_type) else "float32"
@@ -39,8 +46,8 @@ def native_bfloat16(device_type: str) -> bool:
     return False
 
 
-def labelling(dtype: str, device_type: str) -> Any:
-    """The context the teacher labels a batch in: bfloat16 autocast, or nothing for float32."""
+def computing_in(dtype: str, device_type: str) -> Any:
+    """The context a forward runs in for ``dtype`` (from ``resolve``): bfloat16 autocast, or nothing for float32."""
     import torch
 
     if dtype == "float32":

@@ -376,7 +376,7 @@ def _adopt_student(model: Model, part: str, cfg: SubstituteConfig, ctx: Context,
 
     from mmopt.calibration import Calibration, text_source
     from mmopt.distill.data import TextData, augmenting
-    from mmopt.distill.precision import label_dtype, labelling
+    from mmopt.distill.precision import computing_in, resolve
     from mmopt.fidelity import fidelity
     from mmopt.modules.swapped import least_squares
 
@@ -409,12 +409,12 @@ def _adopt_student(model: Model, part: str, cfg: SubstituteConfig, ctx: Context,
     feats, targets = [], []
     starts = range(0, len(fit_texts), 64)
     device_type = torch.device(ctx.device).type
-    precision = label_dtype(options.teacher_labels, device_type)     # the teacher labels as it does in training
+    precision = resolve(options.teacher_labels, device_type)     # the teacher labels as it does in training
     with torch.inference_mode(), ctx.progress.task(f"fitting the projection of {what}", total=len(starts)) as task:
         for i in starts:
             mine, theirs = tokenize(fit_texts[i:i + 64])
             feats.append(student_adapter.run(student, part, mine).float().cpu())
-            with labelling(precision, device_type):
+            with computing_in(precision, device_type):
                 targets.append(adapter.run(teacher, part, theirs).float().cpu())
             task.advance()
     feat, target = torch.cat(feats), torch.cat(targets)

@@ -58,7 +58,7 @@ def test_student_swap_writes_a_sentence_transformers_folder_of_the_student(tiny_
 
     from mmopt import registry
     from mmopt.checkpoint import load_model
-    from mmopt.distill.precision import label_dtype
+    from mmopt.distill.precision import resolve
 
     report = mmopt.optimize(_recipe(tmp_path, tiny_bert_dir, tiny_student_dir, steps=12))
     out = tmp_path / "out"
@@ -67,7 +67,7 @@ def test_student_swap_writes_a_sentence_transformers_folder_of_the_student(tiny_
     assert metrics["distill"]["steps"] == 12 and metrics["distill"]["held_out"]["split"].startswith("every 5th")
     # the projection's first fit and the training read labels the teacher made in the same precision
     assert metrics["student"]["projection_fit"]["teacher_labels"] == metrics["distill"]["teacher_labels"]
-    assert metrics["distill"]["teacher_labels"] == label_dtype("auto", "cpu")
+    assert metrics["distill"]["teacher_labels"] == resolve("auto", "cpu")
     # the projection re-solved on the 12 steps' batches of 4, kept only if the held-out texts score higher
     refit = metrics["distill"]["projection_refit"]
     assert refit["samples"] == 48
