@@ -1,10 +1,10 @@
 """The precisions a distillation step computes in: bfloat16 where the device multiplies it natively.
 
 Why: labelling is most of a distillation step when the teacher is the larger model. all-mpnet-base-v2 labelled
-16 texts of the engine's batches in 1.05 s in float32 and 0.63 s under bfloat16 autocast on the 2-core CPU (AMX),
-against about 0.8 s for all-MiniLM-L6-v2's forward, backward and AdamW step: 23 % of a swap step saved. The labels'
-sentence embeddings kept a cosine of 0.99998 to float32's (min 0.99995; tokens min 0.9998), and the recipes' outputs
-moved in the fourth digit (scripts/bench_teacher_labels.py, docs/distillation.md). Where bfloat16 is emulated it is
+16 texts of the engine's batches in 0.965 s in float32 and 0.500 s under bfloat16 autocast on the 2-core CPU (AMX),
+against 0.707 s for all-MiniLM-L6-v2's float32 forward, backward and AdamW step: 28 % of a float32 swap step saved.
+The labels' sentence embeddings kept a cosine of 0.99998 to float32's (min 0.99995; tokens min 0.9998), and the
+recipes' outputs moved in the fourth digit (scripts/bench_teacher_labels.py, 3 Dec 2026; docs/distillation.md). Where bfloat16 is emulated it is
 slower than float32, so ``auto`` asks the hardware. Held-out scores, refits and fidelity stay in float32.
 
 The student's forward and backward (``train_precision``) follow the same rule: bfloat16 autocast, with the weights,

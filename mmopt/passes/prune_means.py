@@ -3,7 +3,8 @@
 Why: a channel that channel pruning removes is rarely silent. Behind BatchNorm and ReLU6 a filter with small
 weights still outputs a near-constant (the BatchNorm's shift), and the next layer reads it. Removing it takes that
 constant away from every output of the next layer, layer after layer. MobileNetV2 (torchvision's ImageNet weights,
-magnitude importance), logit cosine to the original on 150 views of 15 development images, no training:
+magnitude importance), logit cosine to the original on 150 views of 15 development images, no training
+(docs/experiments/fold_means_scratch.py; measured on 3 Dec 2026 in the session that built this):
 
     removed per layer     3 %    10 %    30 %
     channels cut        0.741   0.138   0.142
@@ -69,6 +70,8 @@ class RemovedMeans:
     def observe(self, group: Any) -> None:
         import torch
 
+        from mmopt.quant import bias
+
         for dep, idxs in group:
             name = self.names.get(dep.target.module)
             if name not in self.means:
@@ -76,9 +79,9 @@ class RemovedMeans:
             removed = torch.tensor([int(getattr(i, "idx", i)) for i in idxs], dtype=torch.long)
             handler = dep.handler.__name__
             if handler.endswith("in_channels"):
-                w = dep.target.module.weight.detach().float()
-                w = w[:, removed].sum(dim=(2, 3)) if w.dim() == 4 else w[:, removed]   # a constant input map
-                self.lost[name][self.rows[name]] += w @ self.means[name][self.cols[name][removed]].to(w)
+                weight = dep.target.module.weight.detach()[:, removed]
+                shift = bias.mean_response(weight, self.means[name][self.cols[name][removed]])
+                self.lost[name][self.rows[name]] += shift.to(self.lost[name])
                 self.cols[name] = _without(self.cols[name], removed)
             elif handler.endswith("out_channels"):
                 self.rows[name] = _without(self.rows[name], removed)

@@ -35,11 +35,17 @@ def collect(modules: dict[str, nn.Module], run: Callable[[tuple], object], batch
 
 def output_shift(float_weight: torch.Tensor, quantized_weight: torch.Tensor, mean: torch.Tensor,
                  groups: int = 1) -> torch.Tensor:
-    """``(W_q - W) E[x]`` per output channel. A convolution weight (out, in / groups, kh, kw) sums over its kernel
-    (every tap sees the same channel mean; the zero padding at the borders is neglected)."""
-    delta = (quantized_weight.float() - float_weight.float()).to(mean.device)
-    if delta.dim() > 2:
-        delta = delta.sum(dim=tuple(range(2, delta.dim())))
-    out, per_group = delta.shape
+    """``(W_q - W) E[x]`` per output channel."""
+    return mean_response(quantized_weight.float() - float_weight.float(), mean, groups)
+
+
+def mean_response(weight: torch.Tensor, mean: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """``W E[x]`` per output channel: what a layer's outputs get from inputs held at their means. A convolution
+    weight (out, in / groups, kh, kw) sums over its kernel (every tap sees the same channel mean; the zero padding
+    at the borders is neglected)."""
+    weight = weight.float().to(mean.device)
+    if weight.dim() > 2:
+        weight = weight.sum(dim=tuple(range(2, weight.dim())))
+    out, per_group = weight.shape
     mean = mean.float().reshape(groups, 1, per_group)
-    return (delta.reshape(groups, out // groups, per_group) * mean).sum(-1).reshape(out)
+    return (weight.reshape(groups, out // groups, per_group) * mean).sum(-1).reshape(out)
